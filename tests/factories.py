@@ -1,0 +1,767 @@
+"""Tiny, random-init Diffusers pipelines for tests.
+
+This module is the single place where the test-suite builds pipelines.  Every
+factory returns a *fresh* pipeline (eval mode, float32, CPU, progress bar off)
+whose weights depend only on ``seed``: ``torch.manual_seed`` is called before
+each component is constructed.  Nothing is downloaded: text encoders are tiny
+``transformers`` models built from configs and the tokenizers are word-level
+``tokenizers.Tokenizer`` objects wrapped in ``PreTrainedTokenizerFast``.
+
+Families (see ``FAMILIES``):
+
+=============== ============================ =====================================
+name            pipeline                     denoiser
+=============== ============================ =====================================
+flux            FluxPipeline                 FluxTransformer2DModel (2 dual + 2 single)
+sd3             StableDiffusion3Pipeline     SD3Transformer2DModel (2 joint blocks)
+pixart_sigma    PixArtSigmaPipeline          PixArtTransformer2DModel (2 blocks)
+sana            SanaPipeline                 SanaTransformer2DModel (2 blocks), tiny Gemma2
+wan             WanPipeline                  WanTransformer3DModel (2 blocks), tiny UMT5
+cogvideox       CogVideoXPipeline            CogVideoXTransformer3DModel (2 blocks)
+hunyuan_video   HunyuanVideoPipeline         HunyuanVideoTransformer3DModel (2 dual + 2 single)
+sd              StableDiffusionPipeline      UNet2DConditionModel (2 down / 2 up blocks)
+sdxl            StableDiffusionXLPipeline    UNet2DConditionModel, text_time embedding
+=============== ============================ =====================================
+
+``default_call_kwargs(family)`` gives the smallest call that exercises the
+denoising loop with classifier-free guidance switched on wherever the pipeline
+has it (Flux and HunyuanVideo only have an embedded guidance scale by default;
+pass ``true_cfg_scale=2.0, negative_prompt="..."`` to turn on their two-pass
+true CFG).  ``run(pipe, family, seed)`` adds a seeded CPU generator and returns
+the output as a tensor.
+
+Shape notes for the default calls (batch 1):
+
+* flux: packed latents ``(1, 16, 16)``: 4x4 tokens of 4 ch x 2x2 patch.
+* sd3 / pixart_sigma / sd / sdxl: latents ``(1, 4, 8, 8)`` (64x64 px, VAE /8).
+* sana: latents ``(1, 4, 8, 8)`` (64x64 px, DC-AE /8).
+* wan: latents ``(1, 4, 2, 8, 8)`` (5 frames, 64x64 px).
+* cogvideox: latents ``(1, 2, 4, 8, 8)`` (5 frames; CogVideoX returns
+  ``(B, F, C, H, W)``).
+* hunyuan_video: latents ``(1, 4, 2, 8, 8)`` (5 frames, 64x64 px).
+
+Wan 2.2-style two-expert pipelines (``transformer`` + ``transformer_2``) are
+available with ``make_wan(two_experts=True)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "FAMILIES",
+    "VIDEO_FAMILIES",
+    "default_call_kwargs",
+    "run",
+    "make_flux",
+    "make_sd3",
+    "make_pixart_sigma",
+    "make_sana",
+    "make_wan",
+    "make_cogvideox",
+    "make_hunyuan_video",
+    "make_sd",
+    "make_sdxl",
+    "make_tokenizer",
+]
+
+# ---------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+_SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]
+_WORDS = (
+    "a an the of and in on with at by to from is are this that it "
+    "red green blue yellow black white orange purple pink gray "
+    "circle square triangle star line dot shape box ball "
+    "cat dog bird fish horse car tree house flower mountain river sea sky sun moon "
+    "photo painting picture drawing video image scene view portrait landscape "
+    "big small tiny large bright dark "
+    "running walking flying sitting standing "
+    "high quality detailed blurry low ugly bad , . : ! ?"
+).split()
+# Text encoders use a slightly larger vocabulary than the tokenizer so that any
+# id it emits is valid.
+VOCAB_SIZE = 128
+
+
+@functools.lru_cache(maxsize=None)
+def make_tokenizer(model_max_length: int = 77):
+    """A word-level fast tokenizer: lower-cases, splits on whitespace and
+    punctuation, maps unknown words to ``<unk>`` and appends ``</s>``.
+
+    ids: ``<pad>``=0, ``</s>``=1, ``<s>``=2, ``<unk>``=3.  Cached per
+    ``model_max_length``; callers must not mutate it except for attributes the
+    pipelines themselves set (Sana sets ``padding_side = "right"``).
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
+    for w in _WORDS:
+        vocab.setdefault(w, len(vocab))
+    assert len(vocab) <= VOCAB_SIZE
+
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>",
+        pair="$A </s> $B </s>",
+        special_tokens=[("</s>", EOS_ID)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Text encoders
+# ---------------------------------------------------------------------------
+
+
+def _clip_config(hidden: int = 32, projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=projection_dim,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def _clip_text(seed: int, hidden: int = 32):
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(_clip_config(hidden))
+
+
+def _clip_text_proj(seed: int, hidden: int = 32, projection_dim: int = 32):
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(_clip_config(hidden, projection_dim))
+
+
+def _t5(seed: int, d_model: int = 32, umt5: bool = False):
+    if umt5:
+        from transformers import UMT5Config as Cfg
+        from transformers import UMT5EncoderModel as Model
+    else:
+        from transformers import T5Config as Cfg
+        from transformers import T5EncoderModel as Model
+    cfg = Cfg(
+        vocab_size=VOCAB_SIZE,
+        d_model=d_model,
+        d_kv=d_model // 2,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+    torch.manual_seed(seed)
+    return Model(cfg)
+
+
+def _finish(pipe):
+    # Components are built on CPU in float32 (torch's default dtype); calling
+    # ``pipe.to(dtype=...)`` would only add a diffusers warning.
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+            p = next(component.parameters(), None)
+            assert p is None or (p.dtype == torch.float32 and p.device.type == "cpu"), name
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------
+# Image families
+# ---------------------------------------------------------------------------
+
+
+def _vae_kl(seed: int, latent_channels: int = 4, **extra):
+    """AutoencoderKL with 4 resolution levels (scale factor 8), 8 channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        **extra,
+    )
+
+
+def make_flux(seed: int = 0, guidance_embeds: bool = True):
+    """FluxPipeline: FluxTransformer2DModel (2 double-stream + 2 single-stream
+    blocks, 2 heads x 16), CLIPTextModel + T5EncoderModel, AutoencoderKL /8."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2x2 packing
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    text_encoder = _clip_text(seed)
+    text_encoder_2 = _t5(seed)
+    vae = _vae_kl(seed, shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(77),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=make_tokenizer(16),
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
+def make_sd3(seed: int = 0):
+    """StableDiffusion3Pipeline: SD3Transformer2DModel (2 joint blocks, the
+    last with ``context_pre_only=True``), 2x CLIPTextModelWithProjection + T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 d_model (CLIP embeds are zero-padded to it)
+        caption_projection_dim=32,
+        pooled_projection_dim=32,  # 16 + 16 CLIP projections
+        pos_embed_max_size=16,
+    )
+    text_encoder = _clip_text_proj(seed, hidden=16, projection_dim=16)
+    text_encoder_2 = _clip_text_proj(seed + 1, hidden=16, projection_dim=16)
+    text_encoder_3 = _t5(seed)
+    vae = _vae_kl(seed, shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(77),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=make_tokenizer(77),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=make_tokenizer(16),
+    )
+    return _finish(pipe)
+
+
+def make_pixart_sigma(seed: int = 0):
+    """PixArtSigmaPipeline: PixArtTransformer2DModel (2 BasicTransformerBlocks,
+    ada_norm_single, learned sigma), T5EncoderModel, DPMSolverMultistep."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,  # learned sigma: the pipeline keeps the first half
+        num_layers=2,
+        norm_num_groups=4,
+        cross_attention_dim=32,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=32,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    text_encoder = _t5(seed)
+    vae = _vae_kl(seed)
+    pipe = PixArtSigmaPipeline(
+        tokenizer=make_tokenizer(16),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    return _finish(pipe)
+
+
+def make_sana(seed: int = 0):
+    """SanaPipeline: SanaTransformer2DModel (2 blocks, linear attention),
+    tiny Gemma2Model text encoder, AutoencoderDC /8, flow-matching DPM-Solver."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=16,
+        cross_attention_dim=32,
+        caption_channels=32,
+        mlp_ratio=2.0,
+        sample_size=8,
+        patch_size=1,
+    )
+    cfg = Gemma2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        sliding_window=32,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(cfg)
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=4,
+        encoder_block_types=("ResBlock",) * 4,
+        decoder_block_types=("ResBlock",) * 4,
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        encoder_layers_per_block=(1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1),
+        encoder_qkv_multiscales=((), (), (), ()),
+        decoder_qkv_multiscales=((), (), (), ()),
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=1.0,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipe = SanaPipeline(
+        tokenizer=make_tokenizer(16),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    return _finish(pipe)
+
+
+def make_sd(seed: int = 0):
+    """StableDiffusionPipeline: UNet2DConditionModel (DownBlock2D +
+    CrossAttnDownBlock2D / CrossAttnUpBlock2D + UpBlock2D), tiny CLIP, DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=2,
+    )
+    text_encoder = _clip_text(seed)
+    vae = _vae_kl(seed)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(77),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe)
+
+
+def make_sdxl(seed: int = 0):
+    """StableDiffusionXLPipeline: UNet2DConditionModel with
+    ``addition_embed_type="text_time"``, CLIPTextModel + CLIPTextModelWithProjection."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,  # 16 (text_encoder) + 16 (text_encoder_2)
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,  # pooled text + 6 time ids
+    )
+    text_encoder = _clip_text(seed, hidden=16)
+    text_encoder_2 = _clip_text_proj(seed + 1, hidden=16, projection_dim=16)
+    vae = _vae_kl(seed)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=make_tokenizer(77),
+        tokenizer_2=make_tokenizer(77),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    return _finish(pipe)
+
+
+# ---------------------------------------------------------------------------
+# Video families
+# ---------------------------------------------------------------------------
+
+
+def _wan_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+
+def make_wan(seed: int = 0, two_experts: bool = False):
+    """WanPipeline: WanTransformer3DModel (2 blocks), UMT5EncoderModel,
+    AutoencoderKLWan (/8 spatial, /4 temporal).  With ``two_experts=True`` a
+    second transformer is registered as ``transformer_2`` and used for the
+    low-noise steps (``boundary_ratio=0.5``), like Wan 2.2 A14B."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    transformer = _wan_transformer(seed)
+    transformer_2 = _wan_transformer(seed + 1) if two_experts else None
+    text_encoder = _t5(seed, umt5=True)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    pipe = WanPipeline(
+        tokenizer=make_tokenizer(16),
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.5 if two_experts else None,
+    )
+    return _finish(pipe)
+
+
+def make_cogvideox(seed: int = 0):
+    """CogVideoXPipeline: CogVideoXTransformer3DModel (2 blocks, sincos
+    positions, CogVideoX-2B style), T5EncoderModel, AutoencoderKLCogVideoX."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=16,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=5,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+    )
+    text_encoder = _t5(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )
+    pipe = CogVideoXPipeline(
+        tokenizer=make_tokenizer(16),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    return _finish(pipe)
+
+
+def make_hunyuan_video(seed: int = 0):
+    """HunyuanVideoPipeline: HunyuanVideoTransformer3DModel (1 token-refiner
+    block, 2 dual-stream + 2 single-stream blocks, embedded guidance), tiny
+    LlamaModel + CLIPTextModel, AutoencoderKLHunyuanVideo."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=32,
+        pooled_projection_dim=32,
+        rope_axes_dim=(4, 6, 6),
+    )
+    cfg = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,  # the pipeline reads hidden_states[-3]
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    torch.manual_seed(seed)
+    text_encoder = LlamaModel(cfg)
+    text_encoder_2 = _clip_text(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    pipe = HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(64),
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=make_tokenizer(77),
+    )
+    return _finish(pipe)
+
+
+# ---------------------------------------------------------------------------
+# Registry and call helpers
+# ---------------------------------------------------------------------------
+
+FAMILIES: dict[str, Callable[..., Any]] = {
+    "flux": make_flux,
+    "sd3": make_sd3,
+    "pixart_sigma": make_pixart_sigma,
+    "sana": make_sana,
+    "wan": make_wan,
+    "cogvideox": make_cogvideox,
+    "hunyuan_video": make_hunyuan_video,
+    "sd": make_sd,
+    "sdxl": make_sdxl,
+}
+
+VIDEO_FAMILIES = frozenset({"wan", "cogvideox", "hunyuan_video"})
+
+# Hunyuan's default prompt template is a long Llama-3 chat prompt cropped at a
+# fixed token offset (95) that only makes sense for the real tokenizer.
+_HUNYUAN_TEMPLATE = {"template": "{}", "crop_start": 0}
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    # guidance_scale feeds the guidance embedding (no second pass).
+    "flux": dict(height=64, width=64, guidance_scale=3.5, max_sequence_length=16),
+    "sd3": dict(height=64, width=64, guidance_scale=5.0, max_sequence_length=16),
+    "pixart_sigma": dict(
+        height=64, width=64, guidance_scale=4.5, max_sequence_length=16,
+        clean_caption=False, use_resolution_binning=False,
+    ),
+    "sana": dict(
+        height=64, width=64, guidance_scale=4.5, max_sequence_length=16,
+        clean_caption=False, use_resolution_binning=False, complex_human_instruction=None,
+    ),
+    "wan": dict(height=64, width=64, num_frames=5, guidance_scale=5.0, max_sequence_length=16),
+    "cogvideox": dict(
+        height=64, width=64, num_frames=5, guidance_scale=6.0, max_sequence_length=16,
+        use_dynamic_cfg=False,
+    ),
+    # guidance_scale feeds the guidance embedding (no second pass).
+    "hunyuan_video": dict(
+        height=64, width=64, num_frames=5, guidance_scale=6.0, max_sequence_length=16,
+        prompt_template=_HUNYUAN_TEMPLATE,
+    ),
+    "sd": dict(height=64, width=64, guidance_scale=7.5),
+    "sdxl": dict(height=64, width=64, guidance_scale=5.0),
+}
+
+
+def default_call_kwargs(family: str) -> dict[str, Any]:
+    """Smallest pipeline call for ``family`` (without ``generator``): 4 steps,
+    64x64 px, 5 frames for video, CFG on where the pipeline supports it,
+    ``output_type="latent"``.  Returns a fresh dict each call."""
+    if family not in _DEFAULTS:
+        raise KeyError(f"unknown family {family!r}; known: {sorted(_DEFAULTS)}")
+    kwargs: dict[str, Any] = dict(prompt="a red circle", num_inference_steps=4, output_type="latent")
+    kwargs.update(_DEFAULTS[family])
+    if "prompt_template" in kwargs:
+        kwargs["prompt_template"] = dict(kwargs["prompt_template"])
+    return kwargs
+
+
+def _to_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)):
+        if len(out) and all(isinstance(o, torch.Tensor) for o in out):
+            return torch.stack(list(out))
+        import numpy as np
+
+        if len(out) and all(isinstance(o, np.ndarray) for o in out):
+            return torch.from_numpy(np.stack(out))
+        if len(out) and not isinstance(out[0], (str, bytes)):
+            try:
+                import PIL.Image
+
+                if all(isinstance(o, PIL.Image.Image) for o in out):
+                    return torch.from_numpy(np.stack([np.asarray(o) for o in out]))
+            except ImportError:
+                pass
+    try:
+        import numpy as np
+
+        if isinstance(out, np.ndarray):
+            return torch.from_numpy(out)
+    except ImportError:
+        pass
+    raise TypeError(f"cannot convert pipeline output of type {type(out).__name__} to a tensor")
+
+
+def run(pipe, family: str, seed: int = 0, **overrides) -> torch.Tensor:
+    """Call ``pipe`` with ``default_call_kwargs(family)`` updated by
+    ``overrides`` and a CPU generator seeded with ``seed``; return the images
+    (or latents, or frames) as a tensor."""
+    kwargs = default_call_kwargs(family)
+    kwargs.update(overrides)
+    kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        out = pipe(**kwargs)
+    for attr in ("images", "frames"):
+        if hasattr(out, attr):
+            return _to_tensor(getattr(out, attr))
+    if isinstance(out, tuple):
+        return _to_tensor(out[0])
+    return _to_tensor(out)
