@@ -1,0 +1,35 @@
+"""diffboost: drop-in acceleration plugins for Hugging Face Diffusers pipelines.
+
+    import diffboost
+    handle = diffboost.apply(pipe, diffboost.TaylorSeer(interval=4))   # or diffboost.apply(pipe, "fast")
+    image = pipe("a red circle").images[0]
+    print(diffboost.describe(pipe))
+    diffboost.remove(pipe)
+"""
+
+from .caches.block_cache import AdaptiveBlockCache, ErrorControlledCache
+from .caches.taylorseer import TaylorSeer
+from .plugins.adapters import UnsupportedPipelineError, supported_families
+from .plugins.api import Acceleration, accelerated, apply, describe, remove
+from .plugins.base import Plugin, PluginKind
+from .plugins.presets import PRESETS
+from .plugins.stacking import IncompatiblePluginsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Acceleration",
+    "AdaptiveBlockCache",
+    "ErrorControlledCache",
+    "IncompatiblePluginsError",
+    "PRESETS",
+    "Plugin",
+    "PluginKind",
+    "TaylorSeer",
+    "UnsupportedPipelineError",
+    "accelerated",
+    "apply",
+    "describe",
+    "remove",
+    "supported_families",
+]

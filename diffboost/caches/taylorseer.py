@@ -1,0 +1,220 @@
+"""TaylorSeer: forecast block features across steps instead of recomputing them.
+
+Paper: "From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers".
+
+Schedule (paper symbols in brackets): the first ``warmup`` steps are full; after that one full step
+every ``interval`` [N] steps; the steps between are forecast with a Taylor series of order
+``order`` [O] built from divided differences on the step index (see :mod:`diffboost.caches.taylor`).
+``final_full_steps`` optionally computes the last steps in full.
+
+What is forecast (the *units*):
+
+- transformer blocks: the outputs of each block's attention and feed-forward submodules
+  (``attn``, ``attn1``, ``attn2``, ``ff``, ``ff_context``, ``ffn``), i.e. *before* the AdaLN gate;
+  the modulation, gates and residual adds still run live, so a forecast step costs a few elementwise
+  ops per block. Single-stream blocks (Flux, HunyuanVideo) forecast their fused output projection
+  ``proj_out``; their ``attn`` and ``proj_mlp`` are skipped and return their last output (unused).
+- UNets: the down/mid/up blocks are the units; only the last up block's output reaches the output
+  head, so it is forecast and the other blocks are skipped.
+- ``lite=True``: only the denoiser output is forecast (one forecast per step, least memory).
+
+Each CFG branch (``cache_context("cond"/"uncond")`` or the doubled batch) keeps its own factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState
+
+from ..plugins.adapters import Denoiser, PipelineAdapter
+from ..plugins.base import Installed, Plugin, PluginKind, check_float, check_int
+from ..plugins.runtime import BranchStates, CallTracker, ClockState, HookSet, StepClock, StepPlan, _all_finite, logger
+from .taylor import TaylorFactors
+
+HOOK_NAME = "diffboost.taylorseer"
+_FORECAST_CHILDREN = ("attn", "attn1", "attn2", "ff", "ff_context", "ffn")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaylorSeer(Plugin):
+    """TaylorSeer feature forecasting.
+
+    Args:
+        interval: N, full steps happen every ``interval`` steps after warmup (>= 1; 1 = never
+            forecast, bit-identical to the unpatched pipeline). Default 5.
+        order: O, Taylor order of the forecast, 0-4 (0 = plain reuse, as FORA). Default 1.
+        warmup: full steps at the start of every call (>= 0). Default 3.
+        final_full_steps: full steps at the end of every call (>= 0). Default 0.
+        lite: forecast only the denoiser output instead of per-block features. Default False.
+        check_finite: recompute a forecast step whose output has NaN/Inf (logged once). Default True.
+    """
+
+    interval: int = 5
+    order: int = 1
+    warmup: int = 3
+    final_full_steps: int = 0
+    lite: bool = False
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", PluginKind.CACHE)
+        check_int(self, "interval", 1, 1000)
+        check_int(self, "order", 0, 4)
+        check_int(self, "warmup", 0, 10_000)
+        check_int(self, "final_full_steps", 0, 10_000)
+
+    def never_skips(self) -> bool:
+        return self.interval == 1
+
+    def policy(self, st: ClockState, step: int, num_steps: int | None) -> bool:
+        if step < self.warmup:
+            return True
+        if num_steps is not None and step >= num_steps - self.final_full_steps:
+            return True
+        return step - st.last_full >= self.interval
+
+    def install(self, adapter: PipelineAdapter, tracker: CallTracker) -> list[Installed]:
+        return [_install_taylorseer(self, d, adapter, tracker) for d in adapter]
+
+
+class _UnitState(BaseState):
+    def __init__(self, order: int):
+        self.order = order
+        self.reset()
+
+    def reset(self) -> None:
+        self.factors = TaylorFactors(self.order)
+        self.last: Any = None
+
+
+class ForecastUnitHook(ModelHook):
+    """Runs the unit on full steps (recording it) and forecasts it, or returns its last output, otherwise."""
+
+    _is_stateful = True
+
+    def __init__(self, clock: StepClock, order: int, forecast: bool):
+        super().__init__()
+        self.clock = clock
+        self.forecast = forecast
+        self.state = BranchStates(_UnitState, init_args=(order,))
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan: StepPlan = self.clock.plan
+        st: _UnitState = self.state.get_state()
+        ready = st.factors.ready if self.forecast else st.last is not None
+        if plan.full or not ready:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if self.forecast:
+                st.factors.update(out, plan.step)
+            else:
+                st.last = out
+            return out
+        return st.factors.forecast(plan.step) if self.forecast else st.last
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.reset()
+        return module
+
+
+class OutputForecastClock(StepClock):
+    """Lite mode: the step clock itself forecasts the whole denoiser output on forecast steps."""
+
+    def __init__(self, tracker: CallTracker, policy: Any, order: int, check_finite: bool):
+        super().__init__(tracker, policy, check_finite, name="TaylorSeer(lite)")
+        self.order = order
+        self.outputs = BranchStates(_UnitState, init_args=(order,))
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan = self.begin()
+        st: _UnitState = self.outputs.get_state()
+        if not plan.full:
+            out = st.factors.forecast(plan.step)
+            if not self.check_finite or _all_finite(out):
+                self.end(False)
+                return out
+            if not self._warned:
+                logger.warning("TaylorSeer(lite): forecast at step %d has NaN/Inf; computing it in full", plan.step)
+                self._warned = True
+            self.state.get_state().fallbacks += 1
+            plan.full, plan.forced = True, True
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        st.factors.update(out, plan.step)
+        self.end(True)
+        return out
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.outputs.reset()
+        return super().reset_state(module)
+
+
+class HookedCache(Installed):
+    """Hooks of one cache plugin on one denoiser."""
+
+    def __init__(self, plugin: Plugin, denoiser: Denoiser, hooks: HookSet, clock: StepClock, skipped_params: int):
+        self.plugin = plugin
+        self.denoiser = denoiser
+        self.hooks = hooks
+        self.clock = clock
+        self.skipped_share = skipped_params / max(1, sum(p.numel() for p in denoiser.module.parameters()))
+
+    def reset(self) -> None:
+        self.hooks.reset()
+
+    def remove(self) -> None:
+        self.hooks.remove()
+
+    def stats(self) -> dict[str, Any]:
+        branches = self.clock.stats()
+        total = sum(b["steps"] for b in branches.values())
+        skipped = sum(b["forecast"] for b in branches.values())
+        return {
+            "denoiser": self.denoiser.attr,
+            "plugin": repr(self.plugin),
+            "branches": branches,
+            "hooked_modules": len(self.hooks.modules),
+            # parameter share of the skipped modules x share of skipped steps: a proxy for FLOPs saved
+            # (linear layers dominate); `diffboost bench` counts real FLOPs.
+            "flops_saved_est": round(self.skipped_share * skipped / total, 4) if total else 0.0,
+        }
+
+
+def _install_taylorseer(cfg: TaylorSeer, d: Denoiser, adapter: PipelineAdapter, tracker: CallTracker) -> HookedCache:
+    hooks = HookSet(HOOK_NAME, d.module)
+    if cfg.lite:
+        clock = OutputForecastClock(tracker, cfg.policy, cfg.order, cfg.check_finite)
+        hooks.add(d.module, clock)
+        skipped = sum(p.numel() for p in d.module.parameters())
+        return HookedCache(cfg, d, hooks, clock, skipped)
+
+    clock = StepClock(tracker, cfg.policy, cfg.check_finite, name="TaylorSeer")
+    hooks.add(d.module, clock)
+    units: list[tuple[torch.nn.Module, bool]] = []
+    if adapter.kind == "unet":
+        for block in d.blocks:
+            units.append((block, block is d.blocks[-1]))
+        # everything the blocks compute is skipped on forecast steps
+        skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
+    else:
+        for block in d.blocks:
+            units.extend(_transformer_units(block))
+        skipped = sum(p.numel() for m, _ in units for p in m.parameters())
+    if not units:
+        raise ValueError(f"TaylorSeer found no attention/feed-forward modules in {type(d.module).__name__}")
+    for module, forecast in units:
+        hooks.add(module, ForecastUnitHook(clock, cfg.order, forecast))
+    return HookedCache(cfg, d, hooks, clock, skipped)
+
+
+def _transformer_units(block: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    children = dict(block.named_children())
+    if isinstance(children.get("proj_out"), torch.nn.Module) and isinstance(children.get("proj_mlp"), torch.nn.Module):
+        # single-stream block: out = gate * proj_out(cat(attn(x), mlp(x))): forecast proj_out
+        units = [(children["proj_out"], True), (children["proj_mlp"], False)]
+        if isinstance(children.get("attn"), torch.nn.Module):
+            units.append((children["attn"], False))
+        return units
+    return [(children[n], True) for n in _FORECAST_CHILDREN if isinstance(children.get(n), torch.nn.Module)]

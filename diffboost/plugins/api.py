@@ -1,0 +1,122 @@
+"""Public API: ``apply``, ``remove``, ``accelerated``, ``describe``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from .adapters import PipelineAdapter
+from .base import Installed, Plugin
+from .presets import resolve
+from .runtime import CallTracker
+from .stacking import check_stack
+
+_HANDLE_ATTR = "_diffboost_handle"
+
+
+class Acceleration:
+    """What :func:`apply` installed on one pipeline. Returned by ``apply``; ``remove()`` undoes it."""
+
+    def __init__(self, pipe: Any, adapter: PipelineAdapter, plugins: list[Plugin]):
+        self.pipe = pipe
+        self.adapter = adapter
+        self.plugins = plugins
+        self.tracker = CallTracker(pipe)
+        self.installed: list[Installed] = []
+        self.tracker.listeners.append(self.reset)
+
+    def _install(self) -> None:
+        try:
+            for plugin in self.plugins:
+                self.installed.extend(plugin.install(self.adapter, self.tracker))
+        except BaseException:
+            self.remove()
+            raise
+
+    def reset(self) -> None:
+        """Forget all per-call state (done automatically at the start of every pipeline call)."""
+        for item in self.installed:
+            item.reset()
+
+    def remove(self) -> None:
+        for item in reversed(self.installed):
+            item.remove()
+        self.installed.clear()
+        self.tracker.remove()
+        if getattr(self.pipe, _HANDLE_ATTR, None) is self:
+            delattr(self.pipe, _HANDLE_ATTR)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.adapter.describe(),
+            "plugins": [repr(p) for p in self.plugins],
+            "calls": self.tracker.calls,
+            "last_call": [item.stats() for item in self.installed],
+        }
+
+    def __repr__(self) -> str:
+        return f"Acceleration({type(self.pipe).__name__}, plugins={self.plugins})"
+
+
+def _as_plugins(items: tuple[Any, ...]) -> list[Plugin]:
+    plugins: list[Plugin] = []
+    for item in items:
+        if isinstance(item, str):
+            plugins.extend(resolve(item))
+        elif isinstance(item, Plugin):
+            plugins.append(item)
+        elif isinstance(item, (list, tuple)):
+            plugins.extend(_as_plugins(tuple(item)))
+        else:
+            raise TypeError(
+                f"diffboost.apply takes plugin configs (e.g. diffboost.TaylorSeer()) or preset names, "
+                f"got {type(item).__name__}: {item!r}"
+            )
+    return plugins
+
+
+def apply(pipe: Any, *plugins: Any) -> Acceleration:
+    """Patch ``pipe`` in place with ``plugins`` (configs or preset names) and return the handle.
+
+    Raises ``UnsupportedPipelineError`` for a pipeline family diffboost does not know,
+    ``IncompatiblePluginsError`` for a stack that cannot work, and ``ValueError`` when ``pipe``
+    is already accelerated (call :func:`remove` first).
+    """
+    if getattr(pipe, _HANDLE_ATTR, None) is not None:
+        raise ValueError(
+            f"{type(pipe).__name__} is already accelerated with {getattr(pipe, _HANDLE_ATTR).plugins}; "
+            "call diffboost.remove(pipe) first"
+        )
+    stack = check_stack(_as_plugins(plugins))
+    if not stack:
+        raise ValueError("diffboost.apply needs at least one plugin or preset name")
+    adapter = PipelineAdapter(pipe)
+    handle = Acceleration(pipe, adapter, stack)
+    handle._install()
+    setattr(pipe, _HANDLE_ATTR, handle)
+    return handle
+
+
+def remove(pipe: Any) -> None:
+    """Undo :func:`apply`: the pipeline behaves bit-identically to before. No-op if not accelerated."""
+    handle = getattr(pipe, _HANDLE_ATTR, None)
+    if handle is not None:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def accelerated(pipe: Any, *plugins: Any) -> Iterator[Acceleration]:
+    """``with diffboost.accelerated(pipe, "fast"): pipe(...)`` -- removed on exit."""
+    handle = apply(pipe, *plugins)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def describe(pipe: Any) -> dict[str, Any]:
+    """What is patched on ``pipe`` and the statistics of its last call."""
+    handle = getattr(pipe, _HANDLE_ATTR, None)
+    if handle is None:
+        return {"pipeline": type(pipe).__name__, "accelerated": False}
+    return {"accelerated": True, **handle.describe()}

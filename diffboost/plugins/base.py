@@ -1,0 +1,115 @@
+"""Plugin base class, plugin kinds and field validation.
+
+A plugin is a small frozen dataclass: its fields are the hyperparameters, validated in
+``__post_init__`` so that a bad value fails where it is written, with a message naming the field
+and the allowed range. A plugin knows how to *install* itself on a pipeline through an adapter
+(see :mod:`diffboost.plugins.adapters`) and returns the objects it installed, so that
+:func:`diffboost.remove` can take them off again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters import PipelineAdapter
+    from .runtime import CallTracker
+
+
+class PluginKind(str, enum.Enum):
+    """Where a plugin acts. The stacking rules in :mod:`diffboost.plugins.stacking` use it.
+
+    - ``ATTENTION``: replaces attention processors of the denoiser (quantized / sparse kernels).
+    - ``TOKENS``: reduces the tokens a block sees (token merging / pruning inside blocks).
+    - ``CACHE``: reuses or forecasts denoiser features across steps (hooks on denoiser modules).
+    - ``STEP``: decides per step whether the denoiser runs at all, working through the scheduler.
+    - ``SAMPLER``: owns the denoising schedule (multi-resolution stages, one-step generators).
+    - ``VLM``: acts on a Transformers vision-language model, not on a Diffusers pipeline.
+    """
+
+    ATTENTION = "attention"
+    TOKENS = "tokens"
+    CACHE = "cache"
+    STEP = "step"
+    SAMPLER = "sampler"
+    VLM = "vlm"
+
+
+class Installed:
+    """Something a plugin put on a pipeline; ``remove`` must restore the exact previous state."""
+
+    def remove(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget per-call state (called at the start of every pipeline call)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Per-call statistics for :func:`diffboost.describe`."""
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plugin:
+    """Base class of every plugin config. Subclasses are frozen dataclasses."""
+
+    #: Set by subclasses.
+    kind: PluginKind = dataclasses.field(default=PluginKind.CACHE, init=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def install(self, adapter: "PipelineAdapter", tracker: "CallTracker") -> list[Installed]:  # pragma: no cover
+        raise NotImplementedError
+
+    def never_skips(self) -> bool:
+        """True when the configuration can never change the output (used by tests and describe)."""
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers: each raises ValueError/TypeError naming the plugin, field and allowed range
+# ----------------------------------------------------------------------------------------------
+
+
+def _where(obj: object, field: str) -> str:
+    return f"{type(obj).__name__}.{field}"
+
+
+def check_int(obj: object, field: str, lo: int | None = None, hi: int | None = None) -> None:
+    value = getattr(obj, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{_where(obj, field)} must be an int, got {type(value).__name__} ({value!r})")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{_where(obj, field)}={value} is out of range; allowed: {_range(lo, hi)}")
+
+
+def check_float(
+    obj: object, field: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> None:
+    value = getattr(obj, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_where(obj, field)} must be a number, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"{_where(obj, field)} must be finite, got {value}")
+    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+    if bad_lo or (hi is not None and value > hi):
+        lo_txt = None if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        raise ValueError(f"{_where(obj, field)}={value} is out of range; allowed: {_range(lo, hi, lo_txt)}")
+
+
+def check_choice(obj: object, field: str, choices: Iterable[Any]) -> None:
+    value = getattr(obj, field)
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{_where(obj, field)}={value!r} is not supported; choose one of {choices}")
+
+
+def _range(lo: Any, hi: Any, lo_txt: str | None = None) -> str:
+    lo_txt = lo_txt if lo_txt is not None else (None if lo is None else f">= {lo}")
+    parts = [p for p in (lo_txt, None if hi is None else f"<= {hi}") if p]
+    return " and ".join(parts) if parts else "any"

@@ -1,0 +1,262 @@
+"""Per-call machinery shared by plugins: call tracking, CFG-branch state and the step clock.
+
+- :class:`CallTracker` wraps ``pipe.scheduler.set_timesteps`` *on the instance* (never the class):
+  every Diffusers pipeline calls it once at the start of ``__call__``, so it is our signal that a new
+  generation begins; all installed plugins then reset their per-call state.
+- :class:`BranchStates` is a ``diffusers.hooks.StateManager`` that falls back to a ``"default"``
+  branch when the pipeline sets no ``cache_context`` (doubled-batch CFG pipelines): pipelines that do
+  (Flux true-CFG, Wan) get one state per ``"cond"`` / ``"uncond"`` branch for free.
+- :class:`StepClock` is the denoiser-level hook: it counts denoiser calls per branch and asks the
+  plugin's policy for a :class:`StepPlan` that the unit hooks inside the denoiser read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+logger = logging.getLogger("diffboost")
+
+
+class CallTracker:
+    """Signals the start of every pipeline call by wrapping the scheduler instance's ``set_timesteps``."""
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+        self.listeners: list[Callable[[], None]] = []
+        self.num_steps: int | None = None
+        self.calls = 0
+        self.scheduler = None
+        self._original = None
+        self._had_own_attr = False
+        self._wrap(getattr(pipe, "scheduler", None))
+
+    def _wrap(self, scheduler: Any) -> None:
+        if scheduler is None or not hasattr(scheduler, "set_timesteps"):
+            return
+        self.scheduler = scheduler
+        self._had_own_attr = "set_timesteps" in vars(scheduler)
+        self._original = scheduler.set_timesteps
+        original = self._original
+
+        # functools.wraps: pipelines inspect the signature (e.g. for `sigmas=` support)
+        @functools.wraps(original)
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            timesteps = getattr(scheduler, "timesteps", None)
+            self.num_steps = int(len(timesteps)) if timesteps is not None else None
+            self.new_call()
+            return out
+
+        scheduler.set_timesteps = set_timesteps
+
+    def ensure_current(self) -> None:
+        """Follow ``pipe.scheduler = NewScheduler.from_config(...)`` done after ``apply``."""
+        current = getattr(self.pipe, "scheduler", None)
+        if current is not self.scheduler:
+            self._unwrap()
+            self._wrap(current)
+
+    def new_call(self) -> None:
+        self.calls += 1
+        for fn in self.listeners:
+            fn()
+
+    def _unwrap(self) -> None:
+        if self.scheduler is None:
+            return
+        if self._had_own_attr:
+            self.scheduler.set_timesteps = self._original
+        else:
+            self.scheduler.__dict__.pop("set_timesteps", None)
+        self.scheduler = None
+
+    def remove(self) -> None:
+        self._unwrap()
+        self.listeners.clear()
+
+
+class BranchStates(StateManager):
+    """One state object per CFG branch (diffusers cache context); ``"default"`` when none is set."""
+
+    def get_state(self) -> Any:
+        name = self._context.name if self._context is not None else "default"
+        state = self._state_cache.get(name)
+        if state is None:
+            state = self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs)
+        return state
+
+    @property
+    def branch(self) -> str:
+        return self._context.name if self._context is not None else "default"
+
+    def states(self) -> dict[str, Any]:
+        return dict(self._state_cache)
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """What the units inside the denoiser do on the current call."""
+
+    step: int = 0
+    full: bool = True
+    #: steps since the last full step (the Taylor expansion's k)
+    k: int = 0
+    branch: str = "default"
+    #: set when a step must be computed whatever the units decide (NaN/Inf fallback)
+    forced: bool = False
+
+
+class ClockState(BaseState):
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = 0
+        self.last_full = -1
+        self.full_steps: list[int] = []
+        self.forecast_steps: list[int] = []
+        self.fallbacks = 0
+
+
+Policy = Callable[[ClockState, int, "int | None"], bool]
+
+
+class StepClock(ModelHook):
+    """Denoiser-level hook: counts steps per branch and sets the plan read by unit hooks.
+
+    ``policy(state, step, num_steps) -> full`` decides whether the current step is computed.
+    With ``check_finite`` the denoiser output of a forecast step is checked for NaN/Inf; if it is not
+    finite the step is recomputed in full (logged once).
+    """
+
+    _is_stateful = True
+
+    def __init__(self, tracker: CallTracker, policy: Policy, check_finite: bool = True, name: str = "diffboost"):
+        super().__init__()
+        self.tracker = tracker
+        self.policy = policy
+        self.check_finite = check_finite
+        self.name = name
+        self.state = BranchStates(ClockState)
+        self.plan = StepPlan()
+        self._warned = False
+
+    def begin(self) -> StepPlan:
+        """Start a denoiser call: decide the plan for this branch's current step."""
+        self.tracker.ensure_current()
+        st: ClockState = self.state.get_state()
+        step = st.step
+        full = st.last_full < 0 or bool(self.policy(st, step, self.tracker.num_steps))
+        plan = self.plan
+        plan.step, plan.full, plan.branch, plan.forced = step, full, self.state.branch, False
+        plan.k = 0 if full else step - st.last_full
+        return plan
+
+    def end(self, full: bool) -> None:
+        st: ClockState = self.state.get_state()
+        if full:
+            st.last_full = st.step
+            st.full_steps.append(st.step)
+        else:
+            st.forecast_steps.append(st.step)
+        st.step += 1
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan = self.begin()
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if not plan.full and self.check_finite and not _all_finite(output):
+            if not self._warned:
+                logger.warning(
+                    "%s: a forecast step (step %d) produced NaN/Inf; falling back to a full step "
+                    "(reported once per pipeline)", self.name, plan.step
+                )
+                self._warned = True
+            self.state.get_state().fallbacks += 1
+            plan.full, plan.k, plan.forced = True, 0, True
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        self.end(plan.full)
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        # diffusers resets stateful hooks at the end of every pipeline call: keep the call's statistics
+        current = self._branch_stats()
+        if current:
+            self.last_stats = current
+        self.state.reset()
+        self.plan = StepPlan()
+        return module
+
+    def stats(self) -> dict[str, Any]:
+        """Per-branch statistics of the current call, or of the last finished call."""
+        return self._branch_stats() or dict(getattr(self, "last_stats", {}))
+
+    def _branch_stats(self) -> dict[str, Any]:
+        out = {}
+        for branch, st in self.state.states().items():
+            out[branch] = {
+                "steps": st.step,
+                "full": len(st.full_steps),
+                "forecast": len(st.forecast_steps),
+                "full_steps": list(st.full_steps),
+                "nan_fallbacks": st.fallbacks,
+            }
+        return out
+
+
+def _all_finite(output: Any) -> bool:
+    leaves, _ = torch.utils._pytree.tree_flatten(output)
+    return all(bool(torch.isfinite(t).all()) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def invalidate_registry_caches(root: torch.nn.Module) -> None:
+    """Registries cache the list of their children's registries; drop it after adding/removing hooks."""
+    for module in root.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            registry._child_registries_cache = None
+
+
+class HookSet:
+    """Hooks registered by one plugin on a set of modules, removable together."""
+
+    def __init__(self, name: str, root: torch.nn.Module):
+        self.name = name
+        self.root = root
+        self.modules: list[torch.nn.Module] = []
+        self.hooks: list[ModelHook] = []
+
+    def add(self, module: torch.nn.Module, hook: ModelHook) -> ModelHook:
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        had_forward = "forward" in vars(module)
+        registry.register_hook(hook, self.name)
+        hook._diffboost_had_forward = had_forward  # whether the instance had its own forward before us
+        self.modules.append(module)
+        self.hooks.append(hook)
+        invalidate_registry_caches(self.root)
+        return hook
+
+    def reset(self) -> None:
+        for module, hook in zip(self.modules, self.hooks):
+            hook.reset_state(module)
+
+    def remove(self) -> None:
+        for module, hook in reversed(list(zip(self.modules, self.hooks))):
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            registry.remove_hook(self.name, recurse=False)
+            if not registry.hooks:
+                # leave the module exactly as it was: no registry, no instance-level forward
+                if not hook._diffboost_had_forward:
+                    module.__dict__.pop("forward", None)
+                del module._diffusers_hook
+        self.modules.clear()
+        self.hooks.clear()
+        invalidate_registry_caches(self.root)
