@@ -1,0 +1,185 @@
+"""Shared pieces of the reference-model trainers: tokenizer, checkpoints, EMA, logging, data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from transformers import PreTrainedTokenizerFast
+
+from diffboost.data import scenes
+
+logger = logging.getLogger(__name__)
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """Log INFO to stderr (and to ``log_file`` when given)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=handlers, force=True
+    )
+
+
+def build_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the caption vocabulary; appends ``</s>`` to every text.
+
+    Ids: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then the caption words.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for word in scenes.vocabulary():
+        vocab[word] = len(vocab)
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_max_length=max_length,
+        padding_side="right",
+    )
+
+
+def tokenize(tokenizer: PreTrainedTokenizerFast, captions: list[str], length: int) -> torch.Tensor:
+    """Token ids padded/truncated to ``length`` (as the pipelines do)."""
+    return tokenizer(
+        captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def scene_batch(seeds: list[int]) -> tuple[torch.Tensor, list[str]]:
+    """Rendered single-object scenes as a [-1, 1] tensor plus captions."""
+    images, sc = scenes.make_batch(seeds)
+    return images_to_tensor(images), [s.caption for s in sc]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator that depends only on (seed, step): resumed runs draw the same data."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file (tensors + JSON metadata), written atomically.
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.state.{idx}.{k}"] = v.detach().clone().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: Any) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if not key.startswith(prefix + ".state."):
+            continue
+        idx, name = key[len(prefix) + 7 :].split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for idx, sc in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(sc)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    path: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    meta: dict[str, Any],
+) -> None:
+    """Save modules, optimizers and JSON-able ``meta`` to ``path`` atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    opt_meta: dict[str, Any] = {}
+    for name, mod in modules.items():
+        for k, v in mod.state_dict().items():
+            tensors[f"module.{name}.{k}"] = v.detach().clone().contiguous()
+    for name, opt in optimizers.items():
+        t, m = _flatten_optimizer(f"optim.{name}", opt)
+        tensors.update(t)
+        opt_meta[name] = m
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "optim": json.dumps(opt_meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    path: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns its ``meta``."""
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+    tensors = load_file(str(path))
+    for name, mod in modules.items():
+        prefix = f"module.{name}."
+        mod.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    opt_meta = json.loads(md["optim"])
+    for name, opt in optimizers.items():
+        _restore_optimizer(f"optim.{name}", opt, tensors, opt_meta[name])
+    return json.loads(md["meta"])
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (warm-up decay)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999) -> None:
+        import copy
+
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow.parameters(), module.parameters()):
+            s.lerp_(p.detach(), 1 - d)
+        for s, b in zip(self.shadow.buffers(), module.buffers()):
+            s.copy_(b)
+
+
+class Timer:
+    """Wall-clock helper for periodic actions."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            return True
+        return False

@@ -1,0 +1,306 @@
+"""Train the tiny Flux-architecture reference text-to-image model on procedural scenes.
+
+Run ``python -m diffboost.training.train_flux --out assets/flux-shapes``. Stages (all resumable
+from files under ``--work-dir``): VAE training, latent caching, then joint flow-matching training
+of the transformer and both text encoders. The pipeline is saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from diffboost.data import scenes
+from diffboost.training.common import (
+    EMA,
+    Timer,
+    build_tokenizer,
+    load_checkpoint,
+    save_checkpoint,
+    setup_logging,
+    step_generator,
+    tokenize,
+)
+from diffboost.training.vae import cache_latents, train_vae, vae_psnr
+
+logger = logging.getLogger(__name__)
+
+TEXT_LEN = 16
+
+
+def build_text_encoders(vocab_size: int, width: int, tiny: bool = False) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """1-layer CLIP (its pooled EOS state drives AdaLN) and a small T5 encoder (sequence tokens)."""
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            projection_dim=width,
+            num_hidden_layers=1,
+            num_attention_heads=4 if not tiny else 2,
+            max_position_embeddings=TEXT_LEN,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=width,
+            d_kv=width // 4,
+            d_ff=2 * width,
+            num_layers=1 if tiny else 2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    return clip, t5
+
+
+def build_transformer(text_width: int, tiny: bool = False) -> FluxTransformer2DModel:
+    """2 double + 6 single blocks, 4 heads x 32 (tiny: 1 + 1 blocks, 2 heads x 16)."""
+    if tiny:
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=text_width, pooled_projection_dim=text_width,
+            guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+        )
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=6, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=text_width, pooled_projection_dim=text_width,
+        guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+    )
+
+
+def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Flow-matching Euler with the resolution shift anchored at 64 tokens (mu=0.5 at 64x64)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=64, max_image_seq_len=1024,
+    )
+
+
+def make_pipeline(vae, clip, t5, tokenizer, transformer) -> FluxPipeline:
+    return FluxPipeline(
+        scheduler=build_scheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer,
+        text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer,
+    )
+
+
+@torch.no_grad()
+def evaluate(pipe: FluxPipeline, n_prompts: int, steps: int, seed: int = 0, text_len: int = TEXT_LEN) -> dict[str, Any]:
+    """Generate ``n_prompts`` benchmark prompts and score them with the evaluator (if shipped)."""
+    prompts = scenes.benchmark_prompts(n_prompts, seed=1)
+    images = []
+    for i in range(0, n_prompts, 32):
+        out = pipe(
+            prompts[i : i + 32], height=64, width=64, num_inference_steps=steps, max_sequence_length=text_len,
+            generator=torch.Generator().manual_seed(seed + i), output_type="np",
+        ).images
+        images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    images_np = np.concatenate(images)
+    result: dict[str, Any] = {"images": images_np, "prompts": prompts}
+    try:
+        from diffboost.evaluation.classifier import evaluator_available, load_evaluator
+        from diffboost.evaluation.metrics import attribute_accuracy
+
+        if evaluator_available():
+            result["accuracy"] = attribute_accuracy(images_np, prompts, load_evaluator())
+    except ImportError as err:  # evaluator package not there yet
+        logger.info("no evaluator: %s", err)
+    return result
+
+
+def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
+    from PIL import Image
+
+    cols = min(cols, len(images))
+    n = (len(images) // cols) * cols
+    h, w = images.shape[1:3]
+    grid = images[:n].reshape(-1, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(-1, cols * w, 3)
+    Image.fromarray(grid).save(path)
+
+
+def save_pipeline(pipe: FluxPipeline, out: Path, info: dict[str, Any]) -> None:
+    """save_pretrained into a temp folder, then swap it into place."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved pipeline -> %s", out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("assets/flux-shapes"))
+    p.add_argument("--work-dir", type=Path, default=Path("runs/flux"))
+    p.add_argument("--vae-dir", type=Path, default=None, help="where the shared VAE lives (default: work dir)")
+    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--num-images", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--text-lr", type=float, default=1e-3)
+    p.add_argument("--text-width", type=int, default=64)
+    p.add_argument("--long-text-prob", type=float, default=0.1, help="share of steps with T5 padded to 64")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--eval-steps", type=int, default=28)
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (checkpointed) after this long; 0 = no limit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(args.work_dir / "train.log")
+    torch.manual_seed(args.seed)
+    t_start = time.monotonic()
+
+    vae_dir = args.vae_dir or args.work_dir
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    vae = train_vae(vae_dir, args.vae_steps, args.vae_batch, seed=args.seed, tiny=args.tiny)
+    vae.requires_grad_(False)
+    logger.info("VAE reconstruction PSNR %.2f dB", vae_psnr(vae, 32 if args.tiny else 128))
+    latents, seeds = cache_latents(vae, vae_dir, args.num_images)
+    shift = latents.mean().item()
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    latents = (latents - shift) * scale
+    captions = [scenes.random_spec(random.Random(s)).caption for s in seeds]
+
+    tokenizer = build_tokenizer(TEXT_LEN)
+    clip, t5 = build_text_encoders(len(tokenizer), args.text_width, args.tiny)
+    transformer = build_transformer(args.text_width, args.tiny)
+    ids16 = tokenize(tokenizer, captions, TEXT_LEN)
+    ids_long = tokenize(tokenizer, captions, 64)
+    n_lat, c, h, w = latents.shape
+    packed = FluxPipeline._pack_latents(latents, n_lat, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+
+    text_params = list(clip.parameters()) + list(t5.parameters())
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(transformer.parameters()), "lr": args.lr},
+            {"params": text_params, "lr": args.text_lr},
+        ],
+        weight_decay=0.0,
+        betas=(0.9, 0.99),
+    )
+    base_lrs = [args.lr, args.text_lr]
+    emas = {"transformer": EMA(transformer, args.ema), "clip": EMA(clip, args.ema), "t5": EMA(t5, args.ema)}
+    modules = {"transformer": transformer, "clip": clip, "t5": t5, **{f"ema_{k}": e.shadow for k, e in emas.items()}}
+    ckpt = args.work_dir / "flux.ckpt"
+    start, best, history = 0, -1.0, []
+    if ckpt.exists():
+        meta = load_checkpoint(ckpt, modules, {"opt": opt})
+        start, best, history = meta["step"], meta["best"], meta["history"]
+        logger.info("resumed at step %d (best adherence %.3f)", start, best)
+    n_params = sum(p.numel() for p in transformer.parameters())
+    logger.info("transformer %.2fM params, text %.2fM, %d cached latents", n_params / 1e6,
+                sum(p.numel() for p in text_params) / 1e6, n_lat)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt, modules, {"opt": opt}, {"step": step, "best": best, "history": history})
+
+    timer = Timer(args.ckpt_minutes * 60)
+    loss_avg = None
+    t_steps = time.monotonic()
+    transformer.train(), clip.train(), t5.train()
+    bar = tqdm(range(start, args.steps), desc="flux", mininterval=60, initial=start, total=args.steps)
+    for step in bar:
+        warm = min(1.0, (step + 1) / 200)
+        for group, lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = lr * warm
+        g = step_generator(args.seed, step)
+        idx = torch.randint(0, n_lat, (args.batch_size,), generator=g)
+        x0 = packed[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(args.batch_size, generator=g))
+        long_text = torch.rand((), generator=g).item() < args.long_text_prob
+        ids = ids16[idx]
+        ids_t5 = ids_long[idx] if long_text else ids
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        pooled = clip(ids).pooler_output
+        txt = t5(ids_t5).last_hidden_state
+        txt_ids = torch.zeros(txt.shape[1], 3)
+        pred = transformer(
+            hidden_states=xt, timestep=t, pooled_projections=pooled, encoder_hidden_states=txt,
+            txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+        )[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(text_params, 1.0)
+        opt.step()
+        for name, mod in (("transformer", transformer), ("clip", clip), ("t5", t5)):
+            emas[name].update(mod, step)
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        done = step + 1
+        if done % 50 == 0:
+            rate = (time.monotonic() - t_steps) / 50
+            t_steps = time.monotonic()
+            logger.info("step %d loss %.4f (%.2f s/step)", done, loss_avg, rate)
+        last = done == args.steps
+        over = args.max_minutes > 0 and time.monotonic() - t_start > args.max_minutes * 60
+        if done % args.eval_every == 0 or last or over:
+            pipe = make_pipeline(vae, emas["clip"].shadow, emas["t5"].shadow, tokenizer, emas["transformer"].shadow)
+            t_eval = time.monotonic()
+            res = evaluate(pipe, args.eval_prompts, args.eval_steps, seed=args.seed)
+            save_grid(res["images"], args.work_dir / f"samples_{done:06d}.png")
+            acc = res.get("accuracy")
+            score = acc["all"] if acc else 0.0
+            entry = {"step": done, "loss": loss_avg, "accuracy": acc, "minutes": (time.monotonic() - t_start) / 60}
+            history.append(entry)
+            logger.info("eval step %d (%.0f s): %s", done, time.monotonic() - t_eval, json.dumps(acc))
+            if score >= best:
+                best = score
+                info = {"step": done, "eval_prompts": args.eval_prompts, "eval_steps": args.eval_steps,
+                        "accuracy": acc, "loss": loss_avg, "args": {k: str(v) for k, v in vars(args).items()}}
+                save_pipeline(pipe, args.out, info)
+            checkpoint(done)
+            timer.last = time.monotonic()
+        elif timer.due():
+            checkpoint(done)
+        if over:
+            logger.info("time limit reached at step %d", done)
+            break
+    logger.info("finished; best adherence %.3f", best)
+
+
+if __name__ == "__main__":
+    main()
