@@ -32,12 +32,15 @@ the output as a tensor.
 
 Shape notes for the default calls (batch 1):
 
-* flux: packed latents ``(1, 16, 16)``: 4x4 tokens of 4 ch x 2x2 patch.
+* flux: packed latents ``(1, 16, 16)``: 4x4 tokens of 4 ch x 2x2 patch; 8
+  text tokens.
 * sd3 / pixart_sigma / sd / sdxl: latents ``(1, 4, 8, 8)`` (64x64 px, VAE /8).
 * sana: latents ``(1, 4, 8, 8)`` (64x64 px, DC-AE /8).
 * wan: latents ``(1, 4, 2, 8, 8)`` (5 frames, 64x64 px).
-* cogvideox: latents ``(1, 2, 4, 8, 8)`` (5 frames; CogVideoX returns
-  ``(B, F, C, H, W)``).
+* cogvideox: latents ``(1, 3, 4, 8, 8)`` (9 frames; CogVideoX returns
+  ``(B, F, C, H, W)``).  9 frames -> 3 latent frames (odd, like the real
+  49 -> 13); CogVideoX's VAE decodes latents in pairs after an odd first
+  chunk, so an even latent count (e.g. 5 frames -> 2) decodes to 8 frames.
 * hunyuan_video: latents ``(1, 4, 2, 8, 8)`` (5 frames, 64x64 px).
 
 Wan 2.2-style two-expert pipelines (``transformer`` + ``transformer_2``) are
@@ -554,7 +557,7 @@ def make_cogvideox(seed: int = 0):
         num_layers=2,
         sample_width=8,
         sample_height=8,
-        sample_frames=5,
+        sample_frames=9,
         patch_size=2,
         temporal_compression_ratio=4,
         max_text_seq_length=16,
@@ -684,7 +687,9 @@ _HUNYUAN_TEMPLATE = {"template": "{}", "crop_start": 0}
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
     # guidance_scale feeds the guidance embedding (no second pass).
-    "flux": dict(height=64, width=64, guidance_scale=3.5, max_sequence_length=16),
+    # max_sequence_length=8 keeps the text length (8) distinct from the image
+    # token count (16) so that swapped (encoder, hidden) outputs fail loudly.
+    "flux": dict(height=64, width=64, guidance_scale=3.5, max_sequence_length=8),
     "sd3": dict(height=64, width=64, guidance_scale=5.0, max_sequence_length=16),
     "pixart_sigma": dict(
         height=64, width=64, guidance_scale=4.5, max_sequence_length=16,
@@ -696,7 +701,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     ),
     "wan": dict(height=64, width=64, num_frames=5, guidance_scale=5.0, max_sequence_length=16),
     "cogvideox": dict(
-        height=64, width=64, num_frames=5, guidance_scale=6.0, max_sequence_length=16,
+        height=64, width=64, num_frames=9, guidance_scale=6.0, max_sequence_length=16,
         use_dynamic_cfg=False,
     ),
     # guidance_scale feeds the guidance embedding (no second pass).
@@ -711,7 +716,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 
 def default_call_kwargs(family: str) -> dict[str, Any]:
     """Smallest pipeline call for ``family`` (without ``generator``): 4 steps,
-    64x64 px, 5 frames for video, CFG on where the pipeline supports it,
+    64x64 px, 5 frames for video (9 for CogVideoX), CFG on where the pipeline supports it,
     ``output_type="latent"``.  Returns a fresh dict each call."""
     if family not in _DEFAULTS:
         raise KeyError(f"unknown family {family!r}; known: {sorted(_DEFAULTS)}")

@@ -165,8 +165,11 @@ def test_wan_two_experts():
     assert seen["transformer"] > 0 and seen["transformer_2"] > 0
 
 
-@pytest.mark.parametrize("family", ["flux", "sd", "wan"])
+@pytest.mark.parametrize("family", ["flux", "sd", "wan", "cogvideox"])
 def test_decoded_output(family, pipes):
+    kw = default_call_kwargs(family)
     out = run(pipes(family), family, seed=0, output_type="pt")
     assert torch.isfinite(out).all()
-    assert out.shape[-2:] == (64, 64)
+    assert out.shape[-2:] == (kw["height"], kw["width"])
+    if family in VIDEO_FAMILIES:
+        assert out.shape[1] == kw["num_frames"]  # (B, F, C, H, W)
