@@ -1,0 +1,215 @@
+"""Public API behaviour: apply/remove/accelerated/describe, presets, errors, state handling."""
+
+import logging
+
+import pytest
+import torch
+
+import diffboost
+from diffboost import AdaptiveBlockCache, ErrorControlledCache, IncompatiblePluginsError, TaylorSeer
+from diffboost.caches.taylor import TaylorFactors
+from factories import make_flux, make_sd, run
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return make_flux()
+
+
+def test_presets_apply_and_report(flux):
+    base = run(flux, "flux", num_inference_steps=8)
+    for name in diffboost.PRESETS:
+        handle = diffboost.apply(flux, name)
+        out = run(flux, "flux", num_inference_steps=8)
+        info = diffboost.describe(flux)
+        handle.remove()
+        assert info["accelerated"] and info["family"] == "flux" and info["calls"] == 1
+        assert out.shape == base.shape and torch.isfinite(out).all()
+    assert diffboost.describe(flux) == {"pipeline": "FluxPipeline", "accelerated": False}
+
+
+def test_unknown_preset_and_bad_arguments(flux):
+    with pytest.raises(ValueError, match="unknown preset 'ludicrous'.*fast"):
+        diffboost.apply(flux, "ludicrous")
+    with pytest.raises(TypeError, match="plugin configs"):
+        diffboost.apply(flux, 42)
+    with pytest.raises(ValueError, match="at least one plugin"):
+        diffboost.apply(flux)
+
+
+def test_unsupported_pipeline_names_class_and_families():
+    class NotAPipeline:
+        unet = torch.nn.Linear(2, 2)
+
+    with pytest.raises(diffboost.UnsupportedPipelineError, match="NotAPipeline.*supported families: flux, sd3"):
+        diffboost.apply(NotAPipeline(), "fast")
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: TaylorSeer(interval=0), "TaylorSeer.interval=0 is out of range; allowed: >= 1"),
+        (lambda: TaylorSeer(order=5), "TaylorSeer.order=5 is out of range; allowed: >= 0 and <= 4"),
+        (lambda: AdaptiveBlockCache(threshold=-0.1), "AdaptiveBlockCache.threshold=-0.1"),
+        (lambda: AdaptiveBlockCache(max_cached_steps=0), "AdaptiveBlockCache.max_cached_steps=0"),
+        (lambda: ErrorControlledCache(tolerance=float("nan")), "ErrorControlledCache.tolerance must be finite"),
+    ],
+)
+def test_invalid_hyperparameters_name_the_field(make, field):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert field in str(err.value)
+
+
+def test_wrong_types_are_type_errors():
+    with pytest.raises(TypeError, match="TaylorSeer.interval must be an int"):
+        TaylorSeer(interval=2.5)
+    with pytest.raises(TypeError, match="AdaptiveBlockCache.threshold must be a number"):
+        AdaptiveBlockCache(threshold="0.1")
+
+
+def test_incompatible_stack_and_double_apply(flux):
+    with pytest.raises(IncompatiblePluginsError, match="TaylorSeer and AdaptiveBlockCache are both cache plugins"):
+        diffboost.apply(flux, TaylorSeer(), AdaptiveBlockCache())
+    diffboost.apply(flux, TaylorSeer())
+    try:
+        with pytest.raises(ValueError, match="already accelerated"):
+            diffboost.apply(flux, "fast")
+    finally:
+        diffboost.remove(flux)
+    diffboost.remove(flux)  # removing twice is a no-op
+
+
+def test_too_few_blocks_for_block_cache_is_clear(flux):
+    with pytest.raises(ValueError, match="must leave at least one middle block.*has 4 cacheable blocks"):
+        diffboost.apply(flux, AdaptiveBlockCache(front_blocks=2, back_blocks=2))
+    assert not hasattr(flux, "_diffboost_handle")
+    assert "forward" not in vars(flux.transformer)
+
+
+def test_remove_leaves_modules_clean():
+    pipe = make_flux()
+    before = {name: sorted(vars(m)) for name, m in pipe.transformer.named_modules()}
+    sched_before = sorted(vars(pipe.scheduler))
+    for plugin in (TaylorSeer(), AdaptiveBlockCache(), ErrorControlledCache(), TaylorSeer(lite=True)):
+        diffboost.apply(pipe, plugin)
+        diffboost.remove(pipe)
+        assert {name: sorted(vars(m)) for name, m in pipe.transformer.named_modules()} == before
+        assert sorted(vars(pipe.scheduler)) == sched_before
+
+
+def test_two_patched_pipelines_in_one_process_keep_separate_state():
+    a, b = make_flux(seed=0), make_flux(seed=1)
+    base_a, base_b = run(a, "flux", num_inference_steps=6), run(b, "flux", num_inference_steps=6)
+    plugin = TaylorSeer(interval=2, warmup=1)
+    diffboost.apply(a, plugin)
+    diffboost.apply(b, plugin)
+    try:
+        alone_a = run(a, "flux", num_inference_steps=6)
+        alone_b = run(b, "flux", num_inference_steps=6)
+        # interleave calls: neither may disturb the other
+        again_a = run(a, "flux", num_inference_steps=6)
+        run(b, "flux", num_inference_steps=3)
+        again_a2 = run(a, "flux", num_inference_steps=6)
+    finally:
+        diffboost.remove(a)
+        diffboost.remove(b)
+    assert torch.equal(alone_a, again_a) and torch.equal(alone_a, again_a2)
+    assert not torch.equal(alone_a, base_a) and not torch.equal(alone_b, base_b)
+
+
+def test_cfg_branches_keep_separate_state(flux):
+    """Flux true CFG runs cond and uncond under cache_context: each branch gets its own state."""
+    kwargs = dict(num_inference_steps=6, true_cfg_scale=3.0, negative_prompt="a blue square")
+    with diffboost.accelerated(flux, TaylorSeer(interval=2, warmup=1)):
+        run(flux, "flux", **kwargs)
+        stats = diffboost.describe(flux)["last_call"][0]["branches"]
+        no_cfg = run(flux, "flux", num_inference_steps=6)
+        stats_no_cfg = diffboost.describe(flux)["last_call"][0]["branches"]
+    assert set(stats) == {"cond", "uncond"}
+    assert stats["cond"]["full_steps"] == stats["uncond"]["full_steps"] == [0, 2, 4]
+    assert set(stats_no_cfg) == {"cond"}
+    assert torch.isfinite(no_cfg).all()
+
+
+def test_resolution_change_between_calls(flux):
+    with diffboost.accelerated(flux, TaylorSeer(interval=2, warmup=1)):
+        small = run(flux, "flux", num_inference_steps=4)
+        large = run(flux, "flux", num_inference_steps=4, height=96, width=96)
+        small2 = run(flux, "flux", num_inference_steps=4)
+    assert large.shape[-1] != small.shape[-1] or large.shape[-2] != small.shape[-2]
+    assert torch.equal(small, small2)
+
+
+def test_taylorseer_schedule(flux):
+    with diffboost.accelerated(flux, TaylorSeer(interval=3, warmup=2, final_full_steps=1)):
+        run(flux, "flux", num_inference_steps=10)
+        branch = diffboost.describe(flux)["last_call"][0]["branches"]["cond"]
+    assert branch["full_steps"] == [0, 1, 4, 7, 9]
+
+
+def test_scheduler_swapped_after_apply_is_followed():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = make_flux()
+    with diffboost.accelerated(pipe, TaylorSeer(interval=2, warmup=1)):
+        run(pipe, "flux", num_inference_steps=6)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        first = run(pipe, "flux", num_inference_steps=6)
+        second = run(pipe, "flux", num_inference_steps=6)
+    assert torch.equal(first, second)
+    assert "set_timesteps" not in vars(pipe.scheduler)
+
+
+def test_nan_forecast_falls_back_to_full_step_and_warns_once(flux, caplog, monkeypatch):
+    base = run(flux, "flux", num_inference_steps=6)
+
+    def poisoned(self, step):
+        out = original(self, step)
+        return torch.utils._pytree.tree_map(lambda t: t * float("nan") if isinstance(t, torch.Tensor) else t, out)
+
+    original = TaylorFactors.forecast
+    monkeypatch.setattr(TaylorFactors, "forecast", poisoned)
+    with caplog.at_level(logging.WARNING, logger="diffboost"):
+        with diffboost.accelerated(flux, TaylorSeer(interval=2, warmup=1)):
+            out = run(flux, "flux", num_inference_steps=6)
+            branch = diffboost.describe(flux)["last_call"][0]["branches"]["cond"]
+    assert torch.equal(out, base), "every forecast was poisoned, so every step must have been recomputed"
+    # step 0 is full; every later step is planned as a forecast, poisoned, and recomputed
+    assert branch["nan_fallbacks"] == 5 and branch["full_steps"] == list(range(6))
+    assert sum("NaN/Inf" in r.message for r in caplog.records) == 1
+
+
+def test_bf16_pipeline_works_and_never_skip_is_exact():
+    pipe = make_flux().to(torch.bfloat16)
+    base = run(pipe, "flux", num_inference_steps=6)
+    with diffboost.accelerated(pipe, TaylorSeer(interval=1)):
+        assert torch.equal(run(pipe, "flux", num_inference_steps=6), base)
+    for plugin in (TaylorSeer(interval=3, warmup=1, order=2), AdaptiveBlockCache(threshold=10, warmup=1, taylor_order=1)):
+        with diffboost.accelerated(pipe, plugin):
+            out = run(pipe, "flux", num_inference_steps=6)
+        assert out.dtype == base.dtype and torch.isfinite(out.float()).all() and not torch.equal(out, base)
+
+
+def test_unet_block_cache_keeps_skip_connections_live():
+    pipe = make_sd()
+    base = run(pipe, "sd", num_inference_steps=8)
+    with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=1)):
+        out = run(pipe, "sd", num_inference_steps=8)
+        branch = diffboost.describe(pipe)["last_call"][0]["branches"]["default"]
+    assert branch["full_steps"] == [0, 1, 3, 5, 7]
+    err = (out - base).abs().mean() / base.abs().mean()
+    assert 0 < err < 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="enable_model_cpu_offload needs a CUDA device")
+@pytest.mark.gpu
+def test_model_cpu_offload():
+    pipe = make_flux()
+    pipe.enable_model_cpu_offload()
+    base = run(pipe, "flux", num_inference_steps=6)
+    with diffboost.accelerated(pipe, TaylorSeer(interval=1)):
+        assert torch.equal(run(pipe, "flux", num_inference_steps=6), base)
+    with diffboost.accelerated(pipe, TaylorSeer(interval=3)):
+        assert torch.isfinite(run(pipe, "flux", num_inference_steps=6)).all()
+    assert torch.equal(run(pipe, "flux", num_inference_steps=6), base)

@@ -1,0 +1,76 @@
+"""Every supported family x every cache: exactness when never skipping, restore after remove, and
+that skipping really skips (fewer full steps, output changes but stays finite)."""
+
+import pytest
+import torch
+
+import diffboost
+from diffboost import AdaptiveBlockCache, ErrorControlledCache, TaylorSeer
+from factories import FAMILIES, run
+
+NEVER_SKIP = [
+    TaylorSeer(interval=1),
+    TaylorSeer(interval=1, lite=True),
+    AdaptiveBlockCache(threshold=0.0, warmup=0),
+    ErrorControlledCache(tolerance=0.0, warmup=0),
+]
+SKIPPING = [
+    TaylorSeer(interval=3, warmup=1, order=2),
+    AdaptiveBlockCache(threshold=10.0, warmup=1, taylor_order=1),
+    ErrorControlledCache(tolerance=10.0, warmup=2),
+]
+STEPS = 6
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_pipe(request):
+    family = request.param
+    pipe = FAMILIES[family]()
+    return family, pipe, run(pipe, family, num_inference_steps=STEPS)
+
+
+def test_never_skipping_is_bit_identical_and_remove_restores(family_pipe):
+    family, pipe, base = family_pipe
+    for plugin in NEVER_SKIP:
+        diffboost.apply(pipe, plugin)
+        out = run(pipe, family, num_inference_steps=STEPS)
+        stats = diffboost.describe(pipe)["last_call"]
+        diffboost.remove(pipe)
+        assert torch.equal(out, base), f"{family}: {plugin} changed the output"
+        for item in stats:
+            for branch in item["branches"].values():
+                assert branch["forecast"] == 0 and branch["full"] == STEPS
+        assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base), f"{family}: remove() after {plugin}"
+    assert not hasattr(pipe, "_diffboost_handle")
+
+
+def test_skipping_configs_skip_and_stay_finite(family_pipe):
+    family, pipe, base = family_pipe
+    for plugin in SKIPPING:
+        with diffboost.accelerated(pipe, plugin):
+            out = run(pipe, family, num_inference_steps=STEPS)
+            stats = diffboost.describe(pipe)["last_call"]
+        assert out.shape == base.shape and out.dtype == base.dtype
+        assert torch.isfinite(out.float()).all()
+        assert not torch.equal(out, base), f"{family}: {plugin} skipped nothing"
+        forecast = sum(b["forecast"] for item in stats for b in item["branches"].values())
+        assert forecast > 0, f"{family}: {plugin} reports no forecast step: {stats}"
+        assert all(0 < item["flops_saved_est"] < 1 for item in stats)
+    assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base)
+
+
+def test_state_resets_between_calls_of_different_shapes(family_pipe):
+    """Different step counts, batch sizes and CFG settings in sequence on one patched pipeline."""
+    family, pipe, base = family_pipe
+    plugin = TaylorSeer(interval=2, warmup=1)
+    with diffboost.accelerated(pipe, plugin):
+        first = run(pipe, family, num_inference_steps=STEPS)
+        run(pipe, family, num_inference_steps=3)
+        batch = run(pipe, family, num_inference_steps=STEPS, prompt=["a red circle", "a blue square"])
+        again = run(pipe, family, num_inference_steps=STEPS)
+        stats = diffboost.describe(pipe)["last_call"]
+    assert torch.equal(first, again), "state leaked from one call into the next"
+    assert batch.shape[0] == 2 * first.shape[0]
+    for item in stats:
+        for branch in item["branches"].values():
+            assert branch["steps"] == STEPS
