@@ -249,8 +249,12 @@ def make_flux(seed: int = 0, guidance_embeds: bool = True):
     text_encoder = _clip_text(seed)
     text_encoder_2 = _t5(seed)
     vae = _vae_kl(seed, shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False)
+    # Same scheduler settings as FLUX.1 checkpoints: resolution-dependent shift.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=make_tokenizer(77),
