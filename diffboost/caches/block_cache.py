@@ -35,7 +35,7 @@ from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter
 from ..plugins.base import Installed, Plugin, PluginKind, check_float, check_int
-from ..plugins.runtime import BranchStates, CallTracker, HookSet, StepClock
+from ..plugins.runtime import outside_compiled_graph, BranchStates, CallTracker, HookSet, StepClock
 from .taylor import TaylorFactors
 from .taylorseer import HookedCache
 
@@ -251,9 +251,10 @@ class FrontBlockHook(_BlockHook):
         super().__init__(core)
         self.io, self.first, self.last = io, first, last
 
+    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.first and not self.core.unet:
-            self.state.get_state().head_in = BlockIO.inputs(args, kwargs)[0]
+            self.state.get_state().head_in = self.io.inputs(args, kwargs)[0]
         out = self.fn_ref.original_forward(*args, **kwargs)
         if self.last:
             if self.core.unet:
@@ -271,6 +272,7 @@ class MiddleBlockHook(_BlockHook):
         super().__init__(core)
         self.io, self.index, self.first, self.last = io, index, first, last
 
+    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan = self.core.clock.plan
         st: _State = self.state.get_state()
@@ -278,7 +280,7 @@ class MiddleBlockHook(_BlockHook):
             return self._unet(st, plan, args, kwargs)
         if plan.full:
             if self.first:
-                st.mid_in = BlockIO.inputs(args, kwargs)
+                st.mid_in = self.io.inputs(args, kwargs)
             out = self.fn_ref.original_forward(*args, **kwargs)
             if self.last:
                 h, e = self.io.split(out)
@@ -288,7 +290,7 @@ class MiddleBlockHook(_BlockHook):
                 st.res.update((h - h0, res_e), plan.step)
                 st.mid_in = None
             return out
-        h, e = BlockIO.inputs(args, kwargs)
+        h, e = self.io.inputs(args, kwargs)
         if self.first:
             res_h, res_e = st.res.forecast(plan.step) if self.core.s.order else st.res.latest()
             h = h + res_h

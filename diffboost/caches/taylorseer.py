@@ -16,6 +16,10 @@ What is forecast (the *units*):
   ``proj_out``; their ``attn`` and ``proj_mlp`` are skipped and return their last output (unused).
 - UNets: the down/mid/up blocks are the units; only the last up block's output reaches the output
   head, so it is forecast and the other blocks are skipped.
+- ``granularity="block"``: each transformer block's residual (output - input, both streams) is
+  forecast instead of its submodules' outputs. Coarser (the gates are forecast too), but every hook
+  sits at a block boundary: use it with regional ``torch.compile`` of blocks, where module-level
+  hooks would break each block's graph at its attention/feed-forward calls.
 - ``lite=True``: only the denoiser output is forecast (one forecast per step, least memory).
 
 Each CFG branch (``cache_context("cond"/"uncond")`` or the doubled batch) keeps its own factors.
@@ -30,9 +34,9 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
-from ..plugins.adapters import Denoiser, PipelineAdapter
-from ..plugins.base import Installed, Plugin, PluginKind, check_float, check_int
-from ..plugins.runtime import BranchStates, CallTracker, ClockState, HookSet, StepClock, StepPlan, _all_finite, logger
+from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter
+from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_int
+from ..plugins.runtime import outside_compiled_graph, BranchStates, CallTracker, ClockState, HookSet, StepClock, StepPlan, _all_finite, logger
 from .taylor import TaylorFactors
 
 HOOK_NAME = "diffboost.taylorseer"
@@ -50,6 +54,8 @@ class TaylorSeer(Plugin):
         warmup: full steps at the start of every call (>= 0). Default 3.
         final_full_steps: full steps at the end of every call (>= 0). Default 0.
         lite: forecast only the denoiser output instead of per-block features. Default False.
+        granularity: ``"module"`` (attention / feed-forward outputs before the gates, as in the
+            paper) or ``"block"`` (block residuals; compile-friendly). Default "module".
         check_finite: recompute a forecast step whose output has NaN/Inf (logged once). Default True.
     """
 
@@ -58,6 +64,7 @@ class TaylorSeer(Plugin):
     warmup: int = 3
     final_full_steps: int = 0
     lite: bool = False
+    granularity: str = "module"
     check_finite: bool = True
 
     def __post_init__(self) -> None:
@@ -66,6 +73,7 @@ class TaylorSeer(Plugin):
         check_int(self, "order", 0, 4)
         check_int(self, "warmup", 0, 10_000)
         check_int(self, "final_full_steps", 0, 10_000)
+        check_choice(self, "granularity", ("module", "block"))
 
     def never_skips(self) -> bool:
         return self.interval == 1
@@ -102,6 +110,7 @@ class ForecastUnitHook(ModelHook):
         self.forecast = forecast
         self.state = BranchStates(_UnitState, init_args=(order,))
 
+    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan: StepPlan = self.clock.plan
         st: _UnitState = self.state.get_state()
@@ -120,6 +129,37 @@ class ForecastUnitHook(ModelHook):
         return module
 
 
+class BlockForecastHook(ModelHook):
+    """Forecasts a whole transformer block as its residual: out = in + R_hat (both streams)."""
+
+    _is_stateful = True
+
+    def __init__(self, clock: StepClock, order: int, io: BlockIO):
+        super().__init__()
+        self.clock = clock
+        self.io = io
+        self.state = BranchStates(_UnitState, init_args=(order,))
+
+    @outside_compiled_graph
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan: StepPlan = self.clock.plan
+        st: _UnitState = self.state.get_state()
+        h, e = self.io.inputs(args, kwargs)
+        if plan.full or not st.factors.ready:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            h_out, e_out = self.io.split(out)
+            st.last = e_out is None  # the block drops the text stream (e.g. SD3's last block)
+            st.factors.update((h_out - h, None if (e_out is None or e is None) else e_out - e), plan.step)
+            return out
+        res_h, res_e = st.factors.forecast(plan.step)
+        e_out = None if st.last else (e + res_e if res_e is not None else e)
+        return self.io.join(h + res_h, e_out)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.reset()
+        return module
+
+
 class OutputForecastClock(StepClock):
     """Lite mode: the step clock itself forecasts the whole denoiser output on forecast steps."""
 
@@ -128,6 +168,7 @@ class OutputForecastClock(StepClock):
         self.order = order
         self.outputs = BranchStates(_UnitState, init_args=(order,))
 
+    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan = self.begin()
         st: _UnitState = self.outputs.get_state()
@@ -198,6 +239,11 @@ def _install_taylorseer(cfg: TaylorSeer, d: Denoiser, adapter: PipelineAdapter, 
             units.append((block, block is d.blocks[-1]))
         # everything the blocks compute is skipped on forecast steps
         skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
+    elif cfg.granularity == "block":
+        for block in d.blocks:
+            hooks.add(block, BlockForecastHook(clock, cfg.order, d.block_io(block)))
+        skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
+        return HookedCache(cfg, d, hooks, clock, skipped)
     else:
         for block in d.blocks:
             units.extend(_transformer_units(block))

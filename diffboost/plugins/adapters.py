@@ -82,9 +82,12 @@ class BlockIO:
 
     outputs: str  # "eh" | "he" | "h"
 
-    @staticmethod
-    def inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, encoder) inputs; encoder is None for blocks that do not return a text stream
+        (their ``encoder_hidden_states`` is read-only conditioning, and may not be argument 1)."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if self.outputs == "h":
+            return hidden, None
         if "encoder_hidden_states" in kwargs:
             encoder = kwargs["encoder_hidden_states"]
         else:

@@ -24,6 +24,16 @@ from diffusers.hooks.hooks import BaseState, StateManager
 logger = logging.getLogger("diffboost")
 
 
+def outside_compiled_graph(fn: Callable) -> Callable:
+    """Keep a hook's bookkeeping out of ``torch.compile`` graphs.
+
+    Only the hook's own frame is skipped (``recursive=False``): the module forward it calls is still
+    compiled, so regional compilation of blocks (``block.compile()``,
+    ``transformer.compile_repeated_blocks()``) keeps whole-block graphs when the hook sits on the block.
+    """
+    return torch.compiler.disable(fn, recursive=False)
+
+
 class CallTracker:
     """Signals the start of every pipeline call by wrapping the scheduler instance's ``set_timesteps``."""
 
@@ -168,6 +178,7 @@ class StepClock(ModelHook):
             st.forecast_steps.append(st.step)
         st.step += 1
 
+    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan = self.begin()
         output = self.fn_ref.original_forward(*args, **kwargs)

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from diffboost.training.common import (
     step_generator,
     tokenize,
 )
+from diffboost.training.evaluate import generate_and_score, save_grid, save_pipeline
 from diffboost.training.vae import cache_latents, train_vae, vae_psnr
 
 logger = logging.getLogger(__name__)
@@ -105,55 +105,6 @@ def make_pipeline(vae, clip, t5, tokenizer, transformer) -> FluxPipeline:
         scheduler=build_scheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer,
         text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer,
     )
-
-
-@torch.no_grad()
-def evaluate(pipe: FluxPipeline, n_prompts: int, steps: int, seed: int = 0, text_len: int = TEXT_LEN) -> dict[str, Any]:
-    """Generate ``n_prompts`` benchmark prompts and score them with the evaluator (if shipped)."""
-    prompts = scenes.benchmark_prompts(n_prompts, seed=1)
-    images = []
-    for i in range(0, n_prompts, 32):
-        out = pipe(
-            prompts[i : i + 32], height=64, width=64, num_inference_steps=steps, max_sequence_length=text_len,
-            generator=torch.Generator().manual_seed(seed + i), output_type="np",
-        ).images
-        images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
-    images_np = np.concatenate(images)
-    result: dict[str, Any] = {"images": images_np, "prompts": prompts}
-    try:
-        from diffboost.evaluation.classifier import evaluator_available, load_evaluator
-        from diffboost.evaluation.metrics import attribute_accuracy
-
-        if evaluator_available():
-            result["accuracy"] = attribute_accuracy(images_np, prompts, load_evaluator())
-    except ImportError as err:  # evaluator package not there yet
-        logger.info("no evaluator: %s", err)
-    return result
-
-
-def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
-    from PIL import Image
-
-    cols = min(cols, len(images))
-    n = (len(images) // cols) * cols
-    h, w = images.shape[1:3]
-    grid = images[:n].reshape(-1, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(-1, cols * w, 3)
-    Image.fromarray(grid).save(path)
-
-
-def save_pipeline(pipe: FluxPipeline, out: Path, info: dict[str, Any]) -> None:
-    """save_pretrained into a temp folder, then swap it into place."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    logger.info("saved pipeline -> %s", out)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -279,8 +230,11 @@ def main(argv: list[str] | None = None) -> None:
         over = args.max_minutes > 0 and time.monotonic() - t_start > args.max_minutes * 60
         if done % args.eval_every == 0 or last or over:
             pipe = make_pipeline(vae, emas["clip"].shadow, emas["t5"].shadow, tokenizer, emas["transformer"].shadow)
+            pipe.set_progress_bar_config(disable=True)
             t_eval = time.monotonic()
-            res = evaluate(pipe, args.eval_prompts, args.eval_steps, seed=args.seed)
+            res = generate_and_score(
+                pipe, args.eval_prompts, args.eval_steps, seed=args.seed, max_sequence_length=TEXT_LEN
+            )
             save_grid(res["images"], args.work_dir / f"samples_{done:06d}.png")
             acc = res.get("accuracy")
             score = acc["all"] if acc else 0.0

@@ -11,11 +11,13 @@ from factories import FAMILIES, run
 NEVER_SKIP = [
     TaylorSeer(interval=1),
     TaylorSeer(interval=1, lite=True),
+    TaylorSeer(interval=1, granularity="block"),
     AdaptiveBlockCache(threshold=0.0, warmup=0),
     ErrorControlledCache(tolerance=0.0, warmup=0),
 ]
 SKIPPING = [
     TaylorSeer(interval=3, warmup=1, order=2),
+    TaylorSeer(interval=3, warmup=1, granularity="block"),
     AdaptiveBlockCache(threshold=10.0, warmup=1, taylor_order=1),
     ErrorControlledCache(tolerance=10.0, warmup=2),
 ]

@@ -1,0 +1,71 @@
+"""Generation-time evaluation and saving helpers shared by the reference-model trainers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+from diffboost.data import scenes
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate_and_score(
+    pipe: DiffusionPipeline, n_prompts: int, steps: int, seed: int = 0, batch_size: int = 32, **call_kwargs: Any
+) -> dict[str, Any]:
+    """Generate the first ``n_prompts`` benchmark prompts at 64x64 and score them with the evaluator.
+
+    Returns ``images`` (uint8 N,64,64,3), ``prompts`` and, when the evaluator is shipped, ``accuracy``
+    (per attribute and ``all`` = prompt adherence).
+    """
+    prompts = scenes.benchmark_prompts(n_prompts, seed=1)
+    chunks = []
+    for i in range(0, n_prompts, batch_size):
+        out = pipe(
+            prompts[i : i + batch_size], height=64, width=64, num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed + i), output_type="np", **call_kwargs,
+        ).images
+        chunks.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    images = np.concatenate(chunks)
+    result: dict[str, Any] = {"images": images, "prompts": prompts}
+    from diffboost.evaluation.classifier import evaluator_available, load_evaluator
+    from diffboost.evaluation.metrics import attribute_accuracy
+
+    if evaluator_available():
+        result["accuracy"] = attribute_accuracy(images, prompts, load_evaluator())
+    return result
+
+
+def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
+    """Save uint8 images (N, H, W, 3) as one PNG grid."""
+    from PIL import Image
+
+    cols = min(cols, len(images))
+    n = (len(images) // cols) * cols
+    h, w = images.shape[1:3]
+    grid = images[:n].reshape(-1, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(-1, cols * w, 3)
+    Image.fromarray(grid).save(path)
+
+
+def save_pipeline(pipe: DiffusionPipeline, out: Path, info: dict[str, Any]) -> None:
+    """``save_pretrained`` (safetensors) into a temp folder, then swap it into place."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved pipeline -> %s", out)

@@ -1,0 +1,200 @@
+"""Train the tiny Stable-Diffusion-architecture reference model (UNet, eps-prediction, DDIM).
+
+Run ``python -m diffboost.training.train_sd --out assets/sd-shapes --vae-dir runs/flux``: it reuses
+(or trains) the shared VAE and its cached latents, trains a small ``UNet2DConditionModel`` and a
+1-layer CLIP text encoder jointly with the epsilon loss (10% empty captions, so classifier-free
+guidance works), and saves a ``StableDiffusionPipeline`` with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from diffboost.data import scenes
+from diffboost.training.common import (
+    EMA,
+    Timer,
+    build_tokenizer,
+    load_checkpoint,
+    save_checkpoint,
+    setup_logging,
+    step_generator,
+    tokenize,
+)
+from diffboost.training.evaluate import generate_and_score, save_grid, save_pipeline
+from diffboost.training.vae import cache_latents, train_vae
+
+logger = logging.getLogger(__name__)
+
+TEXT_LEN = 16
+
+
+def build_unet(text_width: int, tiny: bool = False) -> UNet2DConditionModel:
+    """Two-level UNet on 16x16x16 latents with cross-attention at both levels."""
+    channels = (16, 32) if tiny else (64, 128)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=16, out_channels=16, layers_per_block=1,
+        block_out_channels=channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_width, attention_head_dim=4, norm_num_groups=8 if tiny else 32,
+    )
+
+
+def build_text_encoder(vocab_size: int, width: int) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, projection_dim=width,
+            num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=TEXT_LEN,
+            pad_token_id=0, bos_token_id=0, eos_token_id=1,
+        )
+    )
+
+
+def build_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("assets/sd-shapes"))
+    p.add_argument("--work-dir", type=Path, default=Path("runs/sd"))
+    p.add_argument("--vae-dir", type=Path, default=Path("runs/flux"), help="shared VAE + latent cache")
+    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--num-images", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--text-lr", type=float, default=1e-3)
+    p.add_argument("--text-width", type=int, default=64)
+    p.add_argument("--drop-caption", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--eval-steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--max-minutes", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tiny", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(args.work_dir / "train.log")
+    torch.manual_seed(args.seed)
+    t_start = time.monotonic()
+    args.vae_dir.mkdir(parents=True, exist_ok=True)
+    vae = train_vae(args.vae_dir, args.vae_steps, args.vae_batch, seed=args.seed, tiny=args.tiny)
+    vae.requires_grad_(False)
+    latents, seeds = cache_latents(vae, args.vae_dir, args.num_images)
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale, shift_factor=None)  # the SD pipeline applies no shift
+    latents = latents * scale
+    captions = [scenes.random_spec(random.Random(s)).caption for s in seeds]
+
+    tokenizer = build_tokenizer(TEXT_LEN)
+    text_encoder = build_text_encoder(len(tokenizer), args.text_width)
+    unet = build_unet(args.text_width, args.tiny)
+    ids = tokenize(tokenizer, captions, TEXT_LEN)
+    empty = tokenize(tokenizer, [""], TEXT_LEN)
+    noise_sched = build_scheduler()
+    opt = torch.optim.AdamW(
+        [{"params": list(unet.parameters()), "lr": args.lr}, {"params": list(text_encoder.parameters()), "lr": args.text_lr}],
+        weight_decay=0.0, betas=(0.9, 0.99),
+    )
+    base_lrs = [args.lr, args.text_lr]
+    emas = {"unet": EMA(unet, args.ema), "text": EMA(text_encoder, args.ema)}
+    modules = {"unet": unet, "text": text_encoder, "ema_unet": emas["unet"].shadow, "ema_text": emas["text"].shadow}
+    ckpt = args.work_dir / "sd.ckpt"
+    start, best, history = 0, -1.0, []
+    if ckpt.exists():
+        meta = load_checkpoint(ckpt, modules, {"opt": opt})
+        start, best, history = meta["step"], meta["best"], meta["history"]
+        logger.info("resumed at step %d (best adherence %.3f)", start, best)
+    logger.info("unet %.2fM params", sum(p.numel() for p in unet.parameters()) / 1e6)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt, modules, {"opt": opt}, {"step": step, "best": best, "history": history})
+
+    timer = Timer(args.ckpt_minutes * 60)
+    loss_avg = None
+    t_steps = time.monotonic()
+    unet.train(), text_encoder.train()
+    for step in tqdm(range(start, args.steps), desc="sd", mininterval=60, initial=start, total=args.steps):
+        warm = min(1.0, (step + 1) / 200)
+        for group, lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = lr * warm
+        g = step_generator(args.seed, step)
+        idx = torch.randint(0, len(latents), (args.batch_size,), generator=g)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=g)
+        tok = ids[idx].clone()
+        drop = torch.rand(args.batch_size, generator=g) < args.drop_caption
+        tok[drop] = empty
+        xt = noise_sched.add_noise(x0, noise, t)
+        pred = unet(xt, t, encoder_hidden_states=text_encoder(tok).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
+        opt.step()
+        emas["unet"].update(unet, step)
+        emas["text"].update(text_encoder, step)
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        done = step + 1
+        if done % 50 == 0:
+            logger.info("step %d loss %.4f (%.2f s/step)", done, loss_avg, (time.monotonic() - t_steps) / 50)
+            t_steps = time.monotonic()
+        last = done == args.steps
+        over = args.max_minutes > 0 and time.monotonic() - t_start > args.max_minutes * 60
+        if done % args.eval_every == 0 or last or over:
+            pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=emas["text"].shadow, tokenizer=tokenizer, unet=emas["unet"].shadow,
+                scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed,
+                                     guidance_scale=args.guidance)
+            save_grid(res["images"], args.work_dir / f"samples_{done:06d}.png")
+            acc = res.get("accuracy")
+            history.append({"step": done, "loss": loss_avg, "accuracy": acc})
+            logger.info("eval step %d: %s", done, json.dumps(acc))
+            score = acc["all"] if acc else 0.0
+            if score >= best:
+                best = score
+                save_pipeline(pipe, args.out, {"step": done, "accuracy": acc, "loss": loss_avg,
+                                               "eval_guidance": args.guidance, "eval_steps": args.eval_steps})
+            checkpoint(done)
+            timer.last = time.monotonic()
+        elif timer.due():
+            checkpoint(done)
+        if over:
+            break
+    logger.info("finished; best adherence %.3f", best)
+
+
+if __name__ == "__main__":
+    main()
