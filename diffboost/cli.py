@@ -1,0 +1,212 @@
+"""The ``diffboost`` command line.
+
+    diffboost generate ["PROMPT"] [--model PATH] [--preset NAME] [--steps N] [--seed S] [--out FILE] [--compare]
+    diffboost bench [--model PATH] [--quick] ...
+
+``generate`` runs the embedded reference model (``assets/flux-shapes``) when ``--model`` is not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("diffboost")
+
+DEFAULT_PROMPT = "a large red circle at the left on a white background"
+
+
+def default_model_path() -> Path:
+    """The embedded reference model: ``$DIFFBOOST_ASSETS/flux-shapes`` or ``<repo>/assets/flux-shapes``."""
+    root = os.environ.get("DIFFBOOST_ASSETS")
+    base = Path(root) if root else Path(__file__).resolve().parents[1] / "assets"
+    return base / "flux-shapes"
+
+
+def load_pipeline(path: str | Path, dtype: str = "float32", device: str | None = None) -> Any:
+    """Load a local Diffusers pipeline folder: safetensors only, no remote code, no network."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Diffusers pipeline folder (no model_index.json). Pass --model PATH to a folder "
+            "saved with save_pretrained; the embedded default is assets/flux-shapes in the repository."
+        )
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    pipe = DiffusionPipeline.from_pretrained(
+        str(path), dtype=torch_dtype, use_safetensors=True, local_files_only=True
+    )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return pipe.to(device)
+
+
+def model_defaults(path: Path) -> dict[str, Any]:
+    """Generation defaults shipped next to a reference model (``diffboost.json``: height, width, steps...)."""
+    import json
+
+    f = path / "diffboost.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _generate_once(pipe: Any, prompt: str, steps: int, seed: int, size: int | None, guidance: float | None) -> tuple[Any, float]:
+    import torch
+
+    kwargs: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps}
+    if size:
+        kwargs["height"] = kwargs["width"] = size
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    device = getattr(pipe, "device", torch.device("cpu"))
+    kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    image = pipe(**kwargs).images[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return image, time.perf_counter() - start
+
+
+def save_image_atomic(image: Any, path: str | Path) -> None:
+    """Write an image so that a crash never leaves a truncated file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _side_by_side(left: Any, right: Any) -> Any:
+    from PIL import Image
+
+    canvas = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), "white")
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width, 0))
+    return canvas
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import diffboost
+
+    model = Path(args.model) if args.model else default_model_path()
+    pipe = load_pipeline(model, args.dtype)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    defaults = model_defaults(model)
+    size = args.size or defaults.get("height")
+    if args.steps is None:
+        args.steps = int(defaults.get("steps", 28))
+    plugins = [args.preset]
+    out = Path(args.out)
+    if args.compare:
+        # one short untimed call first, so that neither timed run pays the warm-up
+        _generate_once(pipe, args.prompt, 2, args.seed, size, args.guidance)
+        base, t_base = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance)
+    diffboost.apply(pipe, *plugins)
+    try:
+        image, t_fast = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance)
+        info = diffboost.describe(pipe)
+    finally:
+        diffboost.remove(pipe)
+    save_image_atomic(image, out)
+    full = sum(b["full"] for item in info["last_call"] for b in item["branches"].values())
+    total = sum(b["steps"] for item in info["last_call"] for b in item["branches"].values())
+    print(f"model: {model} ({info['family']}, {info['pipeline']})")
+    print(f"plugins: {', '.join(info['plugins'])}")
+    print(f"denoiser calls computed in full: {full}/{total}")
+    print(f"accelerated: {t_fast:.3f} s -> {out}")
+    if args.compare:
+        from .evaluation.metrics import psnr
+
+        a = np.asarray(base.convert("RGB"), dtype=np.float32) / 255.0
+        b = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        value = float(psnr(a[None], b[None]))
+        side = out.with_name(out.stem + "_compare" + (out.suffix or ".png"))
+        save_image_atomic(_side_by_side(base.convert("RGB"), image.convert("RGB")), side)
+        print(f"baseline:    {t_base:.3f} s")
+        print(f"speedup:     {t_base / t_fast:.2f}x")
+        print(f"PSNR vs baseline: {value:.2f} dB")
+        print(f"side by side (baseline | accelerated): {side}")
+    return 0
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate an image with an accelerated pipeline",
+        description="Generate one image with a diffboost preset (default: the embedded reference model).",
+    )
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--model", default=None, help="local Diffusers pipeline folder (default: assets/flux-shapes)")
+    p.add_argument("--preset", default="fast", help="preset name: safe, fast or turbo (default: fast)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 28)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--size", type=int, default=None, help="image height and width in pixels (default: model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
+    p.add_argument("--out", default="out/diffboost.png", help="output image path (default: out/diffboost.png)")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the unpatched pipeline with the same seed; print both times, the speedup and the PSNR, "
+        "and save both images side by side",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_bench(sub: Any) -> None:
+    try:
+        from .bench import cli as bench_cli
+    except ImportError:  # pragma: no cover - the bench package is optional at import time
+        try:
+            from . import bench as bench_cli  # type: ignore[no-redef]
+        except ImportError:
+            return
+    if not hasattr(bench_cli, "add_arguments"):
+        return
+    p = sub.add_parser(
+        "bench",
+        help="benchmark plugins and rival tools side by side",
+        description="Run named configurations on prompts x seeds and report speed, FLOPs and fidelity.",
+    )
+    bench_cli.add_arguments(p)
+    p.set_defaults(func=bench_cli.run_from_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffboost", description="Drop-in acceleration for Diffusers pipelines.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"diffboost {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

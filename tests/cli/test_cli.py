@@ -1,0 +1,50 @@
+"""The ``diffboost`` command line on a tiny pipeline saved to disk."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from diffboost.cli import build_parser, main
+from factories import make_flux
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flux")
+    make_flux().save_pretrained(path)
+    return path
+
+
+def test_generate_compare_writes_images_and_reports(flux_folder, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    code = main(["generate", "a red circle", "--model", str(flux_folder), "--steps", "6", "--size", "64",
+                 "--preset", "turbo", "--compare", "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert Image.open(out).size == (64, 64)
+    assert Image.open(tmp_path / "img_compare.png").size == (128, 64)
+    for needle in ("baseline:", "speedup:", "PSNR vs baseline:", "computed in full: 3/6"):
+        assert needle in text, text
+    assert not list(tmp_path.glob(".img*")), "temporary files left behind"
+
+
+def test_generate_errors_are_clear(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path)]) == 2
+    assert "not a Diffusers pipeline folder" in capsys.readouterr().err
+
+
+def test_unknown_preset_is_reported(flux_folder, tmp_path, capsys):
+    assert main(["generate", "--model", str(flux_folder), "--preset", "nope", "--steps", "2", "--size", "64",
+                 "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert "generate" in sub.choices
+    for name in sub.choices:
+        result = subprocess.run([sys.executable, "-m", "diffboost.cli", name, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage: diffboost" in result.stdout
