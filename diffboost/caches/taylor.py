@@ -26,70 +26,95 @@ from torch.utils import _pytree as pytree
 
 
 class TaylorFactors:
-    """Taylor factors of one (possibly nested) feature. ``order`` is TaylorSeer's O (0-4)."""
+    """Taylor factors of one (possibly nested) feature. ``order`` is TaylorSeer's O (0-4).
 
-    __slots__ = ("order", "factors", "last_step", "spec", "dtypes", "updates")
+    A full step only *records* the feature (no arithmetic, no copy): the last ``order + 1``
+    observations are kept, and the divided differences are computed when the first forecast after
+    a full step asks for them. Replaying the recursion over that window gives exactly the factors
+    of the step-by-step recursion, since factor_i at step n depends on F_n ... F_{n-i} only.
+    """
+
+    __slots__ = ("order", "history", "spec", "_factors")
 
     def __init__(self, order: int):
         self.order = order
-        self.factors: list[list[torch.Tensor | Any]] = []  # per leaf: [f0, f1, ...]
-        self.last_step: int | None = None
+        self.history: list[tuple[int, list[Any]]] = []  # (step, leaves), oldest first
         self.spec = None
-        self.dtypes: list[torch.dtype | None] = []
-        self.updates = 0
+        self._factors: list[Any] | None = None
 
     @property
     def ready(self) -> bool:
-        return self.last_step is not None
+        return bool(self.history)
+
+    @property
+    def last_step(self) -> int | None:
+        return self.history[-1][0] if self.history else None
 
     def available_order(self) -> int:
-        return min((len(f) for f in self.factors if isinstance(f, list)), default=1) - 1
+        return len(self.history) - 1
 
     def update(self, value: Any, step: int) -> None:
         leaves, spec = pytree.tree_flatten(value)
-        if self.spec is not None and (spec != self.spec or len(leaves) != len(self.factors)):
-            self.clear()
-        d = None if self.last_step is None else step - self.last_step
-        new_factors: list[Any] = []
-        dtypes: list[torch.dtype | None] = []
-        for i, leaf in enumerate(leaves):
-            if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
-                new_factors.append(leaf)
-                dtypes.append(None)
-                continue
-            work = leaf.detach()
-            if work.dtype in (torch.float16, torch.bfloat16):
-                work = work.float()
-            row = [work]
-            old = self.factors[i] if (d and self.factors) else None
-            if old is not None and isinstance(old, list) and old[0].shape == work.shape:
-                for j in range(min(self.order, len(old))):
-                    row.append((row[j] - old[j]) / d)
-            new_factors.append(row)
-            dtypes.append(leaf.dtype)
-        self.factors, self.spec, self.dtypes = new_factors, spec, dtypes
-        self.last_step = step
-        self.updates += 1
+        if self.history and (spec != self.spec or not _same_shapes(leaves, self.history[-1][1])):
+            self.history.clear()
+        if self.history and self.history[-1][0] == step:
+            self.history.pop()
+        self.history.append((step, [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves]))
+        del self.history[: -(self.order + 1)]
+        self.spec = spec
+        self._factors = None
+
+    def factors(self) -> list[Any]:
+        """Per leaf: [f_0, f_1, ...] (float32 for reduced-precision leaves), or the leaf itself."""
+        if self._factors is None:
+            rows: list[Any] = [None] * len(self.history[0][1])
+            prev_step = None
+            for step, leaves in self.history:
+                d = None if prev_step is None else step - prev_step
+                for i, leaf in enumerate(leaves):
+                    if not _is_float(leaf):
+                        rows[i] = leaf
+                        continue
+                    work = leaf.float() if leaf.dtype in (torch.float16, torch.bfloat16) else leaf
+                    row = [work]
+                    old = rows[i] if d else None
+                    if isinstance(old, list):
+                        for j in range(min(self.order, len(old))):
+                            row.append((row[j] - old[j]) / d)
+                    rows[i] = row
+                prev_step = step
+            self._factors = rows
+        return self._factors
 
     def forecast(self, step: int) -> Any:
-        """Forecast the feature at ``step`` (> last full step)."""
+        """Forecast the feature at ``step`` (after the last full step)."""
         k = step - self.last_step
         leaves = []
-        for row, dtype in zip(self.factors, self.dtypes):
-            if dtype is None:
+        for row, leaf in zip(self.factors(), self.history[-1][1]):
+            if not _is_float(leaf):
                 leaves.append(row)
                 continue
             # always a fresh tensor: the model may modify what we return in place
             out = row[0].clone()
             for i in range(1, len(row) if k != 0 else 1):
                 out.add_(row[i], alpha=(k**i) / math.factorial(i))
-            leaves.append(out if out.dtype == dtype else out.to(dtype))
+            leaves.append(out if out.dtype == leaf.dtype else out.to(leaf.dtype))
         return pytree.tree_unflatten(leaves, self.spec)
 
     def latest(self) -> Any:
         """The last observed value (order-0 reuse)."""
-        leaves = [row if dt is None else (row[0] if row[0].dtype == dt else row[0].to(dt)) for row, dt in zip(self.factors, self.dtypes)]
-        return pytree.tree_unflatten(leaves, self.spec)
+        return pytree.tree_unflatten(list(self.history[-1][1]), self.spec)
 
     def clear(self) -> None:
-        self.factors, self.spec, self.dtypes, self.last_step = [], None, [], None
+        self.history.clear()
+        self.spec, self._factors = None, None
+
+
+def _is_float(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _same_shapes(a: list[Any], b: list[Any]) -> bool:
+    if len(a) != len(b):
+        return False
+    return all((x.shape == y.shape) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else True for x, y in zip(a, b))
