@@ -1,0 +1,114 @@
+"""``diffboost bench``: command-line front end (``add_arguments`` / ``run_from_args``).
+
+Example::
+
+    diffboost bench --model assets/flux-shapes --prompts 16 --seeds 2 --steps 28 --out runs/bench
+    diffboost bench --quick --out runs/bench-quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from diffboost.evaluation.classifier import DEFAULT_EVALUATOR_DIR
+
+from .configs import ConfigError, default_configs, load_configs, quick_configs
+from .report import write_all
+from .runner import DEFAULT_MODEL, BenchSettings, run_bench
+
+logger = logging.getLogger(__name__)
+
+#: --quick overrides (CI smoke run).
+QUICK = {"prompts": 2, "seeds": 1, "steps": 6, "repeats": 1}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser``."""
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="local Diffusers pipeline folder (loaded with use_safetensors=True); default: %(default)s")
+    parser.add_argument("--configs", type=Path, default=None,
+                        help="TOML/YAML file with the configurations to compare (schema: diffboost/bench/configs.py); "
+                             "default: built-in list (baseline, each plugin at 2-3 settings, presets, rivals)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"),
+                        help="output folder for results.csv, results.md and pareto.png; default: %(default)s")
+    parser.add_argument("--prompts", type=int, default=None, help="number of benchmark prompts (default 8; quick: 2)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 2; quick: 1)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; quick: 6)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed passes over all configs; time is the median (default 3; quick: 1)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: model's default sample size)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: model's default sample size)")
+    parser.add_argument("--call-kwargs", type=json.loads, default={},
+                        help='extra pipeline call arguments as JSON, e.g. \'{"guidance_scale": 3.5}\'')
+    parser.add_argument("--prompt-seed", type=int, default=0, help="seed that picks the benchmark prompts (default 0)")
+    parser.add_argument("--evaluator", type=Path, default=DEFAULT_EVALUATOR_DIR,
+                        help="evaluator folder for feature/Fréchet distance and adherence; default: %(default)s")
+    parser.add_argument("--no-evaluator", action="store_true", help="skip the evaluator-based metrics")
+    parser.add_argument("--adherence", choices=("auto", "on", "off"), default="auto",
+                        help="prompt adherence: auto = only for models whose tokenizer covers the scene captions")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted run")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"CI smoke mode: {QUICK} and a handful of configs (unless --configs is given)")
+    parser.add_argument("--list-configs", action="store_true", help="print the configurations and exit")
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """Build :class:`BenchSettings` from parsed arguments (``--quick`` fills what was not given)."""
+    defaults = QUICK if args.quick else {f: getattr(BenchSettings, f) for f in QUICK}
+    pick = {f: getattr(args, f) if getattr(args, f) is not None else defaults[f] for f in QUICK}
+    for field, value in pick.items():
+        if value < 1:
+            raise ValueError(f"--{field} must be >= 1, got {value}")
+    return BenchSettings(
+        **pick,
+        height=args.height,
+        width=args.width,
+        prompt_seed=args.prompt_seed,
+        count_flops=not args.no_flops,
+        evaluator=None if args.no_evaluator else args.evaluator,
+        adherence=args.adherence,
+        call_kwargs=dict(args.call_kwargs),
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; return the process exit code."""
+    try:
+        configs = load_configs(args.configs) if args.configs else (quick_configs() if args.quick else default_configs())
+        settings = settings_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    if args.list_configs:
+        for c in configs:
+            print(f"{c.name:28s} {c.kind:10s} {c.describe()}")
+        return 0
+    try:
+        report = run_bench(args.model, configs, settings)
+    except FileNotFoundError as exc:
+        logger.error("%s", exc)
+        return 2
+    files = write_all(report, args.out)
+    print(report_summary(report))
+    for kind, path in files.items():
+        logger.info("wrote %s: %s", kind, path)
+    return 0 if all(not r.status.startswith("error") for r in report.results) else 1
+
+
+def report_summary(report) -> str:  # noqa: ANN001 - BenchReport (import cycle-free annotation)
+    """Short plain-text summary for the terminal."""
+    from .report import markdown
+
+    return markdown(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m diffboost.bench``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="diffboost bench", description="Benchmark acceleration configs vs baseline.")
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))

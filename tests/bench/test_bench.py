@@ -1,0 +1,187 @@
+"""``diffboost bench`` on the tiny random-init Flux: rows, baselines, FLOPs, config files, rivals."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+
+import pytest
+import torch
+
+from diffboost.bench import BenchConfig, BenchSettings, ConfigError, PluginSpec, load_configs, run_bench, write_all
+from diffboost.bench.cli import add_arguments, run_from_args
+from diffboost.evaluation.classifier import AttributeClassifier
+from factories import make_flux
+
+torch.set_num_threads(1)
+
+TS = "TaylorSeer"
+CONFIGS = [
+    BenchConfig("baseline"),
+    BenchConfig("ts-never-skips", "diffboost", plugins=(PluginSpec(TS, {"interval": 1}),)),
+    BenchConfig("ts-skips", "diffboost", plugins=(PluginSpec(TS, {"interval": 2, "warmup": 1}),)),
+    BenchConfig("preset-fast", "diffboost", preset="fast"),
+    BenchConfig("diffusers-fbc", "diffusers", cache="FirstBlockCache", options={"threshold": 0.1}),
+]
+
+
+def quick_settings(**over) -> BenchSettings:
+    kw = dict(prompts=2, seeds=1, steps=6, repeats=1, height=64, width=64, progress=False,
+              call_kwargs={"max_sequence_length": 8}, evaluator=None)
+    kw.update(over)
+    return BenchSettings(**kw)
+
+
+@pytest.fixture(scope="module")
+def evaluator_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("evaluator")
+    AttributeClassifier().save(path)  # random weights: enough to exercise the feature metrics
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(evaluator_dir):
+    return run_bench(make_flux(), CONFIGS, quick_settings(evaluator=evaluator_dir))
+
+
+def by_name(report):
+    return {r.name: r for r in report.results}
+
+
+def test_writes_one_row_per_config(report, tmp_path):
+    files = write_all(report, tmp_path)
+    rows = list(csv.DictReader(files["csv"].open()))
+    assert [r["name"] for r in rows] == [c.name for c in CONFIGS]
+    assert all(r["status"] == "ok" for r in rows), rows
+    md = files["md"].read_text()
+    for c in CONFIGS:
+        assert f"`{c.name}`" in md
+
+
+def test_baseline_is_reference(report):
+    base = by_name(report)["baseline"]
+    assert base.speedup == 1.0
+    assert math.isinf(base.psnr) and base.ssim == pytest.approx(1.0)
+    assert base.feature_distance == pytest.approx(0.0, abs=1e-6)
+    assert base.frechet == pytest.approx(0.0, abs=1e-6)
+    assert base.denoiser_flops > 0 and base.call_flops > base.denoiser_flops
+
+
+def test_never_skipping_config_is_identical_and_costs_the_same(report):
+    base, same = by_name(report)["baseline"], by_name(report)["ts-never-skips"]
+    assert math.isinf(same.psnr)
+    assert same.denoiser_flops == base.denoiser_flops
+    assert same.flops_reduction == 1.0
+
+
+def test_skipping_config_saves_flops_and_changes_output(report):
+    base, skip = by_name(report)["baseline"], by_name(report)["ts-skips"]
+    assert skip.denoiser_flops < base.denoiser_flops
+    assert skip.flops_reduction > 1.2
+    assert math.isfinite(skip.psnr) and skip.psnr > 20
+    assert skip.feature_distance >= 0 and math.isfinite(skip.frechet)
+
+
+def test_rival_not_installed_is_reported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # makes `import cache_dit` raise ImportError
+    configs = [BenchConfig("baseline"), BenchConfig("cache-dit", "cache-dit", options={"Fn_compute_blocks": 1})]
+    report = run_bench(make_flux(), configs, quick_settings(prompts=1, steps=3))
+    rival = by_name(report)["cache-dit"]
+    assert rival.status.startswith("skipped") and "not installed" in rival.status
+    assert math.isnan(rival.speedup)
+    assert by_name(report)["baseline"].ok
+
+
+CONFIG_TOML = """
+[[config]]
+name = "baseline"
+kind = "baseline"
+
+[[config]]
+name = "ts"
+kind = "diffboost"
+plugins = [{ plugin = "TaylorSeer", interval = 3, order = 2 }]
+
+[[config]]
+name = "turbo"
+kind = "diffboost"
+preset = "turbo"
+
+[[config]]
+name = "fbc"
+kind = "diffusers"
+cache = "FirstBlockCache"
+options = { threshold = 0.08 }
+
+[[config]]
+name = "dbcache-taylor"
+kind = "cache-dit"
+options = { Fn_compute_blocks = 1, residual_diff_threshold = 0.1 }
+calibrator = { taylorseer_order = 1 }
+"""
+
+
+def test_toml_config_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(CONFIG_TOML)
+    configs = load_configs(path)
+    assert [c.name for c in configs] == ["baseline", "ts", "turbo", "fbc", "dbcache-taylor"]
+    assert configs[1].plugins == (PluginSpec("TaylorSeer", {"interval": 3, "order": 2}),)
+    assert configs[2].preset == "turbo" and configs[3].options == {"threshold": 0.08}
+    assert configs[4].calibrator == {"taylorseer_order": 1}
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ('name = "x"\nkind = "diffboost"\nplugins = [{ plugin = "WarpDrive" }]', "unknown plugin 'WarpDrive'"),
+        ('name = "x"\nkind = "diffboost"\npreset = "ludicrous"', "unknown preset 'ludicrous'"),
+        ('name = "x"\nkind = "magic"', "unknown kind 'magic'"),
+        ('name = "x"\nkind = "diffusers"\ncache = "TeaCache"', "unknown diffusers cache 'TeaCache'"),
+        ('name = "x"\nkind = "diffboost"\nplugins = [{ plugin = "TaylorSeer", speed = 9 }]', "TaylorSeer accepts"),
+        ('name = "x"\nkind = "diffboost"\nplugins = [{ plugin = "TaylorSeer", interval = 0 }]', "interval"),
+    ],
+)
+def test_config_errors_are_clear(tmp_path, entry, message):
+    path = tmp_path / "bad.toml"
+    path.write_text("[[config]]\n" + entry + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_configs(path)
+
+
+def test_unknown_plugin_error_lists_supported(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[config]]\nname = "x"\nkind = "diffboost"\nplugins = [{ plugin = "Nope" }]\n')
+    with pytest.raises(ConfigError) as info:
+        load_configs(path)
+    assert "TaylorSeer" in str(info.value) and "AdaptiveBlockCache" in str(info.value)
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cli_missing_model_is_a_clear_error(tmp_path, caplog):
+    assert run_from_args(_args("--model", str(tmp_path / "nowhere"), "--quick", "--out", str(tmp_path))) == 2
+    assert "does not exist" in caplog.text
+
+
+def test_cli_bad_config_file_returns_2(tmp_path, caplog):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[config]]\nname = "x"\nkind = "diffboost"\nplugins = [{ plugin = "Nope" }]\n')
+    assert run_from_args(_args("--configs", str(path), "--list-configs")) == 2
+    assert "unknown plugin 'Nope'" in caplog.text
+
+
+def test_shipped_config_files_parse():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "configs").glob("*.toml"))
+    assert files, "benchmarks/configs/*.toml missing"
+    for path in files:
+        assert load_configs(path)
