@@ -234,6 +234,30 @@ def invalidate_registry_caches(root: torch.nn.Module) -> None:
             registry._child_registries_cache = None
 
 
+class _BeneathAccelerate:
+    """Run a registry operation *beneath* an accelerate hook (``enable_model_cpu_offload``).
+
+    accelerate's wrapper calls ``module._old_forward`` and, at the end of every pipeline call,
+    diffusers re-applies the offload hooks by restoring ``module.forward = module._old_forward``
+    and wrapping it again. Hooks registered on top of accelerate's wrapper would be dropped by that;
+    hooks registered on ``_old_forward`` survive it. Outside accelerate this does nothing.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.active = hasattr(module, "_hf_hook") and "_old_forward" in vars(module)
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.outer = self.module.forward
+            self.module.forward = self.module._old_forward
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            self.module._old_forward = self.module.forward
+            self.module.forward = self.outer
+
+
 class HookSet:
     """Hooks registered by one plugin on a set of modules, removable together."""
 
@@ -245,9 +269,12 @@ class HookSet:
 
     def add(self, module: torch.nn.Module, hook: ModelHook) -> ModelHook:
         registry = HookRegistry.check_if_exists_or_initialize(module)
-        had_forward = "forward" in vars(module)
-        registry.register_hook(hook, self.name)
-        hook._diffboost_had_forward = had_forward  # whether the instance had its own forward before us
+        beneath = _BeneathAccelerate(module)
+        with beneath:
+            had_forward = "forward" in vars(module)
+            registry.register_hook(hook, self.name)
+        # whether the instance had its own forward before us (accelerate's counts as its own)
+        hook._diffboost_had_forward = had_forward or beneath.active
         self.modules.append(module)
         self.hooks.append(hook)
         invalidate_registry_caches(self.root)
@@ -262,10 +289,11 @@ class HookSet:
             registry = getattr(module, "_diffusers_hook", None)
             if registry is None:
                 continue
-            registry.remove_hook(self.name, recurse=False)
+            with _BeneathAccelerate(module):
+                registry.remove_hook(self.name, recurse=False)
             if not registry.hooks:
                 # leave the module exactly as it was: no registry, no instance-level forward
-                if not hook._diffboost_had_forward:
+                if not hook._diffboost_had_forward and not hasattr(module, "_hf_hook"):
                     module.__dict__.pop("forward", None)
                 del module._diffusers_hook
         self.modules.clear()
