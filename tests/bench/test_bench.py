@@ -185,3 +185,22 @@ def test_shipped_config_files_parse():
     assert files, "benchmarks/configs/*.toml missing"
     for path in files:
         assert load_configs(path)
+
+
+def test_cli_quick_on_saved_pipeline(tmp_path):
+    model = tmp_path / "flux"
+    make_flux().save_pretrained(model)
+    configs = tmp_path / "c.toml"
+    configs.write_text(CONFIG_TOML.split("[[config]]\nname = \"turbo\"")[0])  # baseline + TaylorSeer
+    out = tmp_path / "out"
+    code = run_from_args(_args("--model", str(model), "--configs", str(configs), "--quick", "--out", str(out),
+                               "--no-evaluator"))
+    assert code == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["name"] for r in rows] == ["baseline", "ts"]
+    assert float(rows[0]["speedup"]) == 1.0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "pareto.png").stat().st_size > 0
