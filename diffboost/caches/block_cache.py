@@ -336,4 +336,9 @@ def _install(
     for i in middle:
         hooks.add(d.blocks[i], MiddleBlockHook(core, ios[i], i, first=i == middle[0], last=i == middle[-1]))
     skipped = sum(p.numel() for i in middle for p in d.blocks[i].parameters())
-    return HookedCache(plugin, d, hooks, clock, skipped)
+    roles = {
+        "computed every step (front)": d.blocks[: s.front],
+        "reused on cached steps (middle)": [d.blocks[i] for i in middle],
+        "computed every step (back)": d.blocks[n - s.back :],
+    }
+    return HookedCache(plugin, d, hooks, clock, skipped, roles)

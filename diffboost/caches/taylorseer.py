@@ -195,12 +195,22 @@ class OutputForecastClock(StepClock):
 class HookedCache(Installed):
     """Hooks of one cache plugin on one denoiser."""
 
-    def __init__(self, plugin: Plugin, denoiser: Denoiser, hooks: HookSet, clock: StepClock, skipped_params: int):
+    def __init__(
+        self,
+        plugin: Plugin,
+        denoiser: Denoiser,
+        hooks: HookSet,
+        clock: StepClock,
+        skipped_params: int,
+        roles: dict[str, list[torch.nn.Module]] | None = None,
+    ):
         self.plugin = plugin
         self.denoiser = denoiser
         self.hooks = hooks
         self.clock = clock
         self.skipped_share = skipped_params / max(1, sum(p.numel() for p in denoiser.module.parameters()))
+        names = {id(m): n or "<denoiser>" for n, m in denoiser.module.named_modules()}
+        self.roles = {role: [names[id(m)] for m in mods] for role, mods in (roles or {}).items()}
 
     def reset(self) -> None:
         self.hooks.reset()
@@ -217,6 +227,8 @@ class HookedCache(Installed):
             "plugin": repr(self.plugin),
             "branches": branches,
             "hooked_modules": len(self.hooks.modules),
+            # which modules run on forecast/reused steps and which are forecast or skipped
+            "modules": self.roles,
             # parameter share of the skipped modules x share of skipped steps: a proxy for FLOPs saved
             # (linear layers dominate); `diffboost bench` counts real FLOPs.
             "flops_saved_est": round(self.skipped_share * skipped / total, 4) if total else 0.0,
@@ -229,7 +241,7 @@ def _install_taylorseer(cfg: TaylorSeer, d: Denoiser, adapter: PipelineAdapter, 
         clock = OutputForecastClock(tracker, cfg.policy, cfg.order, cfg.check_finite)
         hooks.add(d.module, clock)
         skipped = sum(p.numel() for p in d.module.parameters())
-        return HookedCache(cfg, d, hooks, clock, skipped)
+        return HookedCache(cfg, d, hooks, clock, skipped, {"forecast": [d.module]})
 
     clock = StepClock(tracker, cfg.policy, cfg.check_finite, name="TaylorSeer")
     hooks.add(d.module, clock)
@@ -243,7 +255,7 @@ def _install_taylorseer(cfg: TaylorSeer, d: Denoiser, adapter: PipelineAdapter, 
         for block in d.blocks:
             hooks.add(block, BlockForecastHook(clock, cfg.order, d.block_io(block)))
         skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
-        return HookedCache(cfg, d, hooks, clock, skipped)
+        return HookedCache(cfg, d, hooks, clock, skipped, {"forecast": list(d.blocks)})
     else:
         for block in d.blocks:
             units.extend(_transformer_units(block))
@@ -252,7 +264,11 @@ def _install_taylorseer(cfg: TaylorSeer, d: Denoiser, adapter: PipelineAdapter, 
         raise ValueError(f"TaylorSeer found no attention/feed-forward modules in {type(d.module).__name__}")
     for module, forecast in units:
         hooks.add(module, ForecastUnitHook(clock, cfg.order, forecast))
-    return HookedCache(cfg, d, hooks, clock, skipped)
+    roles = {
+        "forecast": [m for m, f in units if f],
+        "skipped (output unused on forecast steps)": [m for m, f in units if not f],
+    }
+    return HookedCache(cfg, d, hooks, clock, skipped, roles)
 
 
 def _transformer_units(block: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:

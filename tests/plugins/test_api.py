@@ -227,3 +227,20 @@ def test_model_cpu_offload():
         assert diffboost.describe(pipe2)["last_call"][0]["branches"]["cond"]["forecast"] == 3
     assert torch.equal(a, b)
     assert torch.equal(run(pipe2, "flux", num_inference_steps=6), base)
+
+
+def test_describe_lists_module_roles(flux):
+    with diffboost.accelerated(flux, AdaptiveBlockCache(back_blocks=1)):
+        run(flux, "flux", num_inference_steps=4)
+        modules = diffboost.describe(flux)["last_call"][0]["modules"]
+    assert modules == {
+        "computed every step (front)": ["transformer_blocks.0"],
+        "reused on cached steps (middle)": ["transformer_blocks.1", "single_transformer_blocks.0"],
+        "computed every step (back)": ["single_transformer_blocks.1"],
+    }
+    with diffboost.accelerated(flux, TaylorSeer()):
+        run(flux, "flux", num_inference_steps=4)
+        modules = diffboost.describe(flux)["last_call"][0]["modules"]
+    assert "transformer_blocks.0.attn" in modules["forecast"] and "transformer_blocks.0.ff_context" in modules["forecast"]
+    assert "single_transformer_blocks.1.proj_out" in modules["forecast"]
+    assert "single_transformer_blocks.1.proj_mlp" in modules["skipped (output unused on forecast steps)"]
