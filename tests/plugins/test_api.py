@@ -244,3 +244,19 @@ def test_describe_lists_module_roles(flux):
     assert "transformer_blocks.0.attn" in modules["forecast"] and "transformer_blocks.0.ff_context" in modules["forecast"]
     assert "single_transformer_blocks.1.proj_out" in modules["forecast"]
     assert "single_transformer_blocks.1.proj_mlp" in modules["skipped (output unused on forecast steps)"]
+
+
+def test_wan_two_experts_each_get_their_own_clock():
+    from factories import make_wan
+
+    pipe = make_wan(two_experts=True)
+    base = run(pipe, "wan", num_inference_steps=8)
+    with diffboost.accelerated(pipe, TaylorSeer(interval=1)):
+        assert torch.equal(run(pipe, "wan", num_inference_steps=8), base)
+    with diffboost.accelerated(pipe, TaylorSeer(interval=2, warmup=1)):
+        out = run(pipe, "wan", num_inference_steps=8)
+        stats = diffboost.describe(pipe)["last_call"]
+    assert [s["denoiser"] for s in stats] == ["transformer", "transformer_2"]
+    steps = [s["branches"]["cond"]["steps"] for s in stats]
+    assert sum(steps) == 8 and all(n > 0 for n in steps)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
