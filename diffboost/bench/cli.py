@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-evaluator", action="store_true", help="skip the evaluator-based metrics")
     parser.add_argument("--adherence", choices=("auto", "on", "off"), default="auto",
                         help="prompt adherence: auto = only for models whose tokenizer covers the scene captions")
+    parser.add_argument("--device", default=None,
+                        help="device to run on, e.g. cuda or cpu (default: where the pipeline loads, i.e. cpu)")
+    parser.add_argument("--dtype", default=None, help="cast the pipeline, e.g. bfloat16 (default: as saved)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted run")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI smoke mode: {QUICK} and a handful of configs (unless --configs is given)")
@@ -72,6 +76,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         evaluator=None if args.no_evaluator else args.evaluator,
         adherence=args.adherence,
         call_kwargs=dict(args.call_kwargs),
+        progress=not args.no_progress,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 
@@ -89,9 +96,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 0
     try:
         report = run_bench(args.model, configs, settings)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    except RuntimeError as exc:  # the baseline itself failed: nothing to compare against
+        logger.error("%s", exc)
+        return 1
     files = write_all(report, args.out)
     print(report_summary(report))
     for kind, path in files.items():

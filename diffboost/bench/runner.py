@@ -45,6 +45,8 @@ class BenchSettings:
     adherence: str = "auto"  # auto | on | off
     call_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: bool = True
+    device: str | None = None  # None: leave the pipeline where it is (a loaded one stays on CPU)
+    dtype: str | None = None  # e.g. "bfloat16"; None: as loaded
 
 
 @dataclasses.dataclass
@@ -191,9 +193,13 @@ class _Runner:
         self.states: dict[str, dict[str, Any]] = {c.name: {} for c in configs}
 
     def call(self, prompt: str, seed: int) -> Any:
+        """One pipeline call (CPU generator: the same noise on every device); waits for the device."""
         generator = torch.Generator("cpu").manual_seed(seed)
         with torch.no_grad():
-            return self.pipe(prompt=prompt, generator=generator, **self.kwargs)
+            output = self.pipe(prompt=prompt, generator=generator, **self.kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return output
 
     def probe(self) -> Any:
         return self.call(*self.jobs[0])
@@ -306,7 +312,8 @@ def fill_metrics(report: BenchReport, pipe: Any) -> None:
         r.psnr, r.psnr_min = _pooled_psnr(r.images, base.images)
         r.ssim = float(metrics.ssim(r.images, base.images))
         if evaluator is not None:
-            r.feature_distance = float(metrics.feature_distance(r.images, base.images, evaluator))
+            # 1 - cos can come out a few ulps below 0 for identical images
+            r.feature_distance = max(0.0, float(metrics.feature_distance(r.images, base.images, evaluator)))
             if len(r.images) >= 2:
                 r.frechet = metrics.frechet_evaluator_distance(r.images, base.images, evaluator)
             if adherence:
@@ -339,6 +346,17 @@ def _adherence_enabled(settings: BenchSettings, pipe: Any, evaluator: Any) -> tu
     return True, ""
 
 
+def _place(pipe: Any, settings: BenchSettings) -> None:
+    """Move / cast the pipeline as requested (``--device`` / ``--dtype``)."""
+    if settings.dtype is not None:
+        dtype = getattr(torch, settings.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {settings.dtype!r}; use e.g. float32, bfloat16, float16")
+        pipe.to(dtype=dtype)
+    if settings.device is not None:
+        pipe.to(settings.device)
+
+
 def run_bench(
     pipe_or_path: Any, configs: list[BenchConfig], settings: BenchSettings | None = None
 ) -> BenchReport:
@@ -352,6 +370,7 @@ def run_bench(
     else:
         model, pipe = type(pipe_or_path).__name__ + " (object)", pipe_or_path
     pipe.set_progress_bar_config(disable=True)
+    _place(pipe, settings)
     configs = list(configs)
     if not any(c.kind == "baseline" for c in configs):
         configs.insert(0, BenchConfig("baseline"))

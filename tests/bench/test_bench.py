@@ -204,3 +204,16 @@ def test_cli_quick_on_saved_pipeline(tmp_path):
     except ImportError:
         return
     assert (out / "pareto.png").stat().st_size > 0
+
+
+def test_yaml_config_file(tmp_path):
+    pytest.importorskip("yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "- {name: baseline, kind: baseline}\n"
+        "- name: safe\n  kind: diffboost\n  preset: safe\n"
+        "- name: ts\n  kind: diffboost\n  plugins: [{plugin: TaylorSeer, interval: 4}]\n"
+    )
+    configs = load_configs(path)
+    assert [c.kind for c in configs] == ["baseline", "diffboost", "diffboost"]
+    assert configs[2].plugins[0].kwargs == {"interval": 4}
