@@ -14,12 +14,14 @@ from .plugins.api import Acceleration, accelerated, apply, describe, remove
 from .plugins.base import Plugin, PluginKind
 from .plugins.presets import PRESETS
 from .plugins.stacking import IncompatiblePluginsError
+from .samplers.bottleneck import BottleneckSampling
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Acceleration",
     "AdaptiveBlockCache",
+    "BottleneckSampling",
     "ErrorControlledCache",
     "IncompatiblePluginsError",
     "PRESETS",

@@ -1,0 +1,1 @@
+from .bottleneck import BottleneckSampling  # noqa: F401
