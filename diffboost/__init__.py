@@ -14,6 +14,7 @@ from .plugins.api import Acceleration, accelerated, apply, describe, remove
 from .plugins.base import Plugin, PluginKind
 from .plugins.presets import PRESETS
 from .plugins.stacking import IncompatiblePluginsError
+from .samplers.sada import SADA
 from .samplers.bottleneck import BottleneckSampling
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "PRESETS",
     "Plugin",
     "PluginKind",
+    "SADA",
     "TaylorSeer",
     "UnsupportedPipelineError",
     "accelerated",

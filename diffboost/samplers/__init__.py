@@ -1,1 +1,2 @@
 from .bottleneck import BottleneckSampling  # noqa: F401
+from .sada import SADA  # noqa: F401
