@@ -324,6 +324,7 @@ class _Bottleneck(Installed):
         self.full_size: tuple[int, int] | None = None
         self.noise_seed: int | None = None
         self.denoiser_calls = 0
+        self.stacked_stats: list[list[dict[str, Any]]] = []
 
     def stages_taken(self) -> bool:
         return getattr(self, "plan", None) is not None
@@ -449,9 +450,10 @@ class _Bottleneck(Installed):
         from ..plugins.api import _HANDLE_ATTR
 
         handle = getattr(self.adapter.pipe, _HANDLE_ATTR, None)
-        for item in getattr(handle, "installed", ()):
-            if item is not self:
-                item.reset()
+        others = [item for item in getattr(handle, "installed", ()) if item is not self]
+        self.stacked_stats.append([item.stats() for item in others])  # keep each stage's statistics
+        for item in others:
+            item.reset()
 
     def stats(self) -> dict[str, Any]:
         if not self.stages_taken():
@@ -464,6 +466,9 @@ class _Bottleneck(Installed):
             ],
             "steps_taken": self.i,
             "denoiser_calls": self.denoiser_calls,
+            # statistics of the stacked caches / step plugins for each finished stage (they reset at
+            # every switch; the last stage's are their own entries in describe()["last_call"])
+            "stacked_per_stage": list(self.stacked_stats),
         }
 
 
