@@ -114,10 +114,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-dir", type=Path, default=None, help="where the shared VAE lives (default: work dir)")
     p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--num-images", type=int, default=8192)
     p.add_argument("--steps", type=int, default=100_000)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--text-lr", type=float, default=1e-3)
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--long-text-prob", type=float, default=0.1, help="share of steps with T5 padded to 64")
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
     vae_dir = args.vae_dir or args.work_dir
     vae_dir.mkdir(parents=True, exist_ok=True)
-    vae = train_vae(vae_dir, args.vae_steps, args.vae_batch, seed=args.seed, tiny=args.tiny)
+    vae = train_vae(vae_dir, args.vae_steps, args.vae_batch, lr=args.vae_lr, seed=args.seed, tiny=args.tiny)
     vae.requires_grad_(False)
     logger.info("VAE reconstruction PSNR %.2f dB", vae_psnr(vae, 32 if args.tiny else 128))
     latents, seeds = cache_latents(vae, vae_dir, args.num_images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -45,22 +46,36 @@ def train_vae(
     seed: int = 0,
     tiny: bool = False,
     ckpt_every_s: float = 240.0,
+    noise_scale: float = 0.25,
 ) -> AutoencoderKL:
-    """Train (or resume, or load a finished) VAE under ``work_dir``; L1 + tiny KL."""
+    """Train (or resume, continue, or load a finished) VAE under ``work_dir``; L1 + tiny KL.
+
+    The decoder sees ``mean + noise_scale * std * eps``: the denoisers train on posterior means,
+    so the decoder must above all be sharp at the mean.
+    """
     final = work_dir / "vae.safetensors"
+    meta_path = work_dir / "vae_meta.json"
     vae = build_vae(tiny)
-    if final.exists():
-        vae.load_state_dict(load_file(str(final)))
-        logger.info("VAE: loaded finished weights from %s", final)
-        return vae.eval()
     ckpt = work_dir / "vae.ckpt"
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    start = 0
+    start = phase_start = 0
+    if final.exists():
+        vae.load_state_dict(load_file(str(final)))
+        done = json.loads(meta_path.read_text())["steps"] if meta_path.exists() else steps
+        if done >= steps:
+            logger.info("VAE: loaded finished weights from %s (%d steps)", final, done)
+            return vae.eval()
+        start = phase_start = done  # continue a finished VAE for more steps (fresh optimizer)
+        logger.info("VAE: continuing finished weights from step %d to %d", done, steps)
     if ckpt.exists():
-        start = load_checkpoint(ckpt, {"vae": vae}, {"opt": opt})["step"]
+        meta = load_checkpoint(ckpt, {"vae": vae}, {"opt": opt})
+        start, phase_start = meta["step"], meta.get("phase_start", 0)
         logger.info("VAE: resumed at step %d", start)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * (1 - s / max(steps, 1))))
-    for _ in range(start):
+    span = max(steps - phase_start, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * max(0.0, 1 - s / span))
+    )
+    for _ in range(start - phase_start):
         sched.step()
     timer = Timer(ckpt_every_s)
     vae.train()
@@ -71,7 +86,7 @@ def train_vae(
         seeds = (torch.randint(0, 10_000_000, (batch_size,), generator=g) + VAE_SEED_OFFSET).tolist()
         x, _ = scene_batch(seeds)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + noise_scale * post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
         l1 = F.l1_loss(rec, x)
         kl = post.kl().mean() / x[0].numel()
@@ -85,9 +100,10 @@ def train_vae(
         if step % 50 == 0:
             logger.info("VAE step %d l1 %.4f kl %.2f", step, l1_avg, kl.item())
         if timer.due():
-            save_checkpoint(ckpt, {"vae": vae}, {"opt": opt}, {"step": step + 1})
+            save_checkpoint(ckpt, {"vae": vae}, {"opt": opt}, {"step": step + 1, "phase_start": phase_start})
     vae.eval()
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(final))
+    meta_path.write_text(json.dumps({"steps": steps}))
     ckpt.unlink(missing_ok=True)
     logger.info("VAE: done, %s", final)
     return vae
