@@ -12,7 +12,7 @@ from .runner import BenchReport, ConfigResult
 logger = logging.getLogger(__name__)
 
 COLUMNS = (
-    "name", "kind", "status", "time_s", "speedup", "denoiser_gflops", "flops_reduction",
+    "name", "kind", "status", "time_s", "time_min_s", "time_max_s", "speedup", "denoiser_gflops", "flops_reduction",
     "psnr", "psnr_min", "ssim", "feature_distance", "frechet", "adherence", "description",
 )
 
@@ -23,6 +23,8 @@ def _row(r: ConfigResult) -> dict[str, object]:
         "kind": r.kind,
         "status": r.status,
         "time_s": r.time_s,
+        "time_min_s": min(r.times_s) if r.times_s else math.nan,
+        "time_max_s": max(r.times_s) if r.times_s else math.nan,
         "speedup": r.speedup,
         "denoiser_gflops": r.denoiser_flops / 1e9,
         "flops_reduction": r.flops_reduction,
@@ -63,7 +65,9 @@ def markdown(report: BenchReport) -> str:
         f"Model: `{report.model}`, {report.size[0]}x{report.size[1]} px, {s.steps} steps, "
         f"{len(report.prompts)} prompts x {len(report.seeds)} seeds, median of {s.repeats} repeat(s).",
         "",
-        "Time: seconds per image (batch 1). FLOPs: denoiser forward passes only, one run (first prompt "
+        "Time: seconds per image (batch 1), median over repeats (min/max per repeat in results.csv); each "
+        "config gets one untimed warm-up call (its FLOP-counted run) and configs are interleaved, "
+        "rotating the order every repeat. FLOPs: denoiser forward passes only, one run (first prompt "
         "and seed). PSNR / SSIM / feature distance: vs the baseline image of the same prompt and seed "
         "(PSNR of the mean MSE over all images; psnr_min: worst image).",
         "",
