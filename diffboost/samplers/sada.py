@@ -25,7 +25,9 @@ Stability criterion, evaluated after every step n on the last three drifts of th
 (``f_n``, ``f_{n-1}``, ``f_{n-2}``), averaged over all elements (the whole batch decides together):
 
 - flow matching:  ``m = -(f_n - 2 f_{n-1} + f_{n-2})``  (a second difference);
-- eps solvers:    ``m = (y_{n-1} - y_hat_{n-1}) * (f_n - 2 f_{n-1} + f_{n-2})`` with the Adams-type
+- eps solvers:    ``m = (y_{n-1} - y_hat_{n-1}) * (g_n - 2 g_{n-1} + g_{n-2})`` where ``g = -f`` is the
+  drift along the sampling direction (``dy/d(-s)``, time running from noise to data as in the
+  paper), so ``m <= 0`` means the drift's change is slowing down; with the Adams-type
   multistep estimate ``y_hat_{n-1} = y_n - (s_n - s_{n-1}) (5/8 f_n + 3/4 f_{n-1} - 3/8 f_{n-2})``
   (our reading of the paper: rebuild the previous state from the newest state and the three latest
   drifts, and compare it with the state the solver actually produced).
@@ -373,7 +375,9 @@ class SADARuntime(Installed):
         else:
             # multistep estimate of y_{n-1}, rebuilt from y_n and the three latest drifts
             y_hat = p0.y - (p0.s - p1.s) * (ADAMS[0] * p0.f + ADAMS[1] * p1.f + ADAMS[2] * p2.f)
-            m = (p1.y - y_hat) * second
+            # the paper's drift points along the sampling direction (d y / d(-s)): its second
+            # difference is -second; the state difference y - y_hat does not depend on the sign
+            m = (p1.y - y_hat) * -second
         st.last_m = float(m.mean())
         return st.last_m <= 0.0
 
