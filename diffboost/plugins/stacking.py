@@ -12,6 +12,11 @@ skipping -> samplers. Inner plugins change *how* a module computes, outer ones *
    block features): decides per *denoiser call* what inside the denoiser runs.
 4. ``STEP`` (at most one, e.g. SADA): decides per *solver step* whether the denoiser is called at
    all. A cache then only sees the calls that happen, so nothing is counted twice.
+   SADA + a cache: SADA's denoiser hook is the outermost, so on a SADA-skipped step neither the
+   denoiser nor the cache's hooks run; the cache's step counter (warmup, interval, Taylor distances,
+   ``final_full_steps``) counts the denoiser calls that happen, and ``describe`` reports the skipped
+   step under SADA only (cache steps + SADA skips = solver steps). SADA reads the denoiser output the
+   cache produced (full or forecast) as the model's output.
 5. ``SAMPLER`` (at most one, e.g. bottleneck sampling, one-step generators): owns the schedule;
    caches and step plugins reset their state at every resolution switch.
 6. ``VLM`` plugins act on Transformers vision-language models and cannot be stacked with Diffusers
@@ -37,6 +42,9 @@ SINGLETON_KINDS = frozenset(ORDER)
 
 #: pairs of plugin class names that cannot be stacked, with the reason
 CONFLICTS: dict[frozenset[str], str] = {}
+CONFLICTS[frozenset({"SADA", "BottleneckSampling"})] = (
+    "both drive the scheduler's step and SADA's trajectory cannot follow the resolution switches"
+)
 
 
 class IncompatiblePluginsError(ValueError):
