@@ -17,7 +17,7 @@ from pathlib import Path
 from diffboost.evaluation.classifier import DEFAULT_EVALUATOR_DIR
 
 from .configs import ConfigError, default_configs, load_configs, quick_configs
-from .report import write_all
+from .report import markdown, write_all
 from .runner import DEFAULT_MODEL, BenchSettings, run_bench
 
 logger = logging.getLogger(__name__)
@@ -103,17 +103,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 1
     files = write_all(report, args.out)
-    print(report_summary(report))
+    print(markdown(report))
     for kind, path in files.items():
         logger.info("wrote %s: %s", kind, path)
     return 0 if all(not r.status.startswith("error") for r in report.results) else 1
-
-
-def report_summary(report) -> str:  # noqa: ANN001 - BenchReport (import cycle-free annotation)
-    """Short plain-text summary for the terminal."""
-    from .report import markdown
-
-    return markdown(report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -318,8 +318,14 @@ def fill_metrics(report: BenchReport, pipe: Any) -> None:
                 r.frechet = metrics.frechet_evaluator_distance(r.images, base.images, evaluator)
             if adherence:
                 r.adherence = metrics.prompt_adherence(r.images, prompts, evaluator)
-    if evaluator is not None and len(base.images if base.images is not None else []) < 2:
+    n_images = len(base.images) if base.images is not None else 0
+    if evaluator is not None and n_images < 2:
         report.notes.append("Fréchet distance needs at least 2 images (prompts x seeds >= 2); not computed")
+    elif evaluator is not None and n_images <= evaluator.embed_dim:
+        report.notes.append(
+            f"Fréchet distance from {n_images} images in {evaluator.embed_dim}-d evaluator features: the "
+            "covariances are rank-deficient, so compare it across configs only, not with published FIDs"
+        )
 
 
 def _evaluator(path: Path | None) -> tuple[Any | None, str]:
