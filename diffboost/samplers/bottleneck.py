@@ -41,7 +41,8 @@ only changes the low-resolution stages, the last stage is always the pipeline's 
 Caches (TaylorSeer, block caches) and step plugins stacked with it are reset at every resolution
 switch: their stored features have the old token count. Their warmup therefore restarts per stage.
 Stages after the first integrate with Euler steps of their own and never call the scheduler's own
-``step``, so a step plugin that works through the scheduler (SADA) acts in the first stage only.
+``step``, so a step plugin that works through the scheduler (SADA) could act in the first stage only;
+:mod:`diffboost.plugins.stacking` refuses that stack.
 """
 
 from __future__ import annotations
