@@ -222,7 +222,9 @@ class StepClock(ModelHook):
 
 
 def _all_finite(output: Any) -> bool:
-    leaves, _ = torch.utils._pytree.tree_flatten(output)
+    from ..caches.taylor import flatten
+
+    leaves, _ = flatten(output)
     return all(bool(torch.isfinite(t).all()) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
