@@ -23,6 +23,7 @@ class Acceleration:
         self.plugins = plugins
         self.tracker = CallTracker(pipe)
         self.installed: list[Installed] = []
+        self.tracker.installed = self.installed
         self.tracker.listeners.append(self.reset)
 
     def _install(self) -> None:

@@ -40,6 +40,9 @@ class CallTracker:
     def __init__(self, pipe: Any):
         self.pipe = pipe
         self.listeners: list[Callable[[], None]] = []
+        #: everything installed on this pipeline by the same apply() (set by the handle), so that a
+        #: plugin can reset its siblings, e.g. a sampler at a resolution switch
+        self.installed: list[Any] = []
         self.num_steps: int | None = None
         self.calls = 0
         self.scheduler = None

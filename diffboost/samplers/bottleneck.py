@@ -450,10 +450,7 @@ class _Bottleneck(Installed):
 
     def _reset_stacked(self) -> None:
         """Resolution switch: caches and step plugins of the same stack forget their stored features."""
-        from ..plugins.api import _HANDLE_ATTR
-
-        handle = getattr(self.adapter.pipe, _HANDLE_ATTR, None)
-        others = [item for item in getattr(handle, "installed", ()) if item is not self]
+        others = [item for item in self.tracker.installed if item is not self]
         self.stacked_stats.append([item.stats() for item in others])  # keep each stage's statistics
         for item in others:
             item.reset()
