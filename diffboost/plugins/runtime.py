@@ -34,6 +34,29 @@ def outside_compiled_graph(fn: Callable) -> Callable:
     return torch.compiler.disable(fn, recursive=False)
 
 
+class InstanceWrap:
+    """Replace ``obj.<name>`` by ``make(original)`` on the *instance* only (never the class).
+
+    The wrapper keeps the original's signature (``functools.wraps``: pipelines inspect
+    ``set_timesteps`` for ``sigmas=`` support). ``restore()`` leaves the instance exactly as before.
+    """
+
+    def __init__(self, obj: Any, name: str, make: Callable[[Callable], Callable]):
+        self.obj, self.name = obj, name
+        self.had_own = name in vars(obj)
+        self.original = getattr(obj, name)
+        setattr(obj, name, functools.wraps(self.original)(make(self.original)))
+
+    def restore(self) -> None:
+        if self.obj is None:
+            return
+        if self.had_own:
+            setattr(self.obj, self.name, self.original)
+        else:
+            self.obj.__dict__.pop(self.name, None)
+        self.obj = None
+
+
 class CallTracker:
     """Signals the start of every pipeline call by wrapping the scheduler instance's ``set_timesteps``."""
 
@@ -46,28 +69,25 @@ class CallTracker:
         self.num_steps: int | None = None
         self.calls = 0
         self.scheduler = None
-        self._original = None
-        self._had_own_attr = False
+        self._patch: InstanceWrap | None = None
         self._wrap(getattr(pipe, "scheduler", None))
 
     def _wrap(self, scheduler: Any) -> None:
         if scheduler is None or not hasattr(scheduler, "set_timesteps"):
             return
         self.scheduler = scheduler
-        self._had_own_attr = "set_timesteps" in vars(scheduler)
-        self._original = scheduler.set_timesteps
-        original = self._original
 
-        # functools.wraps: pipelines inspect the signature (e.g. for `sigmas=` support)
-        @functools.wraps(original)
-        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            timesteps = getattr(scheduler, "timesteps", None)
-            self.num_steps = int(len(timesteps)) if timesteps is not None else None
-            self.new_call()
-            return out
+        def make(original: Callable) -> Callable:
+            def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+                out = original(*args, **kwargs)
+                timesteps = getattr(scheduler, "timesteps", None)
+                self.num_steps = int(len(timesteps)) if timesteps is not None else None
+                self.new_call()
+                return out
 
-        scheduler.set_timesteps = set_timesteps
+            return set_timesteps
+
+        self._patch = InstanceWrap(scheduler, "set_timesteps", make)
 
     def ensure_current(self) -> None:
         """Follow ``pipe.scheduler = NewScheduler.from_config(...)`` done after ``apply``."""
@@ -82,12 +102,9 @@ class CallTracker:
             fn()
 
     def _unwrap(self) -> None:
-        if self.scheduler is None:
-            return
-        if self._had_own_attr:
-            self.scheduler.set_timesteps = self._original
-        else:
-            self.scheduler.__dict__.pop("set_timesteps", None)
+        if self._patch is not None:
+            self._patch.restore()
+            self._patch = None
         self.scheduler = None
 
     def remove(self) -> None:

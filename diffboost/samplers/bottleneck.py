@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ from diffusers.hooks import ModelHook
 
 from ..plugins.adapters import PipelineAdapter, UnsupportedPipelineError
 from ..plugins.base import Installed, Plugin, PluginKind, check_int
-from ..plugins.runtime import CallTracker, HookSet, outside_compiled_graph
+from ..plugins.runtime import CallTracker, HookSet, InstanceWrap, outside_compiled_graph
 
 HOOK_NAME = "diffboost.bottleneck"
 
@@ -290,22 +290,19 @@ class _Bottleneck(Installed):
 
     def _wrap_step(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        self._had_own_step = "step" in vars(scheduler)
-        self._original_step = scheduler.step
-        original = self._original_step
 
-        def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            return self.step(original, model_output, timestep, sample, *args, **kwargs)
+        def make(original: Callable) -> Callable:
+            def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                return self.step(original, model_output, timestep, sample, *args, **kwargs)
 
-        scheduler.step = step
+            return step
+
+        self._step_patch = InstanceWrap(scheduler, "step", make)
 
     def _unwrap_step(self) -> None:
         if self.scheduler is None:
             return
-        if self._had_own_step:
-            self.scheduler.step = self._original_step
-        else:
-            self.scheduler.__dict__.pop("step", None)
+        self._step_patch.restore()
         self.scheduler = None
 
     def remove(self) -> None:

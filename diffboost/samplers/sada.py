@@ -58,7 +58,6 @@ denoiser calls that happen; a SADA-skipped step is counted by SADA alone (see
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import torch
@@ -67,7 +66,7 @@ from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
 from ..plugins.base import Installed, Plugin, PluginKind, check_int
-from ..plugins.runtime import BranchStates, CallTracker, HookSet, outside_compiled_graph
+from ..plugins.runtime import BranchStates, CallTracker, HookSet, InstanceWrap, outside_compiled_graph
 
 HOOK_NAME = "diffboost.sada"
 
@@ -290,8 +289,7 @@ class SADARuntime(Installed):
         self.state = CallState()
         self.last_stats: dict[str, Any] = {}
         self.scheduler: Any = None
-        self._original_step: Any = None
-        self._had_own_step = False
+        self._step_patch: InstanceWrap | None = None
         self._wrap(getattr(self.pipe, "scheduler", None))
 
     # --- the scheduler wrapper ------------------------------------------------------------------
@@ -299,22 +297,14 @@ class SADARuntime(Installed):
     def _wrap(self, scheduler: Any) -> None:
         check_scheduler(scheduler)
         self.scheduler = scheduler
-        self._had_own_step = "step" in vars(scheduler)
-        original = self._original_step = scheduler.step
-
-        @functools.wraps(original)
-        def step(*args: Any, **kwargs: Any) -> Any:
-            return self._step(original, args, kwargs)
-
-        scheduler.step = step
+        self._step_patch = InstanceWrap(
+            scheduler, "step", lambda original: lambda *args, **kwargs: self._step(original, args, kwargs)
+        )
 
     def _unwrap(self) -> None:
         if self.scheduler is None:
             return
-        if self._had_own_step:
-            self.scheduler.step = self._original_step
-        else:
-            self.scheduler.__dict__.pop("step", None)
+        self._step_patch.restore()
         self.scheduler = None
 
     def follow_scheduler(self) -> None:
