@@ -16,6 +16,7 @@ from .plugins.presets import PRESETS
 from .plugins.stacking import IncompatiblePluginsError
 from .samplers.sada import SADA
 from .samplers.bottleneck import BottleneckSampling
+from .tokens.merging import TokenDownsampling, TokenMerging
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,8 @@ __all__ = [
     "PluginKind",
     "SADA",
     "TaylorSeer",
+    "TokenDownsampling",
+    "TokenMerging",
     "UnsupportedPipelineError",
     "accelerated",
     "apply",
