@@ -56,10 +56,32 @@ def model_defaults(path: Path) -> dict[str, Any]:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def _generate_once(pipe: Any, prompt: str, steps: int, seed: int, size: int | None, guidance: float | None) -> tuple[Any, float]:
+def default_call_kwargs(pipe: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Size and text length the model was made for: ``diffboost.json`` first, else the VAE's
+    ``sample_size`` (Flux pipelines otherwise default to 1024 px whatever the model) and, for
+    pipelines with a ``max_sequence_length`` argument, the T5 tokenizer's length when shorter."""
+    import inspect
+
+    kwargs: dict[str, Any] = {}
+    size = defaults.get("height") or getattr(getattr(getattr(pipe, "vae", None), "config", None), "sample_size", None)
+    if isinstance(size, int):
+        kwargs["height"] = kwargs["width"] = size
+    if "width" in defaults:
+        kwargs["width"] = defaults["width"]
+    params = inspect.signature(type(pipe).__call__).parameters
+    tok = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)
+    length = defaults.get("max_sequence_length") or getattr(tok, "model_max_length", None)
+    if "max_sequence_length" in params and isinstance(length, int) and length < params["max_sequence_length"].default:
+        kwargs["max_sequence_length"] = length
+    return kwargs
+
+
+def _generate_once(
+    pipe: Any, prompt: str, steps: int, seed: int, size: int | None, guidance: float | None, extra: dict[str, Any]
+) -> tuple[Any, float]:
     import torch
 
-    kwargs: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps}
+    kwargs: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps, **extra}
     if size:
         kwargs["height"] = kwargs["width"] = size
     if guidance is not None:
@@ -107,18 +129,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model, args.dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     defaults = model_defaults(model)
-    size = args.size or defaults.get("height")
+    extra = default_call_kwargs(pipe, defaults)
+    size = args.size
     if args.steps is None:
         args.steps = int(defaults.get("steps", 28))
     plugins = [args.preset]
     out = Path(args.out)
     if args.compare:
         # one short untimed call first, so that neither timed run pays the warm-up
-        _generate_once(pipe, args.prompt, 2, args.seed, size, args.guidance)
-        base, t_base = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance)
+        _generate_once(pipe, args.prompt, 2, args.seed, size, args.guidance, extra)
+        base, t_base = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance, extra)
     diffboost.apply(pipe, *plugins)
     try:
-        image, t_fast = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance)
+        image, t_fast = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance, extra)
         info = diffboost.describe(pipe)
     finally:
         diffboost.remove(pipe)
