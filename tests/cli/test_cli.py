@@ -48,3 +48,14 @@ def test_every_subcommand_has_help():
     for name in sub.choices:
         result = subprocess.run([sys.executable, "-m", "diffboost.cli", name, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: diffboost" in result.stdout
+
+
+def test_default_call_kwargs_follow_the_model(flux_folder):
+    from diffboost.cli import default_call_kwargs, load_pipeline
+
+    pipe = load_pipeline(flux_folder)
+    kw = default_call_kwargs(pipe, {})
+    assert kw["height"] == kw["width"] == pipe.vae.config.sample_size
+    assert kw["max_sequence_length"] == pipe.tokenizer_2.model_max_length < 512
+    kw = default_call_kwargs(pipe, {"height": 48, "width": 80, "max_sequence_length": 8})
+    assert (kw["height"], kw["width"], kw["max_sequence_length"]) == (48, 80, 8)
