@@ -196,13 +196,12 @@ class _Core:
         """Called after the front blocks: decide whether the middle blocks run this step."""
         s, plan, st = self.s, self.clock.plan, self.state.get_state()
         full = True
-        num_steps = self.clock.tracker.num_steps
         allowed = (
             not plan.forced
             and st.res.ready
             and plan.step >= s.warmup
             and st.consecutive < s.max_cached
-            and (num_steps is None or plan.step < num_steps - s.final_full)
+            and (plan.steps_left is None or plan.steps_left > s.final_full)
         )
         if allowed:
             if s.gate == "change" and st.ref is not None:

@@ -78,10 +78,10 @@ class TaylorSeer(Plugin):
     def never_skips(self) -> bool:
         return self.interval == 1
 
-    def policy(self, st: ClockState, step: int, num_steps: int | None) -> bool:
+    def policy(self, st: ClockState, step: int, steps_left: int | None) -> bool:
         if step < self.warmup:
             return True
-        if num_steps is not None and step >= num_steps - self.final_full_steps:
+        if steps_left is not None and steps_left <= self.final_full_steps:
             return True
         return step - st.last_full >= self.interval
 

@@ -96,6 +96,19 @@ class CallTracker:
             self._unwrap()
             self._wrap(current)
 
+    def steps_left(self, branch_step: int) -> int | None:
+        """Solver steps left in this call, counting the current one.
+
+        Read from the scheduler's own ``step_index`` where it has one, so that a denoiser that joins
+        mid-schedule (Wan 2.2's low-noise expert) still knows where the call ends; else from the
+        branch's own step count.
+        """
+        if self.num_steps is None:
+            return None
+        index = getattr(self.scheduler, "step_index", None)
+        position = index if isinstance(index, int) else branch_step
+        return self.num_steps - position
+
     def new_call(self) -> None:
         self.calls += 1
         for fn in self.listeners:
@@ -141,6 +154,8 @@ class StepPlan:
     branch: str = "default"
     #: set when a step must be computed whatever the units decide (NaN/Inf fallback)
     forced: bool = False
+    #: solver steps left in the call, the current one included (None: unknown)
+    steps_left: int | None = None
 
 
 class ClockState(BaseState):
@@ -155,13 +170,14 @@ class ClockState(BaseState):
         self.fallbacks = 0
 
 
+#: policy(state, step, steps_left) -> compute the step in full?
 Policy = Callable[[ClockState, int, "int | None"], bool]
 
 
 class StepClock(ModelHook):
     """Denoiser-level hook: counts steps per branch and sets the plan read by unit hooks.
 
-    ``policy(state, step, num_steps) -> full`` decides whether the current step is computed.
+    ``policy(state, step, steps_left) -> full`` decides whether the current step is computed.
     With ``check_finite`` the denoiser output of a forecast step is checked for NaN/Inf; if it is not
     finite the step is recomputed in full (logged once).
     """
@@ -183,9 +199,11 @@ class StepClock(ModelHook):
         self.tracker.ensure_current()
         st: ClockState = self.state.get_state()
         step = st.step
-        full = st.last_full < 0 or bool(self.policy(st, step, self.tracker.num_steps))
+        steps_left = self.tracker.steps_left(step)
+        full = st.last_full < 0 or bool(self.policy(st, step, steps_left))
         plan = self.plan
         plan.step, plan.full, plan.branch, plan.forced = step, full, self.state.branch, False
+        plan.steps_left = steps_left
         plan.k = 0 if full else step - st.last_full
         return plan
 

@@ -260,3 +260,16 @@ def test_wan_two_experts_each_get_their_own_clock():
     steps = [s["branches"]["cond"]["steps"] for s in stats]
     assert sum(steps) == 8 and all(n > 0 for n in steps)
     assert torch.isfinite(out).all() and not torch.equal(out, base)
+
+
+def test_final_full_steps_follow_the_schedule_across_experts():
+    """Wan 2.2's low-noise expert joins mid-schedule: its last steps are still the call's last steps."""
+    from factories import make_wan
+
+    pipe = make_wan(two_experts=True)
+    with diffboost.accelerated(pipe, TaylorSeer(interval=100, warmup=1, final_full_steps=2)):
+        run(pipe, "wan", num_inference_steps=8)
+        stats = {s["denoiser"]: s["branches"]["cond"] for s in diffboost.describe(pipe)["last_call"]}
+    low = stats["transformer_2"]
+    assert low["full_steps"][-2:] == [low["steps"] - 2, low["steps"] - 1]
+    assert stats["transformer"]["full_steps"] == [0]
