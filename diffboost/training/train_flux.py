@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -123,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--long-text-prob", type=float, default=0.1, help="share of steps with T5 padded to 64")
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--time-shift", type=float, default=math.exp(0.5), help="sigma shift of training times")
+    p.add_argument("--uniform-t", type=float, default=0.1, help="share of uniformly drawn training times")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--eval-steps", type=int, default=28)
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         x0 = packed[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.sigmoid(torch.randn(args.batch_size, generator=g))
+        t = torch.where(torch.rand(args.batch_size, generator=g) < args.uniform_t, torch.rand(args.batch_size, generator=g), t)
+        t = args.time_shift * t / (1 + (args.time_shift - 1) * t)  # same shift as the sampler at 64 tokens
         long_text = torch.rand((), generator=g).item() < args.long_text_prob
         ids = ids16[idx]
         ids_t5 = ids_long[idx] if long_text else ids
