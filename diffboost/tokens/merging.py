@@ -358,9 +358,10 @@ class _MergeSelfAttention(_ProcessorWrapper):
         site, owner = self.site, self.site.owner
         m = owner.match(hidden_states) if _plain_self_attention(hidden_states, args, kwargs) else None
         site.current = m if self.consumers else None
+        if m is not None:
+            owner.count(hidden_states.shape[1], m.slots)
         if m is None or not owner.cfg.merge_attn:
             return self.inner(attn, hidden_states, *args, **kwargs)
-        owner.count(hidden_states.shape[1], m.slots)
         return m.unmerge(self.inner(attn, m.merge(hidden_states), *args, **kwargs))
 
 
@@ -490,8 +491,9 @@ class TokenInstall(Installed):
             "denoiser": self.denoiser.attr,
             "plugin": repr(self.cfg),
             "blocks": self.blocks,
-            "reduced_attention_calls": self.calls,
-            # mean share of tokens kept (ToMe) / of keys-values kept (ToDo) in the reduced calls
+            # block calls that ran on reduced tokens (ToMe: a matching was made; ToDo: keys/values downsampled)
+            "reduced_calls": self.calls,
+            # mean share of tokens kept (ToMe) / of keys-values kept (ToDo) in those calls
             "kept_share": round(self.tokens_out / self.tokens_in, 4) if self.tokens_in else 1.0,
         }
 
