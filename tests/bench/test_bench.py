@@ -217,3 +217,19 @@ def test_yaml_config_file(tmp_path):
     configs = load_configs(path)
     assert [c.kind for c in configs] == ["baseline", "diffboost", "diffboost"]
     assert configs[2].plugins[0].kwargs == {"interval": 4}
+
+
+def test_shipped_config_files_parse():
+    """Every config file in benchmarks/configs builds valid plugin stacks."""
+    from pathlib import Path
+
+    from diffboost.bench.configs import build_plugins, load_configs
+
+    files = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "configs").glob("*.toml"))
+    assert len(files) >= 2
+    for path in files:
+        configs = load_configs(path)
+        assert configs[0].name == "baseline", path
+        for config in configs:
+            if config.kind == "diffboost":
+                assert build_plugins(config), (path, config.name)
