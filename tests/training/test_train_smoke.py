@@ -37,6 +37,8 @@ def test_flux_trainer_resumes_and_saves(tmp_path: Path) -> None:
     train_flux.main([*args, "--steps", "3"])
     assert _ckpt_step(work / "flux.ckpt") == 3
     assert (work / "train.log").read_text().count("resumed at step 2") == 1
+    train_flux.main([*args, "--steps", "3", "--export"])
+    assert json.loads((out / "training_info.json").read_text())["step"] == 3
     pipe = FluxPipeline.from_pretrained(str(out))
     img = pipe("a large red circle at the left on a white background", height=64, width=64,
                num_inference_steps=2, max_sequence_length=16, output_type="np",
