@@ -1,7 +1,8 @@
 """SADA: stability-guided adaptive step skipping, working through the scheduler.
 
-Paper: "SADA: Stability-guided Adaptive Diffusion Acceleration" (step-wise part; the token-wise part
-is not implemented here). The pipeline keeps its own denoising loop; SADA adds two things:
+Paper: "SADA: Stability-guided Adaptive Diffusion Acceleration". This module is the step-wise part;
+the token-wise part for UNet transformer blocks is the ``token_sparsity`` option, implemented in
+:mod:`diffboost.samplers.sada_tokens`. The pipeline keeps its own denoising loop; SADA adds two things:
 
 1. a wrapper around the scheduler *instance's* ``step`` (never the class) that observes the solver
    trajectory, decides whether the *next* step is skipped and, on a skipped step, hands the original
@@ -65,8 +66,9 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import Installed, Plugin, PluginKind, check_int
+from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_int
 from ..plugins.runtime import BranchStates, CallTracker, HookSet, InstanceWrap, outside_compiled_graph
+from .sada_tokens import TokenSparsity, install_tokens
 
 HOOK_NAME = "diffboost.sada"
 
@@ -103,6 +105,14 @@ class SADA(Plugin):
             (>= 0). Default 24 (paper, SD-2; 20 on Flux).
         schedule: ablation only: skip exactly these step indices (when the trajectory has three
             drifts), ignoring the criterion and ``max_interval``; same approximations. Default None.
+        token_sparsity: token-wise SADA on the UNet's transformer blocks (SD/SDXL only): inside
+            ``acc_range``, between full refreshes every ``max_interval`` steps, blocks compute the
+            unstable tokens (per-token m >= 0) and one token per ``sy x sx`` window, the others take
+            their cached outputs (see :mod:`diffboost.samplers.sada_tokens`). Default False.
+        sx, sy: window width / height in tokens for token sparsity (1-64, sx * sy >= 2). Default
+            3 x 3 (paper).
+        token_max_downsample: token sparsity acts on blocks whose grid is downsampled at most this
+            much relative to the latent, one of 1, 2, 4, 8. Default 1 (highest-resolution blocks).
     """
 
     acc_range: tuple[int, int] = (10, 47)
@@ -111,6 +121,10 @@ class SADA(Plugin):
     lagrange_term: int = 4
     lagrange_step: int = 24
     schedule: tuple[int, ...] | None = None
+    token_sparsity: bool = False
+    sx: int = 3
+    sy: int = 3
+    token_max_downsample: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PluginKind.STEP)
@@ -133,8 +147,20 @@ class SADA(Plugin):
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in steps):
                 raise ValueError(f"SADA.schedule must be non-negative step indices, got {self.schedule!r}")
             object.__setattr__(self, "schedule", tuple(sorted(set(steps))))
+        if not isinstance(self.token_sparsity, bool):
+            raise TypeError(f"SADA.token_sparsity must be a bool, got {self.token_sparsity!r}")
+        check_int(self, "sx", 1, 64)
+        check_int(self, "sy", 1, 64)
+        if self.sx * self.sy < 2:
+            raise ValueError(
+                f"SADA.sx * SADA.sy = {self.sx * self.sy}: a token window must hold at least two tokens "
+                "(a 1 x 1 window keeps every token); allowed: sx * sy >= 2"
+            )
+        check_choice(self, "token_max_downsample", (1, 2, 4, 8))
 
     def never_skips(self) -> bool:
+        if self.token_sparsity and self.acc_range[0] < self.acc_range[1] and self.max_interval > 1:
+            return False
         if self.schedule is not None:
             return not self.schedule
         return self.acc_range[0] == self.acc_range[1]
@@ -146,6 +172,8 @@ class SADA(Plugin):
                 hooks = HookSet(HOOK_NAME, d.module)
                 runtime.hooks.append(hooks)
                 hooks.add(d.module, SkipHook(runtime, d))
+            if self.token_sparsity:
+                runtime.tokens = install_tokens(runtime, adapter)
         except BaseException:
             runtime.remove()
             raise
@@ -275,6 +303,12 @@ class CallState:
         self.lagrange_steps: list[int] = []
         self.saved_calls = 0  # denoiser calls replaced by a stand-in
         self.last_m: float | None = None
+        # token sparsity: the stability map (H, W) after the last solved step, the plan of the
+        # step about to run, the last step computed with all tokens
+        self.token_map: torch.Tensor | None = None
+        self.token_pruned = False
+        self.last_token_full = -1
+        self.token_pruned_steps: list[int] = []
 
 
 class SADARuntime(Installed):
@@ -290,6 +324,7 @@ class SADARuntime(Installed):
         self.last_stats: dict[str, Any] = {}
         self.scheduler: Any = None
         self._step_patch: InstanceWrap | None = None
+        self.tokens: TokenSparsity | None = None
         self._wrap(getattr(self.pipe, "scheduler", None))
 
     # --- the scheduler wrapper ------------------------------------------------------------------
@@ -336,6 +371,10 @@ class SADARuntime(Installed):
         else:
             x0 = c.x0(model_output, sample)
             st.in_a_row = 0
+            if st.token_pruned:
+                st.token_pruned_steps.append(n)
+            else:
+                st.last_token_full = n
             if not st.anchors or n - st.anchors[-1][0] >= self.cfg.lagrange_int:
                 st.anchors = (st.anchors + [(n, x0)])[-max(2, self.cfg.lagrange_term) :]
         # the drift the solver uses: f = (y - x0) / s  (for flow matching this is the velocity)
@@ -344,6 +383,8 @@ class SADARuntime(Installed):
         out = original(*args, **kwargs)
         st.step = n + 1
         st.skip_current = self._decide(st, n + 1)
+        if self.tokens is not None:
+            self._plan_tokens(st, n + 1)
         return out
 
     # --- the criterion and the approximations ---------------------------------------------------
@@ -358,18 +399,35 @@ class SADARuntime(Installed):
             return k in cfg.schedule
         if not cfg.acc_range[0] <= k < cfg.acc_range[1] or st.in_a_row >= cfg.max_interval:
             return False
+        st.last_m = float(self._m(st).mean())
+        return st.last_m <= 0.0
+
+    def _m(self, st: CallState) -> torch.Tensor:
+        """The per-element stability signal m on the last three drifts (m <= 0: stable)."""
         p2, p1, p0 = st.trajectory  # n-2, n-1, n
         second = p0.f - 2 * p1.f + p2.f
         if self.flow:
-            m = -second
-        else:
-            # multistep estimate of y_{n-1}, rebuilt from y_n and the three latest drifts
-            y_hat = p0.y - (p0.s - p1.s) * (ADAMS[0] * p0.f + ADAMS[1] * p1.f + ADAMS[2] * p2.f)
-            # the paper's drift points along the sampling direction (d y / d(-s)): its second
-            # difference is -second; the state difference y - y_hat does not depend on the sign
-            m = (p1.y - y_hat) * -second
-        st.last_m = float(m.mean())
-        return st.last_m <= 0.0
+            return -second
+        # multistep estimate of y_{n-1}, rebuilt from y_n and the three latest drifts
+        y_hat = p0.y - (p0.s - p1.s) * (ADAMS[0] * p0.f + ADAMS[1] * p1.f + ADAMS[2] * p2.f)
+        # the paper's drift points along the sampling direction (d y / d(-s)): its second
+        # difference is -second; the state difference y - y_hat does not depend on the sign
+        return (p1.y - y_hat) * -second
+
+    def _plan_tokens(self, st: CallState, k: int) -> None:
+        """Token plan of step k: pruned (kept tokens only) or a full refresh."""
+        cfg = self.cfg
+        st.token_map, st.token_pruned = None, False
+        if st.skip_current or len(st.trajectory) < 3 or st.last_token_full < 0:
+            return
+        if not cfg.acc_range[0] <= k < cfg.acc_range[1] or k - st.last_token_full >= cfg.max_interval:
+            return
+        m = self._m(st)
+        if m.ndim != 4:  # (B, C, H, W) latents only
+            return
+        # per-token channel mean; one token set for the whole batch: unstable in any element
+        st.token_map = m.mean(dim=1).amax(dim=0)
+        st.token_pruned = True
 
     def _approximate(self, st: CallState, k: int, y_k: torch.Tensor, c: Coords) -> torch.Tensor:
         """x0 for the skipped step k at state y_k."""
@@ -395,22 +453,31 @@ class SADARuntime(Installed):
         if self.state.step:
             self.last_stats = self._call_stats()
         self.state = CallState()
+        if self.tokens is not None:
+            self.tokens.reset()
 
     def remove(self) -> None:
         for hooks in reversed(self.hooks):
             hooks.remove()
         self.hooks.clear()
+        if self.tokens is not None:
+            self.tokens.remove()
+            self.tokens = None
         self._unwrap()
 
     def _call_stats(self) -> dict[str, Any]:
         st = self.state
-        return {
+        out = {
             "steps": st.step,
             "skipped": len(st.skipped),
             "skipped_steps": list(st.skipped),
             "lagrange_steps": list(st.lagrange_steps),
             "denoiser_calls_saved": st.saved_calls,
         }
+        if self.tokens is not None:
+            out["token_pruned_steps"] = list(st.token_pruned_steps)
+            out.update(self.tokens.stats())
+        return out
 
     def stats(self) -> dict[str, Any]:
         current = self._call_stats() if self.state.step else dict(self.last_stats)
