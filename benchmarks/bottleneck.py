@@ -25,7 +25,6 @@ excluded): only the timings mean anything there.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -72,11 +71,10 @@ def load(args: argparse.Namespace):
 
         pipe = FluxPipeline.from_pretrained(str(model), use_safetensors=True)
         pipe.set_progress_bar_config(disable=True)
-        defaults = {"height": 64, "width": 64, "num_inference_steps": 28}
-        if (model / "diffboost.json").is_file():
-            defaults.update(json.loads((model / "diffboost.json").read_text()))
-        kwargs = {k: defaults[k] for k in ("height", "width", "num_inference_steps", "guidance_scale",
-                                           "max_sequence_length") if k in defaults}
+        from diffboost.cli import default_call_kwargs, model_defaults
+
+        # the size and text length the model was trained for (as `diffboost generate` uses them)
+        kwargs = {"num_inference_steps": 28, **default_call_kwargs(pipe, model_defaults(model))}
         kwargs["output_type"] = "pt"
         trained = True
     else:
