@@ -49,18 +49,9 @@ CONFIGS = {
 
 def random_flux(seed: int = 0):
     """The factory's tiny Flux pipeline with a wider transformer (4 heads x 32, 2 double + 4 single)."""
-    from diffusers import FluxTransformer2DModel
+    from factories import make_flux_wide
 
-    from factories import make_flux
-
-    pipe = make_flux(seed)
-    torch.manual_seed(seed)
-    pipe.transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(8, 12, 12),
-    ).eval()
-    return pipe
+    return make_flux_wide(seed)
 
 
 def load(args: argparse.Namespace):

@@ -35,24 +35,9 @@ from diffboost import AdaptiveBlockCache, ErrorControlledCache, TaylorSeer  # no
 
 def build_pipeline(tokens: int, dim_heads: int, heads: int, double: int, single: int):
     """A FluxPipeline whose transformer is Flux-shaped at ``tokens`` image tokens (tiny text/VAE)."""
-    from diffusers import FluxTransformer2DModel
+    from factories import make_flux_wide
 
-    from factories import make_flux
-
-    pipe = make_flux()
-    torch.manual_seed(0)
-    pipe.transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=pipe.transformer.config.in_channels,
-        num_layers=double,
-        num_single_layers=single,
-        attention_head_dim=dim_heads,
-        num_attention_heads=heads,
-        joint_attention_dim=pipe.transformer.config.joint_attention_dim,
-        pooled_projection_dim=pipe.transformer.config.pooled_projection_dim,
-        guidance_embeds=pipe.transformer.config.guidance_embeds,
-        axes_dims_rope=(dim_heads // 4, 3 * dim_heads // 8, 3 * dim_heads // 8),
-    ).eval()
+    pipe = make_flux_wide(0, double=double, single=single, heads=heads, head_dim=dim_heads)
     side = int(round((tokens) ** 0.5)) * 2 * pipe.vae_scale_factor  # 2x2 packing
     return pipe, side
 

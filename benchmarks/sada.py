@@ -53,21 +53,14 @@ def load(family: str, seed: int = 0):
     if path.exists():
         pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=True)
         pipe.set_progress_bar_config(disable=True)
-        cfg = path / "diffboost.json"
-        defaults = json.loads(cfg.read_text()) if cfg.exists() else {}
-        return pipe, {k: v for k, v in defaults.items() if k in ("guidance_scale", "height", "width")}, True
-    from factories import make_flux, make_sd
+        from diffboost.cli import default_call_kwargs, model_defaults
+
+        # the size and text length the model was trained for (as `diffboost generate` uses them)
+        return pipe, default_call_kwargs(pipe, model_defaults(path)), True
+    from factories import make_flux_wide, make_sd
 
     if family == "flux":
-        from diffusers import FluxTransformer2DModel
-
-        pipe = make_flux(seed)
-        torch.manual_seed(seed)
-        pipe.transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
-            num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-            axes_dims_rope=(8, 12, 12),
-        ).eval()
+        pipe = make_flux_wide(seed)
         return pipe, {"height": 128, "width": 128, "max_sequence_length": 16}, False
     from diffusers import UNet2DConditionModel
 

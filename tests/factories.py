@@ -265,6 +265,30 @@ def make_flux(seed: int = 0, guidance_embeds: bool = True):
     return _finish(pipe)
 
 
+def make_flux_wide(
+    seed: int = 0, double: int = 2, single: int = 4, heads: int = 4, head_dim: int = 32
+) -> Any:
+    """``make_flux`` with a wider transformer, for benchmarks at larger token counts (tiny text
+    encoders and VAE kept)."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = make_flux(seed)
+    torch.manual_seed(seed)
+    pipe.transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=pipe.transformer.config.in_channels,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=pipe.transformer.config.joint_attention_dim,
+        pooled_projection_dim=pipe.transformer.config.pooled_projection_dim,
+        guidance_embeds=pipe.transformer.config.guidance_embeds,
+        axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
+    ).eval()
+    return pipe
+
+
 def make_sd3(seed: int = 0):
     """StableDiffusion3Pipeline: SD3Transformer2DModel (2 joint blocks, the
     last with ``context_pre_only=True``), 2x CLIPTextModelWithProjection + T5."""
