@@ -167,6 +167,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _add_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
@@ -176,9 +183,9 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--model", default=None, help="local Diffusers pipeline folder (default: assets/flux-shapes)")
     p.add_argument("--preset", default="fast", help="preset name: safe, fast or turbo (default: fast)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 28)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--size", type=int, default=None, help="image height and width in pixels (default: model's)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     p.add_argument("--out", default="out/diffboost.png", help="output image path (default: out/diffboost.png)")

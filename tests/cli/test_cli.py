@@ -59,3 +59,9 @@ def test_default_call_kwargs_follow_the_model(flux_folder):
     assert kw["max_sequence_length"] == pipe.tokenizer_2.model_max_length < 512
     kw = default_call_kwargs(pipe, {"height": 48, "width": 80, "max_sequence_length": 8})
     assert (kw["height"], kw["width"], kw["max_sequence_length"]) == (48, 80, 8)
+
+
+def test_non_positive_steps_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--steps", "0"])
+    assert "--steps: must be a positive integer, got 0" in capsys.readouterr().err
