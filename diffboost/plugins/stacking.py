@@ -18,7 +18,9 @@ skipping -> samplers. Inner plugins change *how* a module computes, outer ones *
    step under SADA only (cache steps + SADA skips = solver steps). SADA reads the denoiser output the
    cache produced (full or forecast) as the model's output.
 5. ``SAMPLER`` (at most one, e.g. bottleneck sampling, one-step generators): owns the schedule;
-   caches and step plugins reset their state at every resolution switch.
+   caches and step plugins reset their state at every resolution switch. SADA + bottleneck
+   sampling: the sampler integrates its stages on its own sigmas and hands each step to SADA
+   (``solve_flow_step``), which decides skips in the pipeline's step indices in every stage.
 6. ``VLM`` plugins act on Transformers vision-language models and cannot be stacked with Diffusers
    pipeline plugins.
 """
@@ -42,9 +44,6 @@ SINGLETON_KINDS = frozenset(ORDER)
 
 #: pairs of plugin class names that cannot be stacked, with the reason
 CONFLICTS: dict[frozenset[str], str] = {}
-CONFLICTS[frozenset({"SADA", "BottleneckSampling"})] = (
-    "both drive the scheduler's step and SADA's trajectory cannot follow the resolution switches"
-)
 
 
 class IncompatiblePluginsError(ValueError):

@@ -40,9 +40,12 @@ only changes the low-resolution stages, the last stage is always the pipeline's 
 
 Caches (TaylorSeer, block caches) and step plugins stacked with it are reset at every resolution
 switch: their stored features have the old token count. Their warmup therefore restarts per stage.
-Stages after the first integrate with Euler steps of their own and never call the scheduler's own
-``step``, so a step plugin that works through the scheduler (SADA) could act in the first stage only;
-:mod:`diffboost.plugins.stacking` refuses that stack.
+Stages after the first integrate with Euler steps of their own on the stage's sigmas and never call
+the scheduler's own ``step``; a stacked SADA therefore sees those steps through
+``SADARuntime.solve_flow_step`` (the stage's sigma, the model's velocity, the Euler update): it
+records the trajectory, decides skips in the pipeline's step indices and replaces the velocity of a
+skipped step, in every stage. At a switch its trajectory resets with the caches (the old drifts have
+the old resolution), so each stage needs three real steps before SADA can skip.
 """
 
 from __future__ import annotations
@@ -412,19 +415,26 @@ class _Bottleneck(Installed):
             self.i += 1
             return original(model_output, timestep, sample, *args, **kwargs)
 
-        v = model_output.float()
-        x = sample.float()
         sigma = st.sigmas[j]
-        if last_of_stage and k + 1 < len(self.plan):
+        switch = last_of_stage and k + 1 < len(self.plan)
+
+        def integrate(v: torch.Tensor) -> torch.Tensor:
+            x, v = sample.float(), v.float()
+            if not switch:
+                return x + (st.sigmas[j + 1] - sigma) * v  # Euler step of the flow ODE
             nxt = self.plan[k + 1]
             x0 = x - sigma * v  # flow matching: x0 = x_t - sigma_t * v
             x0 = self._resize(x0, st.size, nxt.size)
-            noise = self._noise(x0, k)
             start = nxt.sigmas[0]
-            x = (1.0 - start) * x0 + start * noise  # re-noise to the next stage's start
-            self._reset_stacked()
+            return (1.0 - start) * x0 + start * self._noise(x0, k)  # re-noise to the next stage's start
+
+        stepper = self._step_plugin()
+        if stepper is not None:  # SADA decides, and approximates v on the steps it skips
+            x = stepper.solve_flow_step(self.i, sigma, model_output, sample, integrate)
         else:
-            x = x + (st.sigmas[j + 1] - sigma) * v  # Euler step of the flow ODE
+            x = integrate(model_output)
+        if switch:
+            self._reset_stacked()
         self.i += 1
         if getattr(self.scheduler, "_step_index", None) is not None:
             self.scheduler._step_index += 1
@@ -434,6 +444,13 @@ class _Bottleneck(Installed):
         from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
         return SchedulerOutput(prev_sample=out)
+
+    def _step_plugin(self) -> Any:
+        """A stacked step plugin (SADA) that can follow steps integrated on the stage's sigmas."""
+        for item in self.tracker.installed:
+            if item is not self and hasattr(item, "solve_flow_step"):
+                return item
+        return None
 
     def _resize(self, x: torch.Tensor, size: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
         if self.layout == "packed":

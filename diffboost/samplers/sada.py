@@ -355,17 +355,42 @@ class SADARuntime(Installed):
         names = ("model_output", "timestep", "sample")
         get = {n: (args[i] if i < len(args) else kwargs[n]) for i, n in enumerate(names)}
         model_output, timestep, sample = get["model_output"], get["timestep"], get["sample"]
-        st = self.state
-        n = st.step
+        n = self.state.step
         c = read_step(self.scheduler, timestep)
+        used = self._observe(n, c, model_output, sample)
+        if used is not model_output:
+            if len(args) > 0:
+                args[0] = used
+            else:
+                kwargs["model_output"] = used
+        out = original(*args, **kwargs)
+        self._advance(n)
+        return out
+
+    def solve_flow_step(self, step: int, sigma: float, model_output: torch.Tensor, sample: torch.Tensor,
+                        integrate: Any) -> Any:
+        """One flow-matching step integrated by someone else on its own sigmas (bottleneck stages).
+
+        ``step`` is the pipeline's step index (``acc_range`` and ``max_interval`` count in it),
+        ``sigma`` the flow sigma of ``sample``. On a skipped step the velocity is replaced by SADA's
+        approximation; ``integrate(velocity)`` then advances the state and its result is returned.
+        """
+        if not self.flow:
+            raise RuntimeError("SADA.solve_flow_step needs a flow-matching scheduler")
+        self.state.step = step
+        used = self._observe(step, Coords("flow", float(sigma)), model_output, sample)
+        out = integrate(used)
+        self._advance(step)
+        return out
+
+    def _observe(self, n: int, c: Coords, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Record solver step n (state ``sample`` at noise level c.s); on a skipped step return the
+        approximated model output the solver must use instead of ``model_output``."""
+        st = self.state
         y = c.y(sample)
         if st.skip_current and len(st.trajectory) >= 2:
             x0 = self._approximate(st, n, y, c)
             model_output = c.model_output(x0, sample).to(model_output.dtype)
-            if len(args) > 0:
-                args[0] = model_output
-            else:
-                kwargs["model_output"] = model_output
             st.skipped.append(n)
             st.in_a_row += 1
         else:
@@ -380,12 +405,15 @@ class SADARuntime(Installed):
         # the drift the solver uses: f = (y - x0) / s  (for flow matching this is the velocity)
         f = (y - x0) / c.s
         st.trajectory = (st.trajectory + [Point(n, y, c.s, f)])[-3:]
-        out = original(*args, **kwargs)
+        return model_output
+
+    def _advance(self, n: int) -> None:
+        """Step n is solved: decide on step n + 1 (and plan its tokens)."""
+        st = self.state
         st.step = n + 1
         st.skip_current = self._decide(st, n + 1)
         if self.tokens is not None:
             self._plan_tokens(st, n + 1)
-        return out
 
     # --- the criterion and the approximations ---------------------------------------------------
 
