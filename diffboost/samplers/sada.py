@@ -288,6 +288,7 @@ class Point:
     y: torch.Tensor
     s: float
     f: torch.Tensor
+    real: bool = True  # False: the drift is SADA's approximation of a skipped step
 
 
 class CallState:
@@ -306,6 +307,7 @@ class CallState:
         # token sparsity: the stability map (H, W) after the last solved step, the plan of the
         # step about to run, the last step computed with all tokens
         self.token_map: torch.Tensor | None = None
+        self.real_token_map: torch.Tensor | None = None  # the last map computed from a real newest drift
         self.token_pruned = False
         self.last_token_full = -1
         self.token_pruned_steps: list[int] = []
@@ -404,7 +406,8 @@ class SADARuntime(Installed):
                 st.anchors = (st.anchors + [(n, x0)])[-max(2, self.cfg.lagrange_term) :]
         # the drift the solver uses: f = (y - x0) / s  (for flow matching this is the velocity)
         f = (y - x0) / c.s
-        st.trajectory = (st.trajectory + [Point(n, y, c.s, f)])[-3:]
+        real = not (st.skipped and st.skipped[-1] == n)
+        st.trajectory = (st.trajectory + [Point(n, y, c.s, f, real)])[-3:]
         return model_output
 
     def _advance(self, n: int) -> None:
@@ -446,15 +449,18 @@ class SADARuntime(Installed):
         """Token plan of step k: pruned (kept tokens only) or a full refresh."""
         cfg = self.cfg
         st.token_map, st.token_pruned = None, False
-        if st.skip_current or len(st.trajectory) < 3 or st.last_token_full < 0:
+        if len(st.trajectory) == 3 and st.trajectory[-1].real:
+            m = self._m(st)
+            if m.ndim == 4:  # (B, C, H, W) latents only
+                # per-token channel mean; one token set for the whole batch: unstable in any element
+                st.real_token_map = m.mean(dim=1).amax(dim=0)
+        # after a skipped step the newest drift is an extrapolation whose second difference is 0 by
+        # construction (m = 0 would mark every token unstable): the last real map is used instead
+        if st.skip_current or st.real_token_map is None or st.last_token_full < 0:
             return
         if not cfg.acc_range[0] <= k < cfg.acc_range[1] or k - st.last_token_full >= cfg.max_interval:
             return
-        m = self._m(st)
-        if m.ndim != 4:  # (B, C, H, W) latents only
-            return
-        # per-token channel mean; one token set for the whole batch: unstable in any element
-        st.token_map = m.mean(dim=1).amax(dim=0)
+        st.token_map = st.real_token_map
         st.token_pruned = True
 
     def _approximate(self, st: CallState, k: int, y_k: torch.Tensor, c: Coords) -> torch.Tensor:

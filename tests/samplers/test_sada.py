@@ -230,10 +230,3 @@ def test_lagrange_is_exact_on_polynomials():
     anchors = [(n, torch.full((2,), float(n**2 - 3 * n + 1))) for n in (0, 4, 8)]
     for k in (2, 9, 11):
         assert torch.allclose(lagrange(anchors, k), torch.full((2,), float(k**2 - 3 * k + 1)))
-
-
-def test_sada_conflicts_with_bottleneck_sampling():
-    from diffboost import BottleneckSampling, IncompatiblePluginsError
-
-    with pytest.raises(IncompatiblePluginsError, match="SADA"):
-        diffboost.apply(FAMILIES["flux"](), SADA(), BottleneckSampling())

@@ -129,3 +129,35 @@ def test_unsupported_family_is_clear():
     with pytest.raises(UnsupportedPipelineError, match="token_sparsity"):
         diffboost.apply(pipe, SADA(token_sparsity=True))
     assert getattr(pipe.transformer, "_diffusers_hook", None) is None or not pipe.transformer._diffusers_hook.hooks
+
+
+def test_step_after_a_skip_still_prunes(sd, monkeypatch):
+    """Right after a skipped step the newest drift is SADA's own extrapolation (for flow matching its
+    second difference is 0 by construction): the token rule uses the last map built from real drifts."""
+    pipe, _ = sd
+    step, seen, maps_from = [0], [], []
+    original = SADARuntime._m
+    monkeypatch.setattr(
+        SADARuntime, "_m", lambda self, st: maps_from.append(tuple(p.step for p in st.trajectory)) or original(self, st)
+    )
+
+    def on_step_end(p, i, t, kwargs):
+        step[0] = i + 1
+        return kwargs
+
+    handles = [b.attn1.register_forward_pre_hook(lambda m, a, k: seen.append((step[0], a[0].shape[1])), with_kwargs=True)
+               for b in _blocks(pipe)]
+    plugin = SADA(acc_range=(3, STEPS), schedule=(4,), max_interval=4, token_sparsity=True, token_max_downsample=2)
+    try:
+        with diffboost.accelerated(pipe, plugin):
+            out = run(pipe, "sd", num_inference_steps=STEPS, callback_on_step_end=on_step_end)
+            stats = _stats(pipe)
+    finally:
+        for h in handles:
+            h.remove()
+    assert stats["skipped_steps"] == [4]
+    assert 5 in stats["token_pruned_steps"], stats
+    assert min(n for s, n in seen if s == 5) < 16, "the step after the skip computed every token"
+    assert not any(s == 4 for s, _ in seen), "the skipped step ran the UNet"
+    assert (2, 3, 4) not in maps_from and (1, 2, 3) in maps_from, maps_from
+    assert torch.isfinite(out.float()).all()
