@@ -40,15 +40,15 @@ logger = logging.getLogger(__name__)
 TEXT_LEN = 16
 
 
-def build_unet(text_width: int, tiny: bool = False) -> UNet2DConditionModel:
+def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, int] = (32, 64)) -> UNet2DConditionModel:
     """Two-level UNet on 16x16x16 latents with cross-attention at both levels."""
-    channels = (16, 32) if tiny else (64, 128)
+    channels = (16, 32) if tiny else channels
     return UNet2DConditionModel(
         sample_size=16, in_channels=16, out_channels=16, layers_per_block=1,
         block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_width, attention_head_dim=4, norm_num_groups=8 if tiny else 32,
+        cross_attention_dim=text_width, attention_head_dim=4, norm_num_groups=8 if tiny else min(32, channels[0] // 2),
     )
 
 
@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=8192)
     p.add_argument("--steps", type=int, default=100_000)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--channels", type=int, nargs=2, default=(32, 64), help="UNet widths of its two levels")
     p.add_argument("--text-lr", type=float, default=1e-3)
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--drop-caption", type=float, default=0.1)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = build_tokenizer(TEXT_LEN)
     text_encoder = build_text_encoder(len(tokenizer), args.text_width)
-    unet = build_unet(args.text_width, args.tiny)
+    unet = build_unet(args.text_width, args.tiny, tuple(args.channels))
     ids = tokenize(tokenizer, captions, TEXT_LEN)
     empty = tokenize(tokenizer, [""], TEXT_LEN)
     noise_sched = build_scheduler()
