@@ -51,6 +51,8 @@ def install(config: BenchConfig, pipe: Any, steps: int, probe: Probe, state: dic
         return _install_diffusers(config, pipe, steps, probe, state)
     if config.kind == "cache-dit":
         return _install_cache_dit(config, pipe)
+    if config.kind == "tomesd":
+        return _install_tomesd(config, pipe)
     raise Unavailable(f"unknown kind {config.kind!r}")
 
 
@@ -230,3 +232,23 @@ def _install_cache_dit(config: BenchConfig, pipe: Any) -> Remover:
             remove()
         raise Unavailable(f"cache_dit.enable_cache failed: {type(exc).__name__}: {exc}") from exc
     return remove
+
+
+# ----------------------------------------------------------------------------------------------
+# tomesd
+# ----------------------------------------------------------------------------------------------
+
+
+def _install_tomesd(config: BenchConfig, pipe: Any) -> Remover:
+    """tomesd's ``apply_patch`` (UNet pipelines only); ``remove_patch`` restores the blocks."""
+    try:
+        import tomesd
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
+        raise Unavailable(f"tomesd not available ({type(exc).__name__}: {exc}); pip install tomesd") from None
+    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        raise Unavailable(f"tomesd patches UNet pipelines only; {type(pipe).__name__} has no unet")
+    try:
+        tomesd.apply_patch(pipe, **config.options)
+    except TypeError as exc:
+        raise Unavailable(f"invalid tomesd options: {exc}") from exc
+    return lambda: tomesd.remove_patch(pipe)

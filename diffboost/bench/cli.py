@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt adherence: auto = only for models whose tokenizer covers the scene captions")
     parser.add_argument("--device", default=None,
                         help="device to run on, e.g. cuda or cpu (default: where the pipeline loads, i.e. cpu)")
+    parser.add_argument("--scheduler", default=None,
+                        help="swap the pipeline's scheduler for this diffusers class, built from its config "
+                        "(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
     parser.add_argument("--dtype", default=None, help="cast the pipeline, e.g. bfloat16 (default: as saved)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted run")
@@ -78,6 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         progress=not args.no_progress,
         device=args.device,
         dtype=args.dtype,
+        scheduler=args.scheduler,
     )
 
 

@@ -8,6 +8,7 @@ A configuration is a named entry of one of four kinds:
 - ``diffusers``: one of diffusers' built-in caches (``FirstBlockCache``, ``TaylorSeerCache``,
   ``MagCache``), installed with ``pipe.transformer.enable_cache(config)``.
 - ``cache-dit``: cache-dit's DBCache, optionally with its TaylorSeer calibrator.
+- ``tomesd``: tomesd's token merging for UNet pipelines (``tomesd.apply_patch(pipe, **options)``).
 
 Config files (TOML or YAML) hold a list of tables under ``config`` (a YAML file may also be a bare
 list). Schema of one entry::
@@ -29,6 +30,11 @@ list). Schema of one entry::
     kind = "cache-dit"
     options = { Fn_compute_blocks = 1, residual_diff_threshold = 0.08 }   # DBCacheConfig kwargs
     calibrator = { taylorseer_order = 1 }   # optional: TaylorSeerCalibratorConfig kwargs
+
+    [[config]]
+    name = "tomesd-0.5"
+    kind = "tomesd"
+    options = { ratio = 0.5 }         # keyword arguments of tomesd.apply_patch
 """
 
 from __future__ import annotations
@@ -39,13 +45,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-KINDS = ("baseline", "diffboost", "diffusers", "cache-dit")
+KINDS = ("baseline", "diffboost", "diffusers", "cache-dit", "tomesd")
+#: kinds that run another project's code (drawn as rivals in reports)
+RIVAL_KINDS = ("diffusers", "cache-dit", "tomesd")
 DIFFUSERS_CACHES = ("FirstBlockCache", "TaylorSeerCache", "MagCache")
 _ENTRY_KEYS = {
     "baseline": {"name", "kind"},
     "diffboost": {"name", "kind", "plugins", "preset"},
     "diffusers": {"name", "kind", "cache", "options"},
     "cache-dit": {"name", "kind", "options", "calibrator"},
+    "tomesd": {"name", "kind", "options"},
 }
 
 
@@ -79,7 +88,7 @@ class BenchConfig:
 
     @property
     def is_rival(self) -> bool:
-        return self.kind in ("diffusers", "cache-dit")
+        return self.kind in RIVAL_KINDS
 
     def describe(self) -> str:
         """Short human-readable description for reports."""
@@ -90,6 +99,8 @@ class BenchConfig:
             return "diffboost " + " + ".join(parts)
         if self.kind == "diffusers":
             return f"diffusers {self.cache}Config({_kw(self.options)})"
+        if self.kind == "tomesd":
+            return f"tomesd apply_patch({_kw(self.options)})"
         extra = f" + TaylorSeerCalibrator({_kw(self.calibrator)})" if self.calibrator is not None else ""
         return f"cache-dit DBCache({_kw(self.options)}){extra}"
 

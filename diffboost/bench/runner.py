@@ -21,7 +21,7 @@ from diffboost.evaluation.classifier import DEFAULT_EVALUATOR_DIR, evaluator_ava
 from diffboost.evaluation.images import to_tensor01
 
 from .accelerators import Unavailable, denoiser_of, install
-from .configs import BenchConfig
+from .configs import RIVAL_KINDS, BenchConfig
 from .flops import count_denoiser_flops
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class BenchSettings:
     progress: bool = True
     device: str | None = None  # None: leave the pipeline where it is (a loaded one stays on CPU)
     dtype: str | None = None  # e.g. "bfloat16"; None: as loaded
+    scheduler: str | None = None  # a diffusers scheduler class name built from the pipeline's config
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ class ConfigResult:
 
     @property
     def is_rival(self) -> bool:
-        return self.kind in ("diffusers", "cache-dit")
+        return self.kind in RIVAL_KINDS
 
 
 @dataclasses.dataclass
@@ -353,7 +354,17 @@ def _adherence_enabled(settings: BenchSettings, pipe: Any, evaluator: Any) -> tu
 
 
 def _place(pipe: Any, settings: BenchSettings) -> None:
-    """Move / cast the pipeline as requested (``--device`` / ``--dtype``)."""
+    """Swap the scheduler, move / cast the pipeline as requested (``--scheduler`` / ``--device`` / ``--dtype``)."""
+    if settings.scheduler is not None:
+        import diffusers
+
+        cls = getattr(diffusers, settings.scheduler, None)
+        if not (isinstance(cls, type) and settings.scheduler.endswith("Scheduler")):
+            raise ValueError(
+                f"unknown scheduler {settings.scheduler!r}; give a diffusers scheduler class name such as "
+                "EulerDiscreteScheduler or DPMSolverMultistepScheduler"
+            )
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
     if settings.dtype is not None:
         dtype = getattr(torch, settings.dtype, None)
         if not isinstance(dtype, torch.dtype):

@@ -178,15 +178,6 @@ def test_cli_bad_config_file_returns_2(tmp_path, caplog):
     assert "unknown plugin 'Nope'" in caplog.text
 
 
-def test_shipped_config_files_parse():
-    from pathlib import Path
-
-    files = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "configs").glob("*.toml"))
-    assert files, "benchmarks/configs/*.toml missing"
-    for path in files:
-        assert load_configs(path)
-
-
 def test_cli_quick_on_saved_pipeline(tmp_path):
     model = tmp_path / "flux"
     make_flux().save_pretrained(model)
@@ -233,3 +224,43 @@ def test_shipped_config_files_parse():
         for config in configs:
             if config.kind == "diffboost":
                 assert build_plugins(config), (path, config.name)
+
+
+def test_tomesd_rival_and_scheduler_swap_on_a_unet_pipeline():
+    """tomesd is a rival kind on UNet pipelines; --scheduler swaps the pipeline's scheduler first."""
+    pytest.importorskip("tomesd")
+    from factories import make_sd
+
+    pipe = make_sd()
+    configs = [
+        BenchConfig("baseline"),
+        BenchConfig("tomesd-0.5", "tomesd", options={"ratio": 0.5}),
+        BenchConfig("tome-0.5", "diffboost", plugins=(PluginSpec("TokenMerging", {"ratio": 0.5}),)),
+    ]
+    settings = quick_settings(call_kwargs={}, scheduler="EulerDiscreteScheduler", count_flops=False)
+    report = run_bench(pipe, configs, settings)
+    rows = by_name(report)
+    assert all(r.ok for r in report.results), [(r.name, r.status) for r in report.results]
+    assert rows["tomesd-0.5"].is_rival and not rows["tome-0.5"].is_rival
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    # tomesd's remove_patch ran: no block keeps tomesd's patched class
+    assert not any("ToMe" in type(m).__name__ for m in pipe.unet.modules())
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        run_bench(make_sd(), [BenchConfig("baseline")], quick_settings(call_kwargs={}, scheduler="NoSuchScheduler"))
+    cfg = load_configs_from_text("""
+[[config]]
+name = "t"
+kind = "tomesd"
+options = { ratio = 0.25 }
+""")
+    assert cfg[0].describe() == "tomesd apply_patch(ratio=0.25)"
+
+
+def load_configs_from_text(text: str):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.toml"
+        path.write_text(text)
+        return load_configs(path)
