@@ -48,6 +48,10 @@ def load_pipeline(path: str | Path, dtype: str = "float32", device: str | None =
     return pipe.to(device)
 
 
+#: ``diffboost.json`` keys passed to the pipeline call as they are (when the pipeline accepts them)
+CALL_DEFAULTS = ("guidance_scale", "true_cfg_scale", "negative_prompt")
+
+
 def model_defaults(path: Path) -> dict[str, Any]:
     """Generation defaults shipped next to a reference model (``diffboost.json``: height, width, steps...)."""
     import json
@@ -73,6 +77,9 @@ def default_call_kwargs(pipe: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     length = defaults.get("max_sequence_length") or getattr(tok, "model_max_length", None)
     if "max_sequence_length" in params and isinstance(length, int) and length < params["max_sequence_length"].default:
         kwargs["max_sequence_length"] = length
+    for key in CALL_DEFAULTS:  # guidance settings the model was evaluated with
+        if key in defaults and key in params:
+            kwargs[key] = defaults[key]
     return kwargs
 
 

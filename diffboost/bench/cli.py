@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed passes over all configs; time is the median (default 3; quick: 1)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: model's default sample size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: model's default sample size)")
-    parser.add_argument("--call-kwargs", type=json.loads, default={},
-                        help='extra pipeline call arguments as JSON, e.g. \'{"guidance_scale": 3.5}\'')
+    parser.add_argument("--call-kwargs", type=json.loads, default={},  # over the model's diffboost.json
+                        help='extra pipeline call arguments as JSON, e.g. \'{"guidance_scale": 3.5}\' (over the model\'s diffboost.json)')
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed that picks the benchmark prompts (default 0)")
     parser.add_argument("--evaluator", type=Path, default=DEFAULT_EVALUATOR_DIR,
                         help="evaluator folder for feature/Fréchet distance and adherence; default: %(default)s")
@@ -62,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-configs", action="store_true", help="print the configurations and exit")
 
 
+def model_call_defaults(model: Path) -> dict:
+    """Call arguments shipped with a model in ``diffboost.json`` (guidance settings it was evaluated
+    with); ``--call-kwargs`` overrides them."""
+    from diffboost.cli import CALL_DEFAULTS, model_defaults
+
+    defaults = model_defaults(Path(model)) if Path(model).is_dir() else {}
+    return {k: defaults[k] for k in CALL_DEFAULTS if k in defaults}
+
+
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Build :class:`BenchSettings` from parsed arguments (``--quick`` fills what was not given)."""
     defaults = QUICK if args.quick else {f: getattr(BenchSettings, f) for f in QUICK}
@@ -77,7 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         count_flops=not args.no_flops,
         evaluator=None if args.no_evaluator else args.evaluator,
         adherence=args.adherence,
-        call_kwargs=dict(args.call_kwargs),
+        call_kwargs={**model_call_defaults(args.model), **dict(args.call_kwargs)},
         progress=not args.no_progress,
         device=args.device,
         dtype=args.dtype,

@@ -55,13 +55,20 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
     Image.fromarray(grid).save(path)
 
 
-def save_pipeline(pipe: DiffusionPipeline, out: Path, info: dict[str, Any]) -> None:
-    """``save_pretrained`` (safetensors) into a temp folder, then swap it into place."""
+def save_pipeline(pipe: DiffusionPipeline, out: Path, info: dict[str, Any],
+                  defaults: dict[str, Any] | None = None) -> None:
+    """``save_pretrained`` (safetensors) into a temp folder, then swap it into place.
+
+    ``defaults``: the generation settings the model was evaluated with, written as ``diffboost.json``
+    (read by ``diffboost generate`` / ``diffboost bench``: height, width, steps and call arguments).
+    """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
+    if defaults:
+        (tmp / "diffboost.json").write_text(json.dumps(defaults, indent=2))
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():

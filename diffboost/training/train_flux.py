@@ -108,6 +108,19 @@ def make_pipeline(vae, clip, t5, tokenizer, transformer) -> FluxPipeline:
     )
 
 
+def eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Generation settings of the evaluation (and of the shipped model's ``diffboost.json``)."""
+    kw: dict[str, Any] = {"max_sequence_length": TEXT_LEN}
+    if args.eval_cfg > 1.0:
+        kw.update(true_cfg_scale=args.eval_cfg, negative_prompt="")
+    return kw
+
+
+def model_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """``diffboost.json`` of the shipped pipeline: the settings its adherence was measured with."""
+    return {"height": 64, "width": 64, "steps": args.eval_steps, **eval_kwargs(args)}
+
+
 def adherence_score(acc: dict[str, float] | None) -> float:
     """Model-selection score: adherence, ties broken by the mean per-attribute accuracy."""
     if not acc:
@@ -120,12 +133,12 @@ def export(args: argparse.Namespace, vae, tokenizer, emas: dict[str, EMA], step:
     """Evaluate the checkpoint's EMA weights on ``--eval-prompts`` prompts and save the pipeline."""
     pipe = make_pipeline(vae, emas["clip"].shadow, emas["t5"].shadow, tokenizer, emas["transformer"].shadow)
     pipe.set_progress_bar_config(disable=True)
-    res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, max_sequence_length=TEXT_LEN)
+    res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, **eval_kwargs(args))
     save_grid(res["images"], args.work_dir / f"export_{step:06d}.png")
     logger.info("export step %d, %d prompts: %s", step, args.eval_prompts, json.dumps(res.get("accuracy")))
     info = {"step": step, "eval_prompts": args.eval_prompts, "eval_steps": args.eval_steps,
             "accuracy": res.get("accuracy"), "history": history}
-    save_pipeline(pipe, args.out, info)
+    save_pipeline(pipe, args.out, info, model_defaults(args))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,6 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-lr", type=float, default=1e-3)
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--long-text-prob", type=float, default=0.1, help="share of steps with T5 padded to 64")
+    p.add_argument("--drop-caption", type=float, default=0.0,
+                   help="share of samples trained on the empty caption (enables true CFG with negative_prompt='')")
+    p.add_argument("--eval-cfg", type=float, default=1.0,
+                   help="true_cfg_scale of the evaluation (> 1: CFG against the empty prompt)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--time-shift", type=float, default=math.exp(0.5), help="sigma shift of training times")
     p.add_argument("--uniform-t", type=float, default=0.1, help="share of uniformly drawn training times")
@@ -183,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     transformer = build_transformer(args.text_width, args.tiny)
     ids16 = tokenize(tokenizer, captions, TEXT_LEN)
     ids_long = tokenize(tokenizer, captions, 64)
+    empty16, empty_long = tokenize(tokenizer, [""], TEXT_LEN), tokenize(tokenizer, [""], 64)
     n_lat, c, h, w = latents.shape
     packed = FluxPipeline._pack_latents(latents, n_lat, c, h, w)
     img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
@@ -232,8 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         t = torch.where(torch.rand(args.batch_size, generator=g) < args.uniform_t, torch.rand(args.batch_size, generator=g), t)
         t = args.time_shift * t / (1 + (args.time_shift - 1) * t)  # same shift as the sampler at 64 tokens
         long_text = torch.rand((), generator=g).item() < args.long_text_prob
-        ids = ids16[idx]
-        ids_t5 = ids_long[idx] if long_text else ids
+        ids = ids16[idx].clone()
+        ids_t5 = ids_long[idx].clone() if long_text else ids
+        if args.drop_caption > 0:  # empty captions: the unconditional branch of true CFG
+            drop = torch.rand(args.batch_size, generator=g) < args.drop_caption
+            ids[drop] = empty16
+            if long_text:
+                ids_t5[drop] = empty_long
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         pooled = clip(ids).pooler_output
         txt = t5(ids_t5).last_hidden_state
@@ -262,9 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             pipe = make_pipeline(vae, emas["clip"].shadow, emas["t5"].shadow, tokenizer, emas["transformer"].shadow)
             pipe.set_progress_bar_config(disable=True)
             t_eval = time.monotonic()
-            res = generate_and_score(
-                pipe, args.eval_prompts, args.eval_steps, seed=args.seed, max_sequence_length=TEXT_LEN
-            )
+            res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, **eval_kwargs(args))
             save_grid(res["images"], args.work_dir / f"samples_{done:06d}.png")
             acc = res.get("accuracy")
             score = adherence_score(acc)
@@ -275,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                 best = score
                 info = {"step": done, "eval_prompts": args.eval_prompts, "eval_steps": args.eval_steps,
                         "accuracy": acc, "loss": loss_avg, "args": {k: str(v) for k, v in vars(args).items()}}
-                save_pipeline(pipe, args.out, info)
+                save_pipeline(pipe, args.out, info, model_defaults(args))
             checkpoint(done)
             timer.last = time.monotonic()
         elif timer.due():

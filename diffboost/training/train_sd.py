@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             if score >= best:
                 best = score
                 save_pipeline(pipe, args.out, {"step": done, "accuracy": acc, "loss": loss_avg,
-                                               "eval_guidance": args.guidance, "eval_steps": args.eval_steps})
+                                               "eval_guidance": args.guidance, "eval_steps": args.eval_steps},
+                              {"height": 64, "width": 64, "steps": args.eval_steps, "guidance_scale": args.guidance})
             checkpoint(done)
             timer.last = time.monotonic()
         elif timer.due():

@@ -59,6 +59,23 @@ def test_default_call_kwargs_follow_the_model(flux_folder):
     assert kw["max_sequence_length"] == pipe.tokenizer_2.model_max_length < 512
     kw = default_call_kwargs(pipe, {"height": 48, "width": 80, "max_sequence_length": 8})
     assert (kw["height"], kw["width"], kw["max_sequence_length"]) == (48, 80, 8)
+    # guidance settings shipped in diffboost.json reach the call when the pipeline takes them
+    kw = default_call_kwargs(pipe, {"true_cfg_scale": 3.0, "negative_prompt": "", "guidance_scale": 2.0, "bogus": 1})
+    assert kw["true_cfg_scale"] == 3.0 and kw["negative_prompt"] == "" and kw["guidance_scale"] == 2.0
+    assert "bogus" not in kw
+
+
+def test_bench_reads_the_model_call_defaults(flux_folder, tmp_path):
+    import json
+    import shutil
+
+    from diffboost.bench.cli import model_call_defaults
+
+    model = tmp_path / "m"
+    shutil.copytree(flux_folder, model)
+    assert model_call_defaults(model) == {}
+    (model / "diffboost.json").write_text(json.dumps({"steps": 10, "true_cfg_scale": 2.5, "negative_prompt": ""}))
+    assert model_call_defaults(model) == {"true_cfg_scale": 2.5, "negative_prompt": ""}
 
 
 def test_non_positive_steps_are_rejected(capsys):

@@ -37,8 +37,11 @@ def test_flux_trainer_resumes_and_saves(tmp_path: Path) -> None:
     train_flux.main([*args, "--steps", "3"])
     assert _ckpt_step(work / "flux.ckpt") == 3
     assert (work / "train.log").read_text().count("resumed at step 2") == 1
-    train_flux.main([*args, "--steps", "3", "--export"])
+    # resumed with empty captions in training and true CFG in the evaluation
+    train_flux.main([*args, "--steps", "3", "--export", "--drop-caption", "0.5", "--eval-cfg", "3"])
     assert json.loads((out / "training_info.json").read_text())["step"] == 3
+    shipped = json.loads((out / "diffboost.json").read_text())
+    assert shipped["true_cfg_scale"] == 3.0 and shipped["negative_prompt"] == "" and shipped["height"] == 64
     pipe = FluxPipeline.from_pretrained(str(out))
     img = pipe("a large red circle at the left on a white background", height=64, width=64,
                num_inference_steps=2, max_sequence_length=16, output_type="np",
@@ -55,6 +58,7 @@ def test_sd_trainer_resumes_and_saves(tmp_path: Path) -> None:
     train_sd.main([*args, "--steps", "2"])
     train_sd.main([*args, "--steps", "3"])
     assert _ckpt_step(work / "sd.ckpt") == 3
+    assert json.loads((out / "diffboost.json").read_text())["guidance_scale"] == 3.0
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
     img = pipe("a small blue star at the top on a black background", height=64, width=64,
                num_inference_steps=2, output_type="np").images
