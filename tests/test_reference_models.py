@@ -1,0 +1,100 @@
+"""The plugins on the shipped, trained reference models (assets/flux-shapes, assets/sd-shapes).
+
+Random-init test pipelines say nothing about how close an accelerated output stays to the baseline;
+these run the real folders offline with their shipped generation settings (``diffboost.json``):
+exactness of never-skipping configurations with each scheduler, and a fidelity floor (PSNR against
+the unaccelerated image) for the default configurations that do skip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+import diffboost
+from diffboost import SADA, BottleneckSampling, TaylorSeer, TokenDownsampling, TokenMerging
+from diffboost.cli import default_call_kwargs, model_defaults
+from diffboost.evaluation.metrics import psnr
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+PROMPTS = ["a large red circle at the left on a white background", "a small blue star at the top on a black background"]
+STEPS = 12
+SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}
+
+
+def _load(name: str):
+    path = ASSETS / name
+    if not (path / "model_index.json").is_file():
+        pytest.fail(f"{path} is missing: the reference models are shipped in the repository")
+    pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, default_call_kwargs(pipe, model_defaults(path))
+
+
+def _run(pipe, kwargs, **over) -> torch.Tensor:
+    kw = dict(kwargs, prompt=PROMPTS, num_inference_steps=STEPS, output_type="pt", **over)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return pipe(**kw).images.float()
+
+
+@pytest.fixture(scope="module")
+def sd():
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return _load("sd-shapes")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return _load("flux-shapes")
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_sd_reference_sada_exact_when_off_and_close_when_on(sd, scheduler):
+    pipe, kwargs = sd
+    original = pipe.scheduler
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(original.config)
+    try:
+        base = _run(pipe, kwargs)
+        for never in (SADA(acc_range=(0, 0)), SADA(acc_range=(0, 0), token_sparsity=True), TokenMerging(ratio=0.0)):
+            with diffboost.accelerated(pipe, never):
+                assert torch.equal(_run(pipe, kwargs), base), (scheduler, never)
+        with diffboost.accelerated(pipe, SADA(acc_range=(3, 11), lagrange_step=6)):
+            fast = _run(pipe, kwargs)
+            stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]
+        assert torch.equal(_run(pipe, kwargs), base), "remove() did not restore the pipeline"
+    finally:
+        pipe.scheduler = original
+    assert fast.shape == base.shape and torch.isfinite(fast).all()
+    if stats["skipped"]:
+        assert float(psnr(fast, base)) > 25.0, (scheduler, stats["skipped_steps"])
+
+
+def test_sd_reference_token_reduction_stays_close(sd):
+    pipe, kwargs = sd
+    base = _run(pipe, kwargs)
+    for plugin in (TokenMerging(ratio=0.5), TokenDownsampling(factor=2), SADA(acc_range=(3, 11), token_sparsity=True)):
+        with diffboost.accelerated(pipe, plugin):
+            out = _run(pipe, kwargs)
+        assert out.shape == base.shape and torch.isfinite(out).all()
+        assert float(psnr(out, base)) > 20.0, plugin
+    assert torch.equal(_run(pipe, kwargs), base)
+
+
+def test_flux_reference_sada_bottleneck_taylorseer(flux):
+    pipe, kwargs = flux
+    base = _run(pipe, kwargs)
+    for never in (SADA(acc_range=(0, 0)), BottleneckSampling(stages=[(1.0, 1.0)]), TaylorSeer(interval=1)):
+        with diffboost.accelerated(pipe, never):
+            assert torch.equal(_run(pipe, kwargs), base), never
+    with diffboost.accelerated(pipe, SADA(acc_range=(3, 11))):
+        sada = _run(pipe, kwargs)
+    assert float(psnr(sada, base)) > 30.0
+    stack = (BottleneckSampling(), SADA(acc_range=(2, 12)), TaylorSeer(interval=2, warmup=2))
+    with diffboost.accelerated(pipe, *stack):
+        combined = _run(pipe, kwargs)
+    assert combined.shape == base.shape and torch.isfinite(combined).all()
+    assert torch.equal(_run(pipe, kwargs), base)
