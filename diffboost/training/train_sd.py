@@ -53,13 +53,21 @@ def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, int] = 
 
 
 def build_text_encoder(vocab_size: int, width: int) -> CLIPTextModel:
-    return CLIPTextModel(
+    """1-layer CLIP whose last hidden state is the UNet's cross-attention context.
+
+    Token embeddings start at unit scale (CLIP's default is std 0.02, as small as its position
+    embeddings): with the default, every caption gave nearly the same context after the final layer
+    norm, the UNet learned to ignore the text, and at step 1500 it drew the average scene.
+    """
+    model = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, projection_dim=width,
             num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=TEXT_LEN,
             pad_token_id=0, bos_token_id=0, eos_token_id=1,
         )
     )
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+    return model
 
 
 def build_scheduler() -> DDIMScheduler:
