@@ -41,7 +41,13 @@ TEXT_LEN = 16
 
 
 def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, int] = (32, 64)) -> UNet2DConditionModel:
-    """Two-level UNet on 16x16x16 latents with cross-attention at both levels."""
+    """Two-level UNet on 16x16x16 latents with cross-attention at both levels.
+
+    ``addition_embed_type="text"``: an attention-pooled summary of the caption is added to the
+    timestep embedding (diffusers' ``TextTimeEmbedding``), so global attributes (background, colour)
+    reach every ResNet block, as Flux's pooled CLIP vector does through AdaLN. The pipeline is still a
+    plain ``StableDiffusionPipeline`` (the embedding reads ``encoder_hidden_states``).
+    """
     channels = (16, 32) if tiny else channels
     return UNet2DConditionModel(
         sample_size=16, in_channels=16, out_channels=16, layers_per_block=1,
@@ -49,6 +55,7 @@ def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, int] = 
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=text_width, attention_head_dim=4, norm_num_groups=8 if tiny else min(32, channels[0] // 2),
+        addition_embed_type="text", addition_embed_type_num_heads=4,
     )
 
 
