@@ -62,7 +62,9 @@ def test_sd_reference_sada_exact_when_off_and_close_when_on(sd, scheduler):
         for never in (SADA(acc_range=(0, 0)), SADA(acc_range=(0, 0), token_sparsity=True), TokenMerging(ratio=0.0)):
             with diffboost.accelerated(pipe, never):
                 assert torch.equal(_run(pipe, kwargs), base), (scheduler, never)
-        with diffboost.accelerated(pipe, SADA(acc_range=(3, 11), lagrange_step=6)):
+        # 12 steps are few: skipping runs of early steps costs ~20-25 dB here (see RESULTS.md), single
+        # skips from step 4 on keep ~48 dB with DDIM/Euler; with DPM++ the criterion does not fire
+        with diffboost.accelerated(pipe, SADA(acc_range=(4, 11), max_interval=1, lagrange_term=0)):
             fast = _run(pipe, kwargs)
             stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]
         assert torch.equal(_run(pipe, kwargs), base), "remove() did not restore the pipeline"
@@ -70,7 +72,7 @@ def test_sd_reference_sada_exact_when_off_and_close_when_on(sd, scheduler):
         pipe.scheduler = original
     assert fast.shape == base.shape and torch.isfinite(fast).all()
     if stats["skipped"]:
-        assert float(psnr(fast, base)) > 25.0, (scheduler, stats["skipped_steps"])
+        assert float(psnr(fast, base)) > 30.0, (scheduler, stats["skipped_steps"])
 
 
 def test_sd_reference_token_reduction_stays_close(sd):
