@@ -157,6 +157,11 @@ def finetune_decoder(
     """
     final = work_dir / "vae.safetensors"
     meta_path = work_dir / "vae_meta.json"
+    if not final.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(
+            f"no finished VAE in {work_dir} (vae.safetensors + vae_meta.json): train it first with "
+            "python -m diffboost.training.train_flux (its first stage), then fine-tune the decoder"
+        )
     meta = json.loads(meta_path.read_text())
     vae = build_vae()
     vae.load_state_dict(load_file(str(final)))

@@ -74,3 +74,23 @@ def test_evaluator_trainer(tmp_path: Path) -> None:
     assert set(report["clean"]) >= {"shape", "color", "size", "position", "background"}
     ev = load_evaluator(out)
     assert len(ev.predict(np.zeros((2, 64, 64, 3), np.uint8))) == 2
+
+
+def test_decoder_finetune_keeps_the_encoder(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from diffboost.training.vae import build_vae, finetune_decoder
+
+    with pytest.raises(FileNotFoundError, match="no finished VAE"):
+        finetune_decoder(tmp_path, 2)
+    torch.manual_seed(0)
+    vae = build_vae()
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    (tmp_path / "vae_meta.json").write_text(json.dumps({"steps": 1}))
+    before = load_file(str(tmp_path / "vae.safetensors"))
+    finetune_decoder(tmp_path, 2, batch_size=2)
+    after = load_file(str(tmp_path / "vae.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert json.loads((tmp_path / "vae_meta.json").read_text()) == {"steps": 1, "decoder_steps": 2}
