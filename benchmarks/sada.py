@@ -39,6 +39,9 @@ import diffboost  # noqa: E402
 from diffboost import SADA  # noqa: E402
 from diffboost.evaluation.metrics import psnr, ssim  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sada_matched import fixed_schedule  # noqa: E402
+
 PROMPTS = [
     "a red circle", "a blue square", "a green triangle", "a yellow star",
     "a big red square", "a small blue circle", "a purple triangle", "an orange star",
@@ -85,14 +88,6 @@ def generate(pipe, prompt: str, steps: int, defaults: dict, seed: int) -> tuple[
     return img.float().clamp(0, 1), time.perf_counter() - w, time.process_time() - c
 
 
-def fixed_schedule(start: int, end: int, count: int) -> tuple[int, ...]:
-    """``count`` skipped steps evenly spread over [start, end) (never two adjacent when avoidable)."""
-    if count <= 0:
-        return ()
-    span = end - start
-    return tuple(sorted({start + int((i + 0.5) * span / count) for i in range(count)}))
-
-
 def bench(family: str, steps: int, prompts: list[str], repeats: int) -> dict:
     pipe, defaults, trained = load(family)
     rng = (round(0.2 * steps), round(0.94 * steps))
@@ -106,7 +101,7 @@ def bench(family: str, steps: int, prompts: list[str], repeats: int) -> dict:
     configs = {
         "baseline": lambda i: ((), steps),
         "sada": lambda i: ((sada,), steps),
-        "fixed-skip": lambda i: ((SADA(schedule=fixed_schedule(*rng, skips[i])),), steps),
+        "fixed-skip": lambda i: ((SADA(schedule=tuple(fixed_schedule(*rng, skips[i]))),), steps),
         "fewer-steps": lambda i: ((), steps - skips[i]),
     }
     walls = {k: [] for k in configs}

@@ -172,7 +172,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
     p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.drop_caption < 1.0:
+        p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
+    if args.eval_cfg < 1.0:
+        p.error(f"--eval-cfg must be >= 1 (1 = no CFG), got {args.eval_cfg}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,7 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.drop_caption < 1.0:
+        p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
+    groups = min(32, args.channels[0] // 2)  # the UNet's norm_num_groups (see build_unet)
+    if args.channels[0] < 8 or any(c % groups for c in args.channels):
+        p.error(f"--channels must be >= 8 and both divisible by min(32, first // 2) = {groups} "
+                f"(group norm), got {args.channels}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
