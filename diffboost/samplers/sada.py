@@ -66,7 +66,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_int
+from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_float, check_int
 from ..plugins.runtime import BranchStates, CallTracker, HookSet, InstanceWrap, outside_compiled_graph
 from .sada_tokens import TokenSparsity, install_tokens
 
@@ -113,6 +113,14 @@ class SADA(Plugin):
             3 x 3 (paper).
         token_max_downsample: token sparsity acts on blocks whose grid is downsampled at most this
             much relative to the latent, one of 1, 2, 4, 8. Default 1 (highest-resolution blocks).
+        criterion: the skip rule. ``"sign"`` (default, paper): skip when the channel mean of m is
+            <= 0. ``"curvature"`` (ours): skip when the relative size of the last second difference,
+            kappa = ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n|| (worst sample of the batch), times the
+            number of steps that would then be skipped in a row, is <= ``tolerance``. kappa is the
+            error the linear extrapolation would have made on step n, and it predicts the next
+            step's error (see benchmarks/RESULTS.md, "SADA criterion"); the sign does not.
+        tolerance: the bound on kappa * (skips in a row) for ``criterion="curvature"`` (> 0,
+            dimensionless). Default 0.03.
     """
 
     acc_range: tuple[int, int] = (10, 47)
@@ -125,6 +133,8 @@ class SADA(Plugin):
     sx: int = 3
     sy: int = 3
     token_max_downsample: int = 1
+    criterion: str = "sign"
+    tolerance: float = 0.03
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PluginKind.STEP)
@@ -157,6 +167,8 @@ class SADA(Plugin):
                 "(a 1 x 1 window keeps every token); allowed: sx * sy >= 2"
             )
         check_choice(self, "token_max_downsample", (1, 2, 4, 8))
+        check_choice(self, "criterion", ("sign", "curvature"))
+        check_float(self, "tolerance", 0.0, 10.0, lo_open=True)
 
     def never_skips(self) -> bool:
         if self.token_sparsity and self.acc_range[0] < self.acc_range[1] and self.max_interval > 1:
@@ -304,6 +316,7 @@ class CallState:
         self.lagrange_steps: list[int] = []
         self.saved_calls = 0  # denoiser calls replaced by a stand-in
         self.last_m: float | None = None
+        self.kappa: float | None = None  # relative second difference of the last real triple
         # token sparsity: the stability map (H, W) after the last solved step, the plan of the
         # step about to run, the last step computed with all tokens
         self.token_map: torch.Tensor | None = None
@@ -428,8 +441,14 @@ class SADARuntime(Installed):
             return False
         if cfg.schedule is not None:
             return k in cfg.schedule
+        if cfg.criterion == "curvature" and st.trajectory[-1].real:
+            st.kappa = _kappa(st.trajectory)
         if not cfg.acc_range[0] <= k < cfg.acc_range[1] or st.in_a_row >= cfg.max_interval:
             return False
+        if cfg.criterion == "curvature":
+            # after a skip the newest drift is an extrapolation (second difference 0): the last real
+            # kappa stands, and each further skip in the run adds about one more kappa of error
+            return st.kappa is not None and st.kappa * (st.in_a_row + 1) <= cfg.tolerance
         st.last_m = float(self._m(st).mean())
         return st.last_m <= 0.0
 
@@ -521,6 +540,13 @@ class SADARuntime(Installed):
             "scheduler": type(self.scheduler).__name__,
             **(current or self._call_stats()),
         }
+
+
+def _kappa(trajectory: list[Point]) -> float:
+    """kappa = ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n|| of the worst batch element (float)."""
+    p2, p1, p0 = trajectory
+    second = (p0.f - 2 * p1.f + p2.f).flatten(1).float()
+    return float((second.norm(dim=1) / p0.f.flatten(1).float().norm(dim=1).clamp_min(1e-12)).max())
 
 
 def read_kind(scheduler: Any) -> str:

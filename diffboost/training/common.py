@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import math
 import sys
 import time
 from pathlib import Path
@@ -183,3 +184,28 @@ class Timer:
             self.last = time.monotonic()
             return True
         return False
+
+
+def lr_factor(step: int, warmup: int = 200, decay_from: int = 0, decay_to: int = 0, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up over ``warmup`` steps, then constant, then a
+    cosine from 1 at ``decay_from`` down to ``min_ratio`` at ``decay_to`` (kept after). ``decay_to <=
+    decay_from`` means no decay. A pure function of the step, so resumed runs follow the same curve."""
+    warm = min(1.0, (step + 1) / warmup)
+    if decay_to <= decay_from or step < decay_from:
+        return warm
+    frac = min(1.0, (step - decay_from) / (decay_to - decay_from))
+    return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def add_lr_decay_args(p) -> None:
+    """``--decay-from/--decay-to/--min-lr-ratio`` (see :func:`lr_factor`)."""
+    p.add_argument("--decay-from", type=int, default=0, help="step where the cosine LR decay starts")
+    p.add_argument("--decay-to", type=int, default=0, help="step where it reaches --min-lr-ratio (0: no decay)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a share of the base LR")
+
+
+def check_lr_decay_args(p, args) -> None:
+    if args.decay_to and args.decay_to <= args.decay_from:
+        p.error(f"--decay-to ({args.decay_to}) must be after --decay-from ({args.decay_from})")
+    if not 0.0 < args.min_lr_ratio <= 1.0:
+        p.error(f"--min-lr-ratio must be in (0, 1], got {args.min_lr_ratio}")

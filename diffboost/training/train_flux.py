@@ -27,8 +27,11 @@ from diffboost.data import scenes
 from diffboost.training.common import (
     EMA,
     Timer,
+    add_lr_decay_args,
     build_tokenizer,
+    check_lr_decay_args,
     load_checkpoint,
+    lr_factor,
     save_checkpoint,
     setup_logging,
     step_generator,
@@ -172,7 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
     p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
+    add_lr_decay_args(p)
     args = p.parse_args(argv)
+    check_lr_decay_args(p, args)
     if not 0.0 <= args.drop_caption < 1.0:
         p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
     if args.eval_cfg < 1.0:
@@ -244,9 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     transformer.train(), clip.train(), t5.train()
     bar = tqdm(range(start, args.steps), desc="flux", mininterval=60, initial=start, total=args.steps)
     for step in bar:
-        warm = min(1.0, (step + 1) / 200)
+        factor = lr_factor(step, 200, args.decay_from, args.decay_to, args.min_lr_ratio)
         for group, lr in zip(opt.param_groups, base_lrs):
-            group["lr"] = lr * warm
+            group["lr"] = lr * factor
         g = step_generator(args.seed, step)
         idx = torch.randint(0, n_lat, (args.batch_size,), generator=g)
         x0 = packed[idx]

@@ -100,6 +100,34 @@ def test_skipping_in_range_and_remove_restores(case):
     assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base)
 
 
+def test_curvature_criterion(case):
+    """criterion="curvature": a tolerance no step meets is bit-identical; a tolerance every step meets
+    skips in runs of exactly max_interval inside acc_range; in between, skips are bounded by kappa."""
+    family, pipe, base = case
+    with diffboost.accelerated(pipe, SADA(acc_range=(3, STEPS), criterion="curvature", tolerance=1e-9)):
+        assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base)
+        assert _sada_stats(pipe)["skipped"] == 0
+    with diffboost.accelerated(pipe, SADA(acc_range=(3, STEPS), max_interval=2, lagrange_term=0,
+                                          criterion="curvature", tolerance=10.0)):
+        out = run(pipe, family, num_inference_steps=STEPS)
+        stats = _sada_stats(pipe)
+    # steps 0-2 build the trajectory; then two skipped, one real, ...
+    assert stats["skipped_steps"] == [3, 4, 6, 7], stats
+    assert torch.isfinite(out.float()).all() and not torch.equal(out, base)
+
+
+def test_curvature_kappa_is_the_worst_sample():
+    from diffboost.samplers.sada import Point, _kappa
+
+    f = [torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(2, 4)]
+    f[2][1] = 2.0  # sample 1: second difference 2 on drift 2 (kappa 1); sample 0: 1 on 1 (kappa 1)
+    f[0][1, 0] = 2.0  # sample 1's second difference grows on one element
+    traj = [Point(i, torch.zeros(2, 4), 1.0, f[i]) for i in range(3)]
+    second = f[2] - 2 * f[1] + f[0]
+    expect = max(second[b].norm() / f[2][b].norm() for b in range(2))
+    assert abs(_kappa(traj) - float(expect)) < 1e-6
+
+
 def test_fixed_schedule_and_lagrange_mode(case):
     family, pipe, base = case
     with diffboost.accelerated(pipe, SADA(schedule=(4, 6))):
@@ -196,6 +224,10 @@ def test_scheduler_swapped_after_apply_is_followed():
         (dict(lagrange_term=9), ValueError),
         (dict(lagrange_step=-1), ValueError),
         (dict(schedule=(3, -1)), ValueError),
+        (dict(criterion="magnitude"), ValueError),
+        (dict(criterion="curvature", tolerance=0.0), ValueError),
+        (dict(criterion="curvature", tolerance=float("nan")), ValueError),
+        (dict(tolerance="0.1"), TypeError),
     ],
 )
 def test_invalid_hyperparameters(kwargs, error):
