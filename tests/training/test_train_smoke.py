@@ -94,3 +94,38 @@ def test_decoder_finetune_keeps_the_encoder(tmp_path: Path) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert json.loads((tmp_path / "vae_meta.json").read_text()) == {"steps": 1, "decoder_steps": 2}
+
+
+def test_lr_factor_warmup_then_cosine() -> None:
+    from diffboost.training.common import lr_factor
+
+    assert lr_factor(0, 200) == 1 / 200 and lr_factor(199, 200) == 1.0
+    assert lr_factor(5000, 200) == 1.0  # no decay configured
+    f = [lr_factor(s, 200, 1000, 2000, 0.1) for s in (999, 1000, 1500, 2000, 9000)]
+    assert f[0] == f[1] == 1.0 and abs(f[2] - 0.55) < 1e-9 and abs(f[3] - 0.1) < 1e-9 and abs(f[4] - 0.1) < 1e-9
+    assert all(a >= b for a, b in zip(f, f[1:]))
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--decay-from", "10", "--decay-to", "5"], "--decay-to"),
+        (["--min-lr-ratio", "0"], "--min-lr-ratio"),
+        (["--prediction", "epsilon"], "--zero-snr"),
+        (["--channels", "32"], "--channels"),
+        (["--channels", "32", "40"], "--channels"),
+    ],
+)
+def test_sd_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
+    with pytest.raises(SystemExit):
+        train_sd.parse_args(argv)
+    assert needle in capsys.readouterr().err
+
+
+def test_sd_scheduler_has_zero_terminal_snr() -> None:
+    sched = train_sd.build_scheduler("v_prediction", zero_snr=True)
+    assert float(sched.alphas_cumprod[-1]) < 1e-6 and sched.config.timestep_spacing == "trailing"
+    sched.set_timesteps(28)
+    assert int(sched.timesteps[0]) == 999  # sampling starts from pure noise
+    plain = train_sd.build_scheduler("epsilon", zero_snr=False)
+    assert float(plain.alphas_cumprod[-1]) > 1e-3
