@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 import diffboost
-from diffboost.bench import BenchSettings, load_configs
+from diffboost.bench import BenchSettings, load_configs, prepare_workload
 from diffboost.bench.cli import model_call_defaults
 from diffboost.bench.configs import build_plugins
-from diffboost.bench.runner import _place, _Runner, load_pipeline
 
 
 def fixed_schedule(start: int, end: int, count: int) -> list[int]:
@@ -77,10 +76,8 @@ def main() -> None:
     configs = load_configs(args.configs)
     settings = BenchSettings(prompts=args.prompts, seeds=args.seeds, steps=args.steps, scheduler=args.scheduler,
                              call_kwargs=model_call_defaults(args.model), progress=False)
-    pipe = load_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    _place(pipe, settings)
-    runner = _Runner(pipe, configs, settings)
+    runner = prepare_workload(args.model, settings)
+    pipe = runner.pipe
     entries = []
     for config in configs:
         entries.append(_entry(config))

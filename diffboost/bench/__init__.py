@@ -12,7 +12,7 @@ CLI: ``diffboost bench --help`` (``add_arguments`` / ``run_from_args`` below).
 from .cli import add_arguments, main, run_from_args
 from .configs import BenchConfig, ConfigError, PluginSpec, default_configs, load_configs, quick_configs
 from .report import markdown, write_all
-from .runner import BenchReport, BenchSettings, ConfigResult, run_bench
+from .runner import BenchReport, BenchSettings, ConfigResult, Workload, prepare_workload, run_bench
 
 __all__ = [
     "BenchConfig",
@@ -21,11 +21,13 @@ __all__ = [
     "ConfigError",
     "ConfigResult",
     "PluginSpec",
+    "Workload",
     "add_arguments",
     "default_configs",
     "load_configs",
     "main",
     "markdown",
+    "prepare_workload",
     "quick_configs",
     "run_bench",
     "run_from_args",

@@ -178,29 +178,49 @@ def _images_of(output: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-class _Runner:
-    """Holds the pipeline and workload; runs configs and collects raw results."""
+class Workload:
+    """The bench's workload on a prepared pipeline: its prompts x seeds and exact call arguments.
 
-    def __init__(self, pipe: Any, configs: list[BenchConfig], settings: BenchSettings):
+    Scripts that need the same calls as ``diffboost bench`` (e.g. ``benchmarks/sada_matched.py``)
+    build one with :func:`prepare_workload` and iterate ``jobs`` through ``call``.
+    """
+
+    def __init__(self, pipe: Any, settings: BenchSettings):
         self.pipe = pipe
-        self.configs = configs
         self.settings = settings
         self.size = resolve_size(pipe, settings)
         self.kwargs = base_call_kwargs(pipe, settings, self.size)
         self.prompts = benchmark_prompts(settings.prompts, seed=settings.prompt_seed)
         self.seeds = list(range(settings.seeds))
         self.jobs = [(p, s) for p in self.prompts for s in self.seeds]
-        self.results = {c.name: ConfigResult(c.name, c.kind, c.describe()) for c in configs}
-        self.states: dict[str, dict[str, Any]] = {c.name: {} for c in configs}
 
-    def call(self, prompt: str, seed: int) -> Any:
+    def call(self, prompt: str, seed: int, **overrides: Any) -> Any:
         """One pipeline call (CPU generator: the same noise on every device); waits for the device."""
         generator = torch.Generator("cpu").manual_seed(seed)
         with torch.no_grad():
-            output = self.pipe(prompt=prompt, generator=generator, **self.kwargs)
+            output = self.pipe(prompt=prompt, generator=generator, **{**self.kwargs, **overrides})
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return output
+
+
+def prepare_workload(pipe_or_path: Any, settings: BenchSettings) -> Workload:
+    """Load (from a folder) and place the pipeline as ``diffboost bench`` does (``--scheduler``,
+    ``--dtype``, ``--device``, progress bars off) and return its :class:`Workload`."""
+    pipe = load_pipeline(pipe_or_path) if isinstance(pipe_or_path, (str, Path)) else pipe_or_path
+    pipe.set_progress_bar_config(disable=True)
+    _place(pipe, settings)
+    return Workload(pipe, settings)
+
+
+class _Runner(Workload):
+    """The workload plus the configs to run on it; runs them and collects raw results."""
+
+    def __init__(self, pipe: Any, configs: list[BenchConfig], settings: BenchSettings):
+        super().__init__(pipe, settings)
+        self.configs = configs
+        self.results = {c.name: ConfigResult(c.name, c.kind, c.describe()) for c in configs}
+        self.states: dict[str, dict[str, Any]] = {c.name: {} for c in configs}
 
     def probe(self) -> Any:
         return self.call(*self.jobs[0])

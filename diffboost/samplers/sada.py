@@ -115,12 +115,14 @@ class SADA(Plugin):
             much relative to the latent, one of 1, 2, 4, 8. Default 1 (highest-resolution blocks).
         criterion: the skip rule. ``"sign"`` (default, paper): skip when the channel mean of m is
             <= 0. ``"curvature"`` (ours): skip when the relative size of the last second difference,
-            kappa = ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n|| (worst sample of the batch), times the
-            number of steps that would then be skipped in a row, is <= ``tolerance``. kappa is the
-            error the linear extrapolation would have made on step n, and it predicts the next
-            step's error (see benchmarks/RESULTS.md, "SADA criterion"); the sign does not.
-        tolerance: the bound on kappa * (skips in a row) for ``criterion="curvature"`` (> 0,
-            dimensionless). Default 0.03.
+            kappa = ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n|| (worst sample of the batch), bounds
+            the drift error of the step to skip: ``kappa * i (i + 1) / 2 <= tolerance`` for the i-th
+            step skipped in a row (the error of a linear extrapolation i steps ahead under a constant
+            second difference). kappa is the error the extrapolation would have made on step n, and
+            it predicts the next step's error (see benchmarks/RESULTS.md, "SADA criterion"); the
+            sign does not.
+        tolerance: the bound on the relative drift error of a skipped step for
+            ``criterion="curvature"`` (> 0, dimensionless). Default 0.1.
     """
 
     acc_range: tuple[int, int] = (10, 47)
@@ -134,7 +136,7 @@ class SADA(Plugin):
     sy: int = 3
     token_max_downsample: int = 1
     criterion: str = "sign"
-    tolerance: float = 0.03
+    tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PluginKind.STEP)
@@ -446,9 +448,11 @@ class SADARuntime(Installed):
         if not cfg.acc_range[0] <= k < cfg.acc_range[1] or st.in_a_row >= cfg.max_interval:
             return False
         if cfg.criterion == "curvature":
-            # after a skip the newest drift is an extrapolation (second difference 0): the last real
-            # kappa stands, and each further skip in the run adds about one more kappa of error
-            return st.kappa is not None and st.kappa * (st.in_a_row + 1) <= cfg.tolerance
+            # with a constant second difference, the i-th step skipped in a row (extrapolated from
+            # the last two real drifts) is off by i (i + 1) / 2 second differences: bound that.
+            # After a skip the newest drift is an extrapolation, so the last real kappa stands.
+            i = st.in_a_row + 1
+            return st.kappa is not None and st.kappa * i * (i + 1) / 2 <= cfg.tolerance
         st.last_m = float(self._m(st).mean())
         return st.last_m <= 0.0
 

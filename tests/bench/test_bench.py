@@ -264,3 +264,17 @@ def load_configs_from_text(text: str):
         path = Path(d) / "c.toml"
         path.write_text(text)
         return load_configs(path)
+
+
+def test_workload_replays_the_bench_calls(report):
+    """prepare_workload gives scripts the bench's exact jobs and call arguments."""
+    import numpy as np
+
+    from diffboost.bench import prepare_workload
+    from diffboost.bench.runner import _images_of
+
+    workload = prepare_workload(make_flux(), quick_settings())
+    assert workload.jobs == [(p, s) for p in report.prompts for s in report.seeds]
+    first = _images_of(workload.call(*workload.jobs[0]))
+    np.testing.assert_array_equal(first[0], by_name(report)["baseline"].images[0])
+    assert _images_of(workload.call(*workload.jobs[0], num_inference_steps=2)).shape == first.shape
