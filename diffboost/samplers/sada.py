@@ -114,13 +114,13 @@ class SADA(Plugin):
         token_max_downsample: token sparsity acts on blocks whose grid is downsampled at most this
             much relative to the latent, one of 1, 2, 4, 8. Default 1 (highest-resolution blocks).
         criterion: the skip rule. ``"sign"`` (default, paper): skip when the channel mean of m is
-            <= 0. ``"curvature"`` (ours): skip when the relative size of the last second difference,
-            kappa = ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n|| (worst sample of the batch), bounds
-            the drift error of the step to skip: ``kappa * i (i + 1) / 2 <= tolerance`` for the i-th
-            step skipped in a row (the error of a linear extrapolation i steps ahead under a constant
-            second difference). kappa is the error the extrapolation would have made on step n, and
-            it predicts the next step's error (see benchmarks/RESULTS.md, "SADA criterion"); the
-            sign does not.
+            <= 0. ``"curvature"`` (ours): kappa, the relative drift error the skip approximation
+            would have made on the last real step n (worst sample of the batch; for flow matching
+            the relative second difference ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n||, for eps solvers
+            a back-test of the cached-eps / multistep estimate), bounds the i-th step skipped in a
+            row: skip while ``kappa * i (i + 1) / 2 <= tolerance`` (the error of a linear
+            extrapolation i steps ahead under a constant second difference). kappa predicts the next
+            step's error (benchmarks/RESULTS.md, "SADA criterion"); the sign does not.
         tolerance: the bound on the relative drift error of a skipped step for
             ``criterion="curvature"`` (> 0, dimensionless). Default 0.1.
     """
@@ -444,7 +444,7 @@ class SADARuntime(Installed):
         if cfg.schedule is not None:
             return k in cfg.schedule
         if cfg.criterion == "curvature" and st.trajectory[-1].real:
-            st.kappa = _kappa(st.trajectory)
+            st.kappa = _kappa(st.trajectory, self.flow)
         if not cfg.acc_range[0] <= k < cfg.acc_range[1] or st.in_a_row >= cfg.max_interval:
             return False
         if cfg.criterion == "curvature":
@@ -492,13 +492,7 @@ class SADARuntime(Installed):
         if cfg.lagrange_term >= 2 and k >= cfg.lagrange_step and len(st.anchors) >= 2:
             st.lagrange_steps.append(k)
             return lagrange(st.anchors[-cfg.lagrange_term :], k)
-        p1, p0 = st.trajectory[-2:]
-        f_hat = 2 * p0.f - p1.f  # linear extrapolation of the drift
-        if self.flow:
-            return y_k - c.s * f_hat
-        # eps solvers: cached eps f_n with x0 from the multistep estimate of the state
-        y_hat = p0.y + (c.s - p0.s) * (ADAMS[0] * f_hat + ADAMS[1] * p0.f + ADAMS[2] * p1.f)
-        return y_hat - c.s * p0.f
+        return extrapolated_x0(st.trajectory[-2], st.trajectory[-1], y_k, c.s, self.flow)
 
     @property
     def flow(self) -> bool:
@@ -546,11 +540,32 @@ class SADARuntime(Installed):
         }
 
 
-def _kappa(trajectory: list[Point]) -> float:
-    """kappa = ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n|| of the worst batch element (float)."""
+def extrapolated_x0(p1: Point, p0: Point, y_k: torch.Tensor, s_k: float, flow: bool) -> torch.Tensor:
+    """x0 (in y coordinates) for a skipped step at state ``y_k``, noise level ``s_k``, from the last
+    two solved steps ``p1`` (n-1) and ``p0`` (n)."""
+    f_hat = 2 * p0.f - p1.f  # linear extrapolation of the drift
+    if flow:
+        return y_k - s_k * f_hat
+    # eps solvers: cached eps f_n with x0 from the multistep estimate of the state
+    y_hat = p0.y + (s_k - p0.s) * (ADAMS[0] * f_hat + ADAMS[1] * p0.f + ADAMS[2] * p1.f)
+    return y_hat - s_k * p0.f
+
+
+def _kappa(trajectory: list[Point], flow: bool) -> float:
+    """kappa: the relative drift error the skip approximation would have made on the newest step,
+    ``||f_hat_n - f_n|| / ||f_n||`` with f_hat_n = (y_n - x0_hat_n) / s_n, of the worst batch element.
+
+    For flow matching f_hat_n = 2 f_{n-1} - f_{n-2}, so kappa = ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n||
+    (the relative second difference); for eps solvers it back-tests the cached-eps / multistep
+    estimate instead.
+    """
     p2, p1, p0 = trajectory
-    second = (p0.f - 2 * p1.f + p2.f).flatten(1).float()
-    return float((second.norm(dim=1) / p0.f.flatten(1).float().norm(dim=1).clamp_min(1e-12)).max())
+    if flow:
+        err = p0.f - 2 * p1.f + p2.f
+    else:
+        err = (p0.y - extrapolated_x0(p2, p1, p0.y, p0.s, flow)) / p0.s - p0.f
+    err, ref = err.flatten(1).float(), p0.f.flatten(1).float()
+    return float((err.norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)).max())
 
 
 def read_kind(scheduler: Any) -> str:

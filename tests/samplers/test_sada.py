@@ -116,16 +116,21 @@ def test_curvature_criterion(case):
     assert torch.isfinite(out.float()).all() and not torch.equal(out, base)
 
 
-def test_curvature_kappa_is_the_worst_sample():
-    from diffboost.samplers.sada import Point, _kappa
+@pytest.mark.parametrize("flow", [True, False])
+def test_curvature_kappa_is_the_worst_sample(flow):
+    from diffboost.samplers.sada import Point, _kappa, extrapolated_x0
 
-    f = [torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(2, 4)]
-    f[2][1] = 2.0  # sample 1: second difference 2 on drift 2 (kappa 1); sample 0: 1 on 1 (kappa 1)
-    f[0][1, 0] = 2.0  # sample 1's second difference grows on one element
-    traj = [Point(i, torch.zeros(2, 4), 1.0, f[i]) for i in range(3)]
-    second = f[2] - 2 * f[1] + f[0]
-    expect = max(second[b].norm() / f[2][b].norm() for b in range(2))
-    assert abs(_kappa(traj) - float(expect)) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    pts = [Point(i, torch.randn(2, 4, generator=g), 3.0 - i, torch.randn(2, 4, generator=g)) for i in range(3)]
+    if flow:  # kappa is the relative second difference
+        err = pts[2].f - 2 * pts[1].f + pts[0].f
+    else:  # the drift implied by the skip approximation, back-tested on the newest step
+        err = (pts[2].y - extrapolated_x0(pts[0], pts[1], pts[2].y, pts[2].s, False)) / pts[2].s - pts[2].f
+    expect = max(float(err[b].norm() / pts[2].f[b].norm()) for b in range(2))
+    assert abs(_kappa(pts, flow) - expect) < 1e-5
+    # an exactly linear drift is predicted exactly by the flow extrapolation
+    lin = [Point(i, torch.zeros(1, 3), 1.0, torch.full((1, 3), float(i + 1))) for i in range(3)]
+    assert _kappa(lin, True) == 0.0
 
 
 def test_fixed_schedule_and_lagrange_mode(case):
