@@ -114,15 +114,18 @@ class SADA(Plugin):
         token_max_downsample: token sparsity acts on blocks whose grid is downsampled at most this
             much relative to the latent, one of 1, 2, 4, 8. Default 1 (highest-resolution blocks).
         criterion: the skip rule. ``"sign"`` (default, paper): skip when the channel mean of m is
-            <= 0. ``"curvature"`` (ours): kappa, the relative drift error the skip approximation
-            would have made on the last real step n (worst sample of the batch; for flow matching
-            the relative second difference ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n||, for eps solvers
-            a back-test of the cached-eps / multistep estimate), bounds the i-th step skipped in a
-            row: skip while ``kappa * i (i + 1) / 2 <= tolerance`` (the error of a linear
-            extrapolation i steps ahead under a constant second difference). kappa predicts the next
-            step's error (benchmarks/RESULTS.md, "SADA criterion"); the sign does not.
-        tolerance: the bound on the relative drift error of a skipped step for
-            ``criterion="curvature"`` (> 0, dimensionless). Default 0.1.
+            <= 0. ``"curvature"`` (ours): kappa, the relative state error the skip approximation
+            would have caused on the last real step n (worst sample of the batch):
+            ``|s_n - s_{n-1}| * ||f_hat_n - f_n|| / ||x0_n||``, where f_hat_n is the drift the
+            approximation implies (flow matching: f_n - f_hat_n is the second difference
+            f_n - 2 f_{n-1} + f_{n-2}; eps solvers: a back-test of the cached-eps / multistep
+            estimate), bounds the i-th step skipped in a row: skip while
+            ``kappa * i (i + 1) / 2 <= tolerance`` (the error of a linear extrapolation i steps ahead
+            under a constant second difference). kappa predicts the next step's error
+            (benchmarks/RESULTS.md, "SADA criterion"); the sign does not.
+        tolerance: the bound on kappa * i (i + 1) / 2 for ``criterion="curvature"`` (> 0, a relative
+            state error, dimensionless). Default 0.01 (on our reference models: Flux 0.016 skips 12.8
+            of 28 steps at 51 dB, SD DPM++ 0.012 skips 10 at 40 dB).
     """
 
     acc_range: tuple[int, int] = (10, 47)
@@ -136,7 +139,7 @@ class SADA(Plugin):
     sy: int = 3
     token_max_downsample: int = 1
     criterion: str = "sign"
-    tolerance: float = 0.1
+    tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PluginKind.STEP)
@@ -552,20 +555,24 @@ def extrapolated_x0(p1: Point, p0: Point, y_k: torch.Tensor, s_k: float, flow: b
 
 
 def _kappa(trajectory: list[Point], flow: bool) -> float:
-    """kappa: the relative drift error the skip approximation would have made on the newest step,
-    ``||f_hat_n - f_n|| / ||f_n||`` with f_hat_n = (y_n - x0_hat_n) / s_n, of the worst batch element.
+    """kappa: the state error the skip approximation would have caused on the newest step n,
+    ``|s_n - s_{n-1}| * ||f_hat_n - f_n|| / ||x0_n||`` with f_hat_n = (y_n - x0_hat_n) / s_n the drift
+    the approximation implies, of the worst batch element.
 
-    For flow matching f_hat_n = 2 f_{n-1} - f_{n-2}, so kappa = ||f_n - 2 f_{n-1} + f_{n-2}|| / ||f_n||
-    (the relative second difference); for eps solvers it back-tests the cached-eps / multistep
-    estimate instead.
+    A drift error df on a step of size ds moves the state by ds * df, and that displacement reaches
+    the final image (y = x0 at s = 0) nearly unchanged; ||x0_n|| makes it relative. For flow matching
+    f_hat_n - f_n = -(f_n - 2 f_{n-1} + f_{n-2}) (the second difference); for eps solvers this
+    back-tests the cached-eps / multistep estimate, whose eps error matters in proportion to the
+    (large, early) step in s.
     """
     p2, p1, p0 = trajectory
     if flow:
         err = p0.f - 2 * p1.f + p2.f
     else:
         err = (p0.y - extrapolated_x0(p2, p1, p0.y, p0.s, flow)) / p0.s - p0.f
-    err, ref = err.flatten(1).float(), p0.f.flatten(1).float()
-    return float((err.norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)).max())
+    x0 = (p0.y - p0.s * p0.f).flatten(1).float()
+    step = abs(p0.s - p1.s)
+    return float((step * err.flatten(1).float().norm(dim=1) / x0.norm(dim=1).clamp_min(1e-12)).max())
 
 
 def read_kind(scheduler: Any) -> str:
