@@ -278,7 +278,9 @@ def read_step(scheduler: Any, timestep: Any) -> Coords:
     pred = _prediction(scheduler)
     if name == "DDIMScheduler":
         t = int(_float(timestep))
-        abar = _float(scheduler.alphas_cumprod[t])
+        # zero-terminal-SNR schedules end at alpha_bar = 0: clamp as diffusers' Euler / DPM++ do
+        # (2**-24), so y = x / alpha stays finite (SADA only reads the first steps, never skips them)
+        abar = max(_float(scheduler.alphas_cumprod[t]), 2.0**-24)
         alpha, sigma_t = abar**0.5, (1.0 - abar) ** 0.5
         return Coords("vp", sigma_t / alpha, alpha, sigma_t, pred)
     if getattr(scheduler, "step_index", None) is None:

@@ -126,7 +126,8 @@ def test_curvature_kappa_is_the_worst_sample(flow):
         err = pts[2].f - 2 * pts[1].f + pts[0].f
     else:  # the drift implied by the skip approximation, back-tested on the newest step
         err = (pts[2].y - extrapolated_x0(pts[0], pts[1], pts[2].y, pts[2].s, False)) / pts[2].s - pts[2].f
-    expect = max(float(err[b].norm() / pts[2].f[b].norm()) for b in range(2))
+    x0 = pts[2].y - pts[2].s * pts[2].f
+    expect = max(float(1.0 * err[b].norm() / x0[b].norm()) for b in range(2))  # |s_2 - s_1| = 1
     assert abs(_kappa(pts, flow) - expect) < 1e-5
     # an exactly linear drift is predicted exactly by the flow extrapolation
     lin = [Point(i, torch.zeros(1, 3), 1.0, torch.full((1, 3), float(i + 1))) for i in range(3)]
@@ -267,3 +268,21 @@ def test_lagrange_is_exact_on_polynomials():
     anchors = [(n, torch.full((2,), float(n**2 - 3 * n + 1))) for n in (0, 4, 8)]
     for k in (2, 9, 11):
         assert torch.allclose(lagrange(anchors, k), torch.full((2,), float(k**2 - 3 * k + 1)))
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm"])
+def test_zero_terminal_snr_schedulers(name):
+    """v-prediction with zero terminal SNR (alpha_bar = 0 at the first step): SADA reads it without a
+    division by zero, is exact when it never skips and finite when it skips."""
+    pipe = FAMILIES["sd"]()
+    cfg = dict(pipe.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+               timestep_spacing="trailing")
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[name]
+    pipe.scheduler = cls.from_config(cfg)
+    base = run(pipe, "sd", num_inference_steps=STEPS)
+    with diffboost.accelerated(pipe, SADA(acc_range=(0, 0))):
+        assert torch.equal(run(pipe, "sd", num_inference_steps=STEPS), base)
+    with diffboost.accelerated(pipe, SADA(schedule=(3, 5), criterion="curvature")):
+        out = run(pipe, "sd", num_inference_steps=STEPS)
+        assert _sada_stats(pipe)["skipped_steps"] == [3, 5]
+    assert torch.isfinite(out.float()).all() and not torch.equal(out, base)
