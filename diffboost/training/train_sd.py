@@ -98,6 +98,33 @@ def build_scheduler(prediction_type: str = "v_prediction", zero_snr: bool = True
     )
 
 
+def make_pipeline(args: argparse.Namespace, vae, tokenizer, emas: dict[str, EMA]) -> StableDiffusionPipeline:
+    """The EMA weights as a ``StableDiffusionPipeline`` (progress bar off)."""
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=emas["text"].shadow, tokenizer=tokenizer, unet=emas["unet"].shadow,
+        scheduler=build_scheduler(args.prediction, args.zero_snr), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def model_defaults(args: argparse.Namespace) -> dict:
+    """Call defaults shipped in ``diffboost.json``: the setting the model was evaluated with."""
+    return {"height": 64, "width": 64, "steps": args.eval_steps, "guidance_scale": args.guidance}
+
+
+def export(args: argparse.Namespace, vae, tokenizer, emas: dict[str, EMA], step: int, history: list) -> None:
+    """Evaluate the checkpoint's EMA weights on ``--eval-prompts`` prompts and save the pipeline."""
+    pipe = make_pipeline(args, vae, tokenizer, emas)
+    res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, guidance_scale=args.guidance)
+    save_grid(res["images"], args.work_dir / f"export_{step:06d}.png")
+    logger.info("export step %d, %d prompts: %s", step, args.eval_prompts, json.dumps(res.get("accuracy")))
+    info = {"step": step, "eval_prompts": args.eval_prompts, "eval_steps": args.eval_steps,
+            "eval_guidance": args.guidance, "accuracy": res.get("accuracy"), "history": history}
+    save_pipeline(pipe, args.out, info, model_defaults(args))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=Path("assets/sd-shapes"))
@@ -129,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
     add_lr_decay_args(p)
     args = p.parse_args(argv)
     check_lr_decay_args(p, args)
@@ -179,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
         meta = load_checkpoint(ckpt, modules, {"opt": opt})
         start, best, history = meta["step"], meta["best"], meta["history"]
         logger.info("resumed at step %d (best adherence %.3f)", start, best)
+    if args.export:
+        export(args, vae, tokenizer, emas, start, history)
+        return
     logger.info("unet %.2fM params", sum(p.numel() for p in unet.parameters()) / 1e6)
 
     def checkpoint(step: int) -> None:
@@ -219,12 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         last = done == args.steps
         over = args.max_minutes > 0 and time.monotonic() - t_start > args.max_minutes * 60
         if done % args.eval_every == 0 or last or over:
-            pipe = StableDiffusionPipeline(
-                vae=vae, text_encoder=emas["text"].shadow, tokenizer=tokenizer, unet=emas["unet"].shadow,
-                scheduler=build_scheduler(args.prediction, args.zero_snr), safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            pipe.set_progress_bar_config(disable=True)
+            pipe = make_pipeline(args, vae, tokenizer, emas)
             res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed,
                                      guidance_scale=args.guidance)
             save_grid(res["images"], args.work_dir / f"samples_{done:06d}.png")
@@ -236,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                 best = score
                 save_pipeline(pipe, args.out, {"step": done, "accuracy": acc, "loss": loss_avg,
                                                "eval_guidance": args.guidance, "eval_steps": args.eval_steps},
-                              {"height": 64, "width": 64, "steps": args.eval_steps, "guidance_scale": args.guidance})
+                              model_defaults(args))
             checkpoint(done)
             timer.last = time.monotonic()
         elif timer.due():

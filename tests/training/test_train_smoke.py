@@ -59,6 +59,10 @@ def test_sd_trainer_resumes_and_saves(tmp_path: Path) -> None:
     train_sd.main([*args, "--steps", "3"])
     assert _ckpt_step(work / "sd.ckpt") == 3
     assert json.loads((out / "diffboost.json").read_text())["guidance_scale"] == 3.0
+    train_sd.main([*args, "--steps", "3", "--export", "--guidance", "4"])
+    assert json.loads((out / "training_info.json").read_text())["step"] == 3
+    assert json.loads((out / "diffboost.json").read_text())["guidance_scale"] == 4.0
+    assert (work / "export_000003.png").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
     img = pipe("a small blue star at the top on a black background", height=64, width=64,
                num_inference_steps=2, output_type="np").images
