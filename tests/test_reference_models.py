@@ -100,3 +100,26 @@ def test_flux_reference_sada_bottleneck_taylorseer(flux):
         combined = _run(pipe, kwargs)
     assert combined.shape == base.shape and torch.isfinite(combined).all()
     assert torch.equal(_run(pipe, kwargs), base)
+
+
+@pytest.mark.parametrize("name, scheduler", [("flux-shapes", None), ("sd-shapes", "dpm"), ("sd-shapes", "ddim")])
+def test_reference_sada_curvature(name, scheduler, request):
+    """The curvature criterion on the trained models: skips where its error bound allows, stays close to
+    the baseline, is exact when no step meets the bound, and remove() restores the pipeline."""
+    pipe, kwargs = request.getfixturevalue("flux" if name == "flux-shapes" else "sd")
+    original = pipe.scheduler
+    if scheduler:
+        pipe.scheduler = SCHEDULERS[scheduler].from_config(original.config)
+    try:
+        base = _run(pipe, kwargs)
+        with diffboost.accelerated(pipe, SADA(acc_range=(3, 11), criterion="curvature", tolerance=1e-12)):
+            assert torch.equal(_run(pipe, kwargs), base)
+        plugin = SADA(acc_range=(3, 11), max_interval=6, lagrange_term=0, criterion="curvature", tolerance=0.016)
+        with diffboost.accelerated(pipe, plugin):
+            fast = _run(pipe, kwargs)
+            stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]
+        assert torch.equal(_run(pipe, kwargs), base)
+    finally:
+        pipe.scheduler = original
+    assert stats["skipped"] >= 1, stats
+    assert float(psnr(fast, base)) > 30.0, stats["skipped_steps"]
