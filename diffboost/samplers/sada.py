@@ -33,7 +33,8 @@ Stability criterion, evaluated after every step n on the last three drifts of th
   (our reading of the paper: rebuild the previous state from the newest state and the three latest
   drifts, and compare it with the state the solver actually produced).
 
-Step n+1 is skipped when ``mean(m) <= 0``, n+1 lies in ``acc_range`` and fewer than
+(``criterion="curvature"``, ours, replaces this sign test by an error bound: see ``SADA`` and
+``_kappa``.) Step n+1 is skipped when ``mean(m) <= 0``, n+1 lies in ``acc_range`` and fewer than
 ``max_interval`` steps were skipped in a row. The skipped step's drift enters the trajectory, so right
 after a skip the second difference of a linear extrapolation is zero (m = 0, "stable") and a run of
 skips continues until ``max_interval``; the next real step then re-tests the trajectory.
@@ -124,8 +125,8 @@ class SADA(Plugin):
             under a constant second difference). kappa predicts the next step's error
             (benchmarks/RESULTS.md, "SADA criterion"); the sign does not.
         tolerance: the bound on kappa * i (i + 1) / 2 for ``criterion="curvature"`` (> 0, a relative
-            state error, dimensionless). Default 0.01 (on our reference models: Flux 0.016 skips 12.8
-            of 28 steps at 51 dB, SD DPM++ 0.012 skips 10 at 40 dB).
+            state error, dimensionless). Default 0.01 (on our reference models at 28 steps: Flux 0.016
+            skips 12.8 steps at 49.5 dB, SD with DPM++ 0.08 skips 15.5 at 49.3 dB).
     """
 
     acc_range: tuple[int, int] = (10, 47)
@@ -323,7 +324,7 @@ class CallState:
         self.lagrange_steps: list[int] = []
         self.saved_calls = 0  # denoiser calls replaced by a stand-in
         self.last_m: float | None = None
-        self.kappa: float | None = None  # relative second difference of the last real triple
+        self.kappa: float | None = None  # curvature criterion: kappa of the last real triple (_kappa)
         # token sparsity: the stability map (H, W) after the last solved step, the plan of the
         # step about to run, the last step computed with all tokens
         self.token_map: torch.Tensor | None = None
