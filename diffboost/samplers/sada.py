@@ -123,7 +123,7 @@ class SADA(Plugin):
             estimate), bounds the i-th step skipped in a row: skip while
             ``kappa * i (i + 1) / 2 <= tolerance`` (the error of a linear extrapolation i steps ahead
             under a constant second difference). kappa predicts the next step's error
-            (benchmarks/RESULTS.md, "SADA criterion"); the sign does not.
+            (benchmarks/RESULTS.md, "What predicts a safe skip?"); the sign does not.
         tolerance: the bound on kappa * i (i + 1) / 2 for ``criterion="curvature"`` (> 0, a relative
             state error, dimensionless). Default 0.01 (on our reference models at 28 steps: Flux 0.016
             skips 12.8 steps at 49.5 dB, SD with DPM++ 0.08 skips 15.5 at 49.3 dB).

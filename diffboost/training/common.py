@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import math
+import os
 import sys
 import time
 from pathlib import Path

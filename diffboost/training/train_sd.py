@@ -85,7 +85,7 @@ def build_text_encoder(vocab_size: int, width: int) -> CLIPTextModel:
 
 def build_scheduler(prediction_type: str = "v_prediction", zero_snr: bool = True) -> DDIMScheduler:
     """SD's scaled-linear betas; with ``zero_snr`` rescaled to zero terminal SNR and sampled with
-    trailing timesteps (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed").
+    trailing timesteps (Lin et al., WACV 2024, "Common diffusion noise schedules and sample steps are flawed").
 
     Why: with the plain schedule x_T keeps sqrt(alpha_bar_999) = 6.8% of the image, enough for the
     model to read an object's position from the leaked signal in training; from pure noise at
