@@ -240,6 +240,9 @@ class _Runner(Workload):
             result.status = f"error: {type(exc).__name__}: {exc}"
             logger.exception("%s could not be installed", config.name)
             return
+        note = self.states[config.name].get("auto_note")
+        if note and note not in result.description:
+            result.description += f"; {note}"
         try:
             body()
         except Exception as exc:
