@@ -197,6 +197,42 @@ def lr_factor(step: int, warmup: int = 200, decay_from: int = 0, decay_to: int =
     return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def add_trainer_args(p, *, out: Path, work_dir: Path, vae_dir: Path | None, lr: float) -> None:
+    """The arguments both denoiser trainers share: VAE stage, data, optimiser, evaluation,
+    checkpoints, ``--export`` and the LR decay (:func:`add_lr_decay_args`)."""
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--work-dir", type=Path, default=work_dir)
+    p.add_argument("--vae-dir", type=Path, default=vae_dir,
+                   help="where the shared VAE and latent cache live (default: %(default)s; None = work dir)")
+    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--num-images", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--text-lr", type=float, default=1e-3)
+    p.add_argument("--text-width", type=int, default=64)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--eval-steps", type=int, default=28)
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (checkpointed) after this long; 0 = no limit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
+    p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
+    add_lr_decay_args(p)
+
+
+def check_trainer_args(p, args) -> None:
+    """Checks shared by both trainers (LR decay, ``--drop-caption``)."""
+    check_lr_decay_args(p, args)
+    if not 0.0 <= args.drop_caption < 1.0:
+        p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
+
+
 def add_lr_decay_args(p) -> None:
     """``--decay-from/--decay-to/--min-lr-ratio`` (see :func:`lr_factor`)."""
     p.add_argument("--decay-from", type=int, default=0, help="step where the cosine LR decay starts")

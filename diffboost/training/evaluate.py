@@ -76,3 +76,25 @@ def save_pipeline(pipe: DiffusionPipeline, out: Path, info: dict[str, Any],
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     logger.info("saved pipeline -> %s", out)
+
+
+def export_checkpoint(
+    pipe: DiffusionPipeline,
+    args: Any,
+    step: int,
+    history: list,
+    call_kwargs: dict[str, Any],
+    defaults: dict[str, Any],
+    **extra_info: Any,
+) -> dict[str, Any]:
+    """``--export`` of both trainers: score ``pipe`` (the checkpoint's EMA weights) on
+    ``args.eval_prompts`` prompts at ``args.eval_steps`` steps with ``call_kwargs``, save a sample grid
+    under ``args.work_dir`` and the pipeline (with ``training_info.json`` and ``defaults`` as
+    ``diffboost.json``) to ``args.out``. Returns the evaluation result."""
+    res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, **call_kwargs)
+    save_grid(res["images"], Path(args.work_dir) / f"export_{step:06d}.png")
+    logger.info("export step %d, %d prompts: %s", step, args.eval_prompts, json.dumps(res.get("accuracy")))
+    info = {"step": step, "eval_prompts": args.eval_prompts, "eval_steps": args.eval_steps, **extra_info,
+            "accuracy": res.get("accuracy"), "history": history}
+    save_pipeline(pipe, args.out, info, defaults)
+    return res

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -27,9 +26,9 @@ from diffboost.data import scenes
 from diffboost.training.common import (
     EMA,
     Timer,
-    add_lr_decay_args,
+    add_trainer_args,
     build_tokenizer,
-    check_lr_decay_args,
+    check_trainer_args,
     load_checkpoint,
     lr_factor,
     save_checkpoint,
@@ -37,7 +36,7 @@ from diffboost.training.common import (
     step_generator,
     tokenize,
 )
-from diffboost.training.evaluate import generate_and_score, save_grid, save_pipeline
+from diffboost.training.evaluate import export_checkpoint, generate_and_score, save_grid, save_pipeline
 from diffboost.training.vae import cache_latents, train_vae, vae_psnr
 
 logger = logging.getLogger(__name__)
@@ -136,50 +135,21 @@ def export(args: argparse.Namespace, vae, tokenizer, emas: dict[str, EMA], step:
     """Evaluate the checkpoint's EMA weights on ``--eval-prompts`` prompts and save the pipeline."""
     pipe = make_pipeline(vae, emas["clip"].shadow, emas["t5"].shadow, tokenizer, emas["transformer"].shadow)
     pipe.set_progress_bar_config(disable=True)
-    res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, **eval_kwargs(args))
-    save_grid(res["images"], args.work_dir / f"export_{step:06d}.png")
-    logger.info("export step %d, %d prompts: %s", step, args.eval_prompts, json.dumps(res.get("accuracy")))
-    info = {"step": step, "eval_prompts": args.eval_prompts, "eval_steps": args.eval_steps,
-            "accuracy": res.get("accuracy"), "history": history}
-    save_pipeline(pipe, args.out, info, model_defaults(args))
+    export_checkpoint(pipe, args, step, history, eval_kwargs(args), model_defaults(args))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, default=Path("assets/flux-shapes"))
-    p.add_argument("--work-dir", type=Path, default=Path("runs/flux"))
-    p.add_argument("--vae-dir", type=Path, default=None, help="where the shared VAE lives (default: work dir)")
-    p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--num-images", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--text-lr", type=float, default=1e-3)
-    p.add_argument("--text-width", type=int, default=64)
+    add_trainer_args(p, out=Path("assets/flux-shapes"), work_dir=Path("runs/flux"), vae_dir=None, lr=5e-4)
     p.add_argument("--long-text-prob", type=float, default=0.1, help="share of steps with T5 padded to 64")
     p.add_argument("--drop-caption", type=float, default=0.0,
                    help="share of samples trained on the empty caption (enables true CFG with negative_prompt='')")
     p.add_argument("--eval-cfg", type=float, default=1.0,
                    help="true_cfg_scale of the evaluation (> 1: CFG against the empty prompt)")
-    p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--time-shift", type=float, default=math.exp(0.5), help="sigma shift of training times")
     p.add_argument("--uniform-t", type=float, default=0.1, help="share of uniformly drawn training times")
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-prompts", type=int, default=32)
-    p.add_argument("--eval-steps", type=int, default=28)
-    p.add_argument("--ckpt-minutes", type=float, default=4.0)
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (checkpointed) after this long; 0 = no limit")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
-    p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
-    add_lr_decay_args(p)
     args = p.parse_args(argv)
-    check_lr_decay_args(p, args)
-    if not 0.0 <= args.drop_caption < 1.0:
-        p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
+    check_trainer_args(p, args)
     if args.eval_cfg < 1.0:
         p.error(f"--eval-cfg must be >= 1 (1 = no CFG), got {args.eval_cfg}")
     return args

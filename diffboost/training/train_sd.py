@@ -25,9 +25,9 @@ from diffboost.data import scenes
 from diffboost.training.common import (
     EMA,
     Timer,
-    add_lr_decay_args,
+    add_trainer_args,
     build_tokenizer,
-    check_lr_decay_args,
+    check_trainer_args,
     load_checkpoint,
     lr_factor,
     save_checkpoint,
@@ -35,7 +35,7 @@ from diffboost.training.common import (
     step_generator,
     tokenize,
 )
-from diffboost.training.evaluate import generate_and_score, save_grid, save_pipeline
+from diffboost.training.evaluate import export_checkpoint, generate_and_score, save_grid, save_pipeline
 from diffboost.training.vae import cache_latents, train_vae
 
 logger = logging.getLogger(__name__)
@@ -117,51 +117,23 @@ def model_defaults(args: argparse.Namespace) -> dict:
 def export(args: argparse.Namespace, vae, tokenizer, emas: dict[str, EMA], step: int, history: list) -> None:
     """Evaluate the checkpoint's EMA weights on ``--eval-prompts`` prompts and save the pipeline."""
     pipe = make_pipeline(args, vae, tokenizer, emas)
-    res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, guidance_scale=args.guidance)
-    save_grid(res["images"], args.work_dir / f"export_{step:06d}.png")
-    logger.info("export step %d, %d prompts: %s", step, args.eval_prompts, json.dumps(res.get("accuracy")))
-    info = {"step": step, "eval_prompts": args.eval_prompts, "eval_steps": args.eval_steps,
-            "eval_guidance": args.guidance, "accuracy": res.get("accuracy"), "history": history}
-    save_pipeline(pipe, args.out, info, model_defaults(args))
+    export_checkpoint(pipe, args, step, history, {"guidance_scale": args.guidance}, model_defaults(args),
+                      eval_guidance=args.guidance)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, default=Path("assets/sd-shapes"))
-    p.add_argument("--work-dir", type=Path, default=Path("runs/sd"))
-    p.add_argument("--vae-dir", type=Path, default=Path("runs/flux"), help="shared VAE + latent cache")
-    p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--num-images", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=8e-4)
+    add_trainer_args(p, out=Path("assets/sd-shapes"), work_dir=Path("runs/sd"), vae_dir=Path("runs/flux"), lr=8e-4)
     p.add_argument("--channels", type=int, nargs="+", default=(32, 64, 64), help="UNet width per level (2-4 levels)")
-    p.add_argument("--text-lr", type=float, default=1e-3)
-    p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--drop-caption", type=float, default=0.1)
     p.add_argument("--prediction", choices=("v_prediction", "epsilon"), default="v_prediction",
                    help="v-prediction (default) weights the noisy steps, where the layout is decided, far more "
                         "than epsilon: with epsilon the model still ignored position and background at step 1500")
     p.add_argument("--zero-snr", action=argparse.BooleanOptionalAction, default=True,
                    help="zero terminal SNR noise schedule + trailing timesteps (default on; needs v-prediction)")
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-prompts", type=int, default=32)
-    p.add_argument("--eval-steps", type=int, default=28)
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--ckpt-minutes", type=float, default=4.0)
-    p.add_argument("--max-minutes", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
-    add_lr_decay_args(p)
     args = p.parse_args(argv)
-    check_lr_decay_args(p, args)
-    if not 0.0 <= args.drop_caption < 1.0:
-        p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
+    check_trainer_args(p, args)
     groups = min(32, args.channels[0] // 2)  # the UNet's norm_num_groups (see build_unet)
     if not 2 <= len(args.channels) <= 4 or args.channels[0] < 8 or any(c % groups for c in args.channels):
         p.error(f"--channels takes 2-4 widths, the first >= 8, all divisible by min(32, first // 2) = {groups} "

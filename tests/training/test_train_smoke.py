@@ -97,7 +97,25 @@ def test_decoder_finetune_keeps_the_encoder(tmp_path: Path) -> None:
     after = load_file(str(tmp_path / "vae.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    assert json.loads((tmp_path / "vae_meta.json").read_text()) == {"steps": 1, "decoder_steps": 2}
+    meta = json.loads((tmp_path / "vae_meta.json").read_text())
+    assert meta == {"steps": 1, "decoder_steps": 2, "decoder_object_weight": {"2": 0.0}}
+    finetune_decoder(tmp_path, 3, batch_size=2, object_weight=4.0)  # resumes at 2, one more step
+    meta = json.loads((tmp_path / "vae_meta.json").read_text())
+    assert meta["decoder_steps"] == 3 and meta["decoder_object_weight"] == {"2": 0.0, "3": 4.0}
+
+
+def test_object_mask_marks_objects_not_background() -> None:
+    import torch
+
+    from diffboost.training.common import scene_batch
+    from diffboost.training.vae import object_mask
+
+    x, _ = scene_batch([5, 6])
+    mask = object_mask(x)
+    assert mask.shape == (2, 1, 64, 64)
+    share = mask.mean(dim=(1, 2, 3))
+    assert ((share > 0.01) & (share < 0.3)).all(), share  # objects are a few percent of a scene
+    assert object_mask(torch.full_like(x[:1], 0.2)).sum() == 0  # a plain image has no objects
 
 
 def test_lr_factor_warmup_then_cosine() -> None:
