@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -123,8 +123,14 @@ def vae_psnr(vae: AutoencoderKL, n: int = 64) -> float:
 def cache_latents(
     vae: AutoencoderKL, work_dir: Path, num_images: int, batch_size: int = 64
 ) -> tuple[torch.Tensor, list[int]]:
-    """Encode the fixed scene set once (posterior means); cached on disk. Returns latents and seeds."""
-    path = work_dir / f"latents_{num_images}.safetensors"
+    """Encode the fixed scene set once (posterior means); cached on disk. Returns latents and seeds.
+
+    The file name carries the encoder version of ``vae_meta.json`` (bumped by :func:`finetune_vae`),
+    so a re-trained encoder never reads latents of an older one.
+    """
+    version = encoder_version(work_dir)
+    suffix = f"_e{version}" if version else ""
+    path = work_dir / f"latents_{num_images}{suffix}.safetensors"
     seeds = list(range(LATENT_SEED_OFFSET, LATENT_SEED_OFFSET + num_images))
     if path.exists():
         return load_file(str(path))["latents"], seeds
@@ -138,6 +144,12 @@ def cache_latents(
     tmp.replace(path)
     logger.info("cached %d latents -> %s", num_images, path)
     return latents, seeds
+
+
+def encoder_version(work_dir: Path) -> int:
+    """How many times the encoder of the VAE under ``work_dir`` was fine-tuned (0: as first trained)."""
+    meta_path = work_dir / "vae_meta.json"
+    return int(json.loads(meta_path.read_text()).get("encoder_version", 0)) if meta_path.is_file() else 0
 
 
 def object_mask(x: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
@@ -238,15 +250,116 @@ def finetune_decoder(
     return vae
 
 
+def finetune_vae(
+    work_dir: Path,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 3e-4,
+    seed: int = 0,
+    noise_scale: float = 0.25,
+    object_weight: float = 1.0,
+    anchor_weight: float = 0.1,
+    kl_weight: float = 1e-6,
+    ckpt_every_s: float = 240.0,
+) -> AutoencoderKL:
+    """Fine-tune encoder and decoder of the finished VAE under ``work_dir`` for ``steps`` more steps.
+
+    For when the encoder itself loses information, e.g. maps two colours to nearly the same latent
+    (no decoder can then tell them apart). Loss: L1 + MSE + ``object_weight`` x object-pixel L1
+    (see :func:`finetune_decoder`) + ``kl_weight`` x KL + ``anchor_weight`` x the anchor
+    ||mu - mu_ref||^2 / var(mu_ref), mu_ref being the posterior mean of the VAE before this run: it keeps
+    the latent space close to the one the denoisers learned, so fine-tuning them on the new latents
+    is short. The encoder changes, so the run bumps ``encoder_version`` in ``vae_meta.json``: the
+    latent cache is rebuilt and the denoisers must be fine-tuned on it. Resumable; the result
+    replaces ``vae.safetensors`` atomically; the previous weights stay as
+    ``vae.e<version>.safetensors``.
+    """
+    final = work_dir / "vae.safetensors"
+    meta_path = work_dir / "vae_meta.json"
+    if not final.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"no finished VAE in {work_dir} (vae.safetensors + vae_meta.json): train it first")
+    meta = json.loads(meta_path.read_text())
+    version = int(meta.get("encoder_version", 0))
+    reference = work_dir / f"vae.e{version}.safetensors"
+    if not reference.is_file():
+        tmp = reference.with_name(reference.name + ".tmp")
+        tmp.write_bytes(final.read_bytes())
+        tmp.replace(reference)
+    ref = build_vae()
+    ref.load_state_dict(load_file(str(reference)))
+    ref.requires_grad_(False).eval()
+    vae = build_vae()
+    vae.load_state_dict(load_file(str(reference)))
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    ckpt = work_dir / "vae_finetune.ckpt"
+    start = 0
+    if ckpt.exists():
+        start = load_checkpoint(ckpt, {"vae": vae}, {"opt": opt})["step"]
+        logger.info("VAE fine-tune: resumed at step %d", start)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    )
+    for _ in range(start):
+        sched.step()
+    timer = Timer(ckpt_every_s)
+    vae.train()
+    avg = None
+    for step in tqdm(range(start, steps), desc="vae fine-tune", mininterval=30, initial=start, total=steps):
+        g = step_generator(seed + 11, step)
+        seeds = (torch.randint(0, 10_000_000, (batch_size,), generator=g) + VAE_SEED_OFFSET).tolist()
+        x, _ = scene_batch(seeds)
+        post = vae.encode(x).latent_dist
+        with torch.no_grad():
+            mu_ref = ref.encode(x).latent_dist.mean
+        z = post.mean + noise_scale * post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mask = object_mask(x)
+        loss = (
+            F.l1_loss(rec, x)
+            + F.mse_loss(rec, x)
+            + object_weight * ((rec - x).abs() * mask).sum() / (3 * mask.sum()).clamp_min(1)
+            + anchor_weight * (post.mean - mu_ref).pow(2).mean() / mu_ref.var()
+            + kl_weight * post.kl().mean() / x[0].numel()
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        if step % 50 == 0:
+            logger.info("VAE fine-tune step %d loss %.4f", step, avg)
+        if timer.due():
+            save_checkpoint(ckpt, {"vae": vae}, {"opt": opt}, {"step": step + 1})
+    vae.eval()
+    tmp = final.with_name(final.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp))
+    tmp.replace(final)
+    meta["encoder_version"] = version + 1
+    meta.setdefault("encoder_finetunes", []).append(
+        {"steps": steps, "lr": lr, "object_weight": object_weight, "anchor_weight": anchor_weight}
+    )
+    meta_path.write_text(json.dumps(meta))
+    ckpt.unlink(missing_ok=True)
+    logger.info("VAE fine-tune: done after %d steps, PSNR %.2f dB, encoder version %d", steps, vae_psnr(vae, 128),
+                version + 1)
+    return vae
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m diffboost.training.vae --work-dir runs/flux --decoder-steps N``: decoder fine-tune."""
+    """``python -m diffboost.training.vae --work-dir runs/flux (--decoder-steps N | --encoder-steps N)``."""
     import argparse
 
     from diffboost.training.common import setup_logging
 
-    p = argparse.ArgumentParser(description=finetune_decoder.__doc__)
+    p = argparse.ArgumentParser(
+        description="Fine-tune the shared VAE: decoder only (--decoder-steps) or encoder + decoder (--encoder-steps)."
+    )
     p.add_argument("--work-dir", type=Path, default=Path("runs/flux"))
-    p.add_argument("--decoder-steps", type=int, required=True, help="total decoder fine-tuning steps")
+    p.add_argument("--decoder-steps", type=int, default=0, help="total decoder fine-tuning steps")
+    p.add_argument("--encoder-steps", type=int, default=0,
+                   help="fine-tune encoder + decoder for this many steps (changes the latents; see finetune_vae)")
+    p.add_argument("--anchor-weight", type=float, default=0.1, help="weight of the latent anchor (encoder fine-tune)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
@@ -259,7 +372,13 @@ def main(argv: list[str] | None = None) -> None:
     vae = build_vae()
     vae.load_state_dict(load_file(str(args.work_dir / "vae.safetensors")))
     logger.info("decoder: PSNR before %.2f dB", vae_psnr(vae.eval(), 128))
-    finetune_decoder(args.work_dir, args.decoder_steps, args.batch_size, args.lr, object_weight=args.object_weight)
+    if bool(args.decoder_steps) == bool(args.encoder_steps):
+        p.error("pass exactly one of --decoder-steps (decoder only) and --encoder-steps (encoder + decoder)")
+    if args.encoder_steps:
+        finetune_vae(args.work_dir, args.encoder_steps, args.batch_size, args.lr, object_weight=args.object_weight,
+                     anchor_weight=args.anchor_weight)
+    else:
+        finetune_decoder(args.work_dir, args.decoder_steps, args.batch_size, args.lr, object_weight=args.object_weight)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,30 @@ def test_decoder_finetune_keeps_the_encoder(tmp_path: Path) -> None:
     assert meta["decoder_steps"] == 3 and meta["decoder_object_weight"] == {"2": 0.0, "3": 4.0}
 
 
+def test_vae_finetune_moves_the_encoder_and_versions_the_latent_cache(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from diffboost.training.vae import build_vae, cache_latents, encoder_version, finetune_vae
+
+    torch.manual_seed(0)
+    vae = build_vae()
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    (tmp_path / "vae_meta.json").write_text(json.dumps({"steps": 1}))
+    before = load_file(str(tmp_path / "vae.safetensors"))
+    old_latents, _ = cache_latents(vae.eval(), tmp_path, 4, batch_size=4)
+    assert (tmp_path / "latents_4.safetensors").is_file() and encoder_version(tmp_path) == 0
+    tuned = finetune_vae(tmp_path, 2, batch_size=2)
+    after = load_file(str(tmp_path / "vae.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert all(torch.equal(before[k], v) for k, v in load_file(str(tmp_path / "vae.e0.safetensors")).items())
+    assert encoder_version(tmp_path) == 1
+    new_latents, _ = cache_latents(tuned, tmp_path, 4, batch_size=4)
+    assert (tmp_path / "latents_4_e1.safetensors").is_file()  # a new cache, the old one untouched
+    assert not torch.equal(new_latents, old_latents)
+    assert torch.equal(cache_latents(vae, tmp_path, 4)[0], new_latents)  # read back from the e1 file
+
+
 def test_object_mask_marks_objects_not_background() -> None:
     import torch
 
