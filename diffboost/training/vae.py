@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -139,7 +140,7 @@ def cache_latents(
         x, _ = scene_batch(seeds[i : i + batch_size])
         chunks.append(vae.encode(x).latent_dist.mean)
     latents = torch.cat(chunks).contiguous()
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two trainers may build the cache at once
     save_file({"latents": latents}, str(tmp))
     tmp.replace(path)
     logger.info("cached %d latents -> %s", num_images, path)
