@@ -164,6 +164,22 @@ def object_mask(x: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
     return ((x - background).abs().sum(dim=1, keepdim=True) > threshold).to(x.dtype)
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, object_weight: float = 0.0) -> torch.Tensor:
+    """L1 + MSE on [-1, 1] images, plus ``object_weight`` x the L1 over object pixels only."""
+    loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+    if object_weight > 0:
+        mask = object_mask(x)
+        loss = loss + object_weight * ((rec - x).abs() * mask).sum() / (3 * mask.sum()).clamp_min(1)
+    return loss
+
+
+def save_weights(vae: AutoencoderKL, path: Path) -> None:
+    """Save the VAE's weights to ``path`` (safetensors) atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
 def finetune_decoder(
     work_dir: Path,
     steps: int,
@@ -225,10 +241,7 @@ def finetune_decoder(
             post = vae.encode(x).latent_dist
             z = post.mean + noise_scale * post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        if object_weight > 0:
-            mask = object_mask(x)
-            loss = loss + object_weight * ((rec - x).abs() * mask).sum() / (3 * mask.sum()).clamp_min(1)
+        loss = reconstruction_loss(rec, x, object_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -240,9 +253,7 @@ def finetune_decoder(
         if timer.due():
             save_checkpoint(ckpt, {"vae": vae}, {"opt": opt}, {"step": step + 1})
     vae.eval()
-    tmp = final.with_name(final.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp))
-    tmp.replace(final)
+    save_weights(vae, final)
     meta["decoder_steps"] = steps
     meta.setdefault("decoder_object_weight", {})[str(steps)] = object_weight
     meta_path.write_text(json.dumps(meta))
@@ -314,11 +325,8 @@ def finetune_vae(
             mu_ref = ref.encode(x).latent_dist.mean
         z = post.mean + noise_scale * post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
-        mask = object_mask(x)
         loss = (
-            F.l1_loss(rec, x)
-            + F.mse_loss(rec, x)
-            + object_weight * ((rec - x).abs() * mask).sum() / (3 * mask.sum()).clamp_min(1)
+            reconstruction_loss(rec, x, object_weight)
             + anchor_weight * (post.mean - mu_ref).pow(2).mean() / mu_ref.var()
             + kl_weight * post.kl().mean() / x[0].numel()
         )
@@ -333,9 +341,7 @@ def finetune_vae(
         if timer.due():
             save_checkpoint(ckpt, {"vae": vae}, {"opt": opt}, {"step": step + 1})
     vae.eval()
-    tmp = final.with_name(final.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp))
-    tmp.replace(final)
+    save_weights(vae, final)
     meta["encoder_version"] = version + 1
     meta.setdefault("encoder_finetunes", []).append(
         {"steps": steps, "lr": lr, "object_weight": object_weight, "anchor_weight": anchor_weight}
