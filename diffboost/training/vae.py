@@ -374,13 +374,18 @@ def main(argv: list[str] | None = None) -> None:
         "--object-weight", type=float, default=0.0, help="weight of the object-pixel L1 term (0 = plain L1 + MSE)"
     )
     args = p.parse_args(argv)
+    if bool(args.decoder_steps) == bool(args.encoder_steps):
+        p.error("pass exactly one of --decoder-steps (decoder only) and --encoder-steps (encoder + decoder)")
+    for name in ("decoder_steps", "encoder_steps", "object_weight", "anchor_weight"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.lr <= 0 or args.batch_size < 1:
+        p.error(f"--lr must be > 0 and --batch-size >= 1, got {args.lr} and {args.batch_size}")
     torch.set_num_threads(args.threads)
     setup_logging(args.work_dir / "decoder.log")
     vae = build_vae()
     vae.load_state_dict(load_file(str(args.work_dir / "vae.safetensors")))
-    logger.info("decoder: PSNR before %.2f dB", vae_psnr(vae.eval(), 128))
-    if bool(args.decoder_steps) == bool(args.encoder_steps):
-        p.error("pass exactly one of --decoder-steps (decoder only) and --encoder-steps (encoder + decoder)")
+    logger.info("VAE: PSNR before %.2f dB", vae_psnr(vae.eval(), 128))
     if args.encoder_steps:
         finetune_vae(args.work_dir, args.encoder_steps, args.batch_size, args.lr, object_weight=args.object_weight,
                      anchor_weight=args.anchor_weight)

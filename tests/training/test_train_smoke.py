@@ -175,3 +175,20 @@ def test_sd_scheduler_has_zero_terminal_snr() -> None:
     assert int(sched.timesteps[0]) == 999  # sampling starts from pure noise
     plain = train_sd.build_scheduler("epsilon", zero_snr=False)
     assert float(plain.alphas_cumprod[-1]) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "exactly one of"),
+        (["--decoder-steps", "5", "--encoder-steps", "5"], "exactly one of"),
+        (["--encoder-steps", "5", "--anchor-weight", "-1"], "--anchor-weight must be >= 0"),
+        (["--decoder-steps", "5", "--lr", "0"], "--lr must be > 0"),
+    ],
+)
+def test_vae_cli_rejects_bad_arguments(argv, message, capsys, tmp_path: Path) -> None:
+    from diffboost.training.vae import main
+
+    with pytest.raises(SystemExit):
+        main(["--work-dir", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
