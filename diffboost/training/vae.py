@@ -366,31 +366,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decoder-steps", type=int, default=0, help="total decoder fine-tuning steps")
     p.add_argument("--encoder-steps", type=int, default=0,
                    help="fine-tune encoder + decoder for this many steps (changes the latents; see finetune_vae)")
-    p.add_argument("--anchor-weight", type=float, default=0.1, help="weight of the latent anchor (encoder fine-tune)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--anchor-weight", type=float, default=None,
+                   help="weight of the latent anchor (encoder fine-tune; default: finetune_vae's, 0.1)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: finetune_decoder's 1e-3, finetune_vae's 3e-4)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
-        "--object-weight", type=float, default=0.0, help="weight of the object-pixel L1 term (0 = plain L1 + MSE)"
+        "--object-weight", type=float, default=None,
+        help="weight of the object-pixel L1 term (0 = plain L1 + MSE; default: finetune_decoder's 0, finetune_vae's 1)",
     )
     args = p.parse_args(argv)
     if bool(args.decoder_steps) == bool(args.encoder_steps):
         p.error("pass exactly one of --decoder-steps (decoder only) and --encoder-steps (encoder + decoder)")
     for name in ("decoder_steps", "encoder_steps", "object_weight", "anchor_weight"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.lr <= 0 or args.batch_size < 1:
+    if (args.lr is not None and args.lr <= 0) or args.batch_size < 1:
         p.error(f"--lr must be > 0 and --batch-size >= 1, got {args.lr} and {args.batch_size}")
+    if args.anchor_weight is not None and not args.encoder_steps:
+        p.error("--anchor-weight applies to --encoder-steps only")
     torch.set_num_threads(args.threads)
     setup_logging(args.work_dir / "decoder.log")
     vae = build_vae()
     vae.load_state_dict(load_file(str(args.work_dir / "vae.safetensors")))
     logger.info("VAE: PSNR before %.2f dB", vae_psnr(vae.eval(), 128))
+    # unset options fall through to the fine-tune function's own defaults (one place for them)
+    given = {k: v for k, v in (("lr", args.lr), ("object_weight", args.object_weight),
+                               ("anchor_weight", args.anchor_weight)) if v is not None}
     if args.encoder_steps:
-        finetune_vae(args.work_dir, args.encoder_steps, args.batch_size, args.lr, object_weight=args.object_weight,
-                     anchor_weight=args.anchor_weight)
+        finetune_vae(args.work_dir, args.encoder_steps, args.batch_size, **given)
     else:
-        finetune_decoder(args.work_dir, args.decoder_steps, args.batch_size, args.lr, object_weight=args.object_weight)
+        finetune_decoder(args.work_dir, args.decoder_steps, args.batch_size, **given)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,7 @@ def test_sd_scheduler_has_zero_terminal_snr() -> None:
         (["--decoder-steps", "5", "--encoder-steps", "5"], "exactly one of"),
         (["--encoder-steps", "5", "--anchor-weight", "-1"], "--anchor-weight must be >= 0"),
         (["--decoder-steps", "5", "--lr", "0"], "--lr must be > 0"),
+        (["--decoder-steps", "5", "--anchor-weight", "0.2"], "--anchor-weight applies to --encoder-steps only"),
     ],
 )
 def test_vae_cli_rejects_bad_arguments(argv, message, capsys, tmp_path: Path) -> None:
