@@ -1,6 +1,7 @@
 """The ``diffboost`` command line.
 
     diffboost generate ["PROMPT"] [--model PATH] [--preset NAME] [--steps N] [--seed S] [--out FILE] [--compare]
+    diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none] [--seeds N] [--steps N] ...
     diffboost bench [--model PATH] [--quick] ...
 
 ``generate`` runs the embedded reference model (``assets/flux-shapes``) when ``--model`` is not given.
@@ -174,6 +175,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import diffboost
+
+    from .batch import make_jobs, read_prompts, run_batch
+
+    from .plugins.presets import resolve
+
+    entries = read_prompts(args.prompts)  # before loading the model: a bad file or preset fails fast
+    if args.preset != "none":
+        resolve(args.preset)
+    model = Path(args.model) if args.model else default_model_path()
+    pipe = load_pipeline(model, args.dtype)
+    pipe.set_progress_bar_config(disable=True)  # one bar for the batch instead
+    defaults = model_defaults(model)
+    extra = default_call_kwargs(pipe, defaults)
+    steps = args.steps or int(defaults.get("steps", 28))
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    jobs = make_jobs(entries, seeds, steps, args.size, args.guidance, args.preset)
+    if args.preset != "none":
+        diffboost.apply(pipe, args.preset)
+    try:
+        summary = run_batch(
+            jobs, args.out,
+            lambda job: _generate_once(pipe, job.prompt, job.steps, job.seed, job.size, job.guidance, extra),
+            progress=not args.quiet,
+        )
+    finally:
+        if args.preset != "none":
+            diffboost.remove(pipe)
+    made, skipped = summary["made"], summary["skipped"]
+    per_image = f", {summary['seconds'] / made:.3f} s per image" if made else ""
+    print(f"model: {model}; plugins: {args.preset}")
+    print(f"made {made} images, {skipped} already done, {summary['total']} in all -> {args.out}{per_image}")
+    print(f"manifest: {Path(args.out) / 'manifest.jsonl'}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -206,6 +244,27 @@ def _add_generate(sub: Any) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_batch(sub: Any) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="generate a prompt file's images; resumable, atomic writes",
+        description="Generate one image per prompt and seed. Images and manifest.jsonl are written atomically; "
+        "re-running the same command skips finished images, so an interrupted batch resumes.",
+    )
+    p.add_argument("prompts", help="text file (one prompt per line, # comments) or .jsonl (prompt, optional seed/steps)")
+    p.add_argument("--out", default="out/batch", help="output folder (default: out/batch)")
+    p.add_argument("--model", default=None, help="local Diffusers pipeline folder (default: assets/flux-shapes)")
+    p.add_argument("--preset", default="fast", help="preset name: safe, fast, turbo, or none for the plain pipeline")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="images per prompt, seeds --seed.. (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch)
+
+
 def _add_bench(sub: Any) -> None:
     try:
         from .bench import cli as bench_cli
@@ -230,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_batch(sub)
     _add_bench(sub)
     return parser
 

@@ -207,6 +207,8 @@ def add_trainer_args(p, *, out: Path, work_dir: Path, vae_dir: Path | None, lr: 
     p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-object-weight", type=float, default=0.0,
+                   help="> 0: VAE loss L1 + MSE + this x object-pixel L1 (0: plain L1, the session-1 recipe)")
     p.add_argument("--num-images", type=int, default=8192)
     p.add_argument("--steps", type=int, default=100_000)
     p.add_argument("--batch-size", type=int, default=16)
@@ -229,6 +231,8 @@ def add_trainer_args(p, *, out: Path, work_dir: Path, vae_dir: Path | None, lr: 
 def check_trainer_args(p, args) -> None:
     """Checks shared by both trainers (LR decay, ``--drop-caption``)."""
     check_lr_decay_args(p, args)
+    if args.vae_object_weight < 0:
+        p.error(f"--vae-object-weight must be >= 0, got {args.vae_object_weight}")
     if not 0.0 <= args.drop_caption < 1.0:
         p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
 

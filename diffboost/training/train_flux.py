@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
 
     vae_dir = args.vae_dir or args.work_dir
     vae_dir.mkdir(parents=True, exist_ok=True)
-    vae = train_vae(vae_dir, args.vae_steps, args.vae_batch, lr=args.vae_lr, seed=args.seed, tiny=args.tiny)
+    vae = train_vae(vae_dir, args.vae_steps, args.vae_batch, lr=args.vae_lr, seed=args.seed, tiny=args.tiny,
+                    object_weight=args.vae_object_weight)
     vae.requires_grad_(False)
     logger.info("VAE reconstruction PSNR %.2f dB", vae_psnr(vae, 32 if args.tiny else 128))
     latents, seeds = cache_latents(vae, vae_dir, args.num_images)

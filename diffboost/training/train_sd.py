@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     t_start = time.monotonic()
     args.vae_dir.mkdir(parents=True, exist_ok=True)
-    vae = train_vae(args.vae_dir, args.vae_steps, args.vae_batch, lr=args.vae_lr, seed=args.seed, tiny=args.tiny)
+    vae = train_vae(args.vae_dir, args.vae_steps, args.vae_batch, lr=args.vae_lr, seed=args.seed, tiny=args.tiny,
+                    object_weight=args.vae_object_weight)
     vae.requires_grad_(False)
     latents, seeds = cache_latents(vae, args.vae_dir, args.num_images)
     scale = 1.0 / latents.std().item()

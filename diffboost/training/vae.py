@@ -49,11 +49,14 @@ def train_vae(
     tiny: bool = False,
     ckpt_every_s: float = 240.0,
     noise_scale: float = 0.25,
+    object_weight: float = 0.0,
 ) -> AutoencoderKL:
     """Train (or resume, continue, or load a finished) VAE under ``work_dir``; L1 + tiny KL.
 
     The decoder sees ``mean + noise_scale * std * eps``: the denoisers train on posterior means,
-    so the decoder must above all be sharp at the mean.
+    so the decoder must above all be sharp at the mean. ``object_weight > 0`` switches the loss to
+    :func:`reconstruction_loss` (L1 + MSE + ``object_weight`` x the object-pixel L1), which keeps
+    object colours apart from the first step (the plain-L1 recipe merged green and blue).
     """
     final = work_dir / "vae.safetensors"
     meta_path = work_dir / "vae_meta.json"
@@ -92,7 +95,8 @@ def train_vae(
         rec = vae.decode(z).sample
         l1 = F.l1_loss(rec, x)
         kl = post.kl().mean() / x[0].numel()
-        loss = l1 + kl_weight * kl
+        rec_loss = reconstruction_loss(rec, x, object_weight) if object_weight > 0 else l1
+        loss = rec_loss + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
