@@ -93,8 +93,10 @@ def make_jobs(
     return jobs
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``:
+    a crash never leaves a truncated ``path`` behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -120,7 +122,7 @@ def load_manifest(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 def save_manifest(out_dir: Path, records: dict[str, dict[str, Any]]) -> None:
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(records.values(), key=lambda r: r["file"]))
-    _write_atomic(out_dir / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomic(out_dir / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def pending_jobs(jobs: list[BatchJob], out_dir: Path, records: dict[str, dict[str, Any]]) -> list[BatchJob]:
@@ -151,7 +153,7 @@ def run_batch(
     seconds = 0.0
     for job in tqdm(todo, desc="batch", disable=not progress):
         image, took = generate(job)
-        _write_atomic(out_dir / job.filename, image.save)
+        write_atomic(out_dir / job.filename, image.save)
         records[job.filename] = {**asdict(job), "file": job.filename, "id": job.job_id, "seconds": round(took, 4),
                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         save_manifest(out_dir, records)

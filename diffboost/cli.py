@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -107,16 +106,11 @@ def _generate_once(
 
 def save_image_atomic(image: Any, path: str | Path) -> None:
     """Write an image so that a crash never leaves a truncated file behind."""
+    from .batch import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, image.save)
 
 
 def _side_by_side(left: Any, right: Any) -> Any:
