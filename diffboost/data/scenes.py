@@ -170,15 +170,17 @@ def render(spec: SceneSpec, seed: int = 0, size: int = IMAGE_SIZE, jitter: bool 
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def make_scene(seed: int, two_objects: bool = False) -> Scene:
-    """Deterministic scene for a seed."""
+def make_scene(seed: int, two_objects: bool = False, size: int = IMAGE_SIZE) -> Scene:
+    """Deterministic scene for a seed; ``size`` px square (the same scene at any size, scaled)."""
     spec = random_spec(random.Random(seed), two_objects=two_objects)
-    return Scene(render(spec, seed), spec.attributes(), spec.caption, spec)
+    return Scene(render(spec, seed, size), spec.attributes(), spec.caption, spec)
 
 
-def make_batch(seeds: list[int] | range, two_objects: bool = False) -> tuple[np.ndarray, list[Scene]]:
+def make_batch(
+    seeds: list[int] | range, two_objects: bool = False, size: int = IMAGE_SIZE
+) -> tuple[np.ndarray, list[Scene]]:
     """Render several scenes; returns a uint8 (N, H, W, 3) array and the scenes."""
-    scenes = [make_scene(int(s), two_objects) for s in seeds]
+    scenes = [make_scene(int(s), two_objects, size) for s in seeds]
     return np.stack([sc.image for sc in scenes]), scenes
 
 

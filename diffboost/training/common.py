@@ -73,9 +73,9 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def scene_batch(seeds: list[int]) -> tuple[torch.Tensor, list[str]]:
-    """Rendered single-object scenes as a [-1, 1] tensor plus captions."""
-    images, sc = scenes.make_batch(seeds)
+def scene_batch(seeds: list[int], size: int = scenes.IMAGE_SIZE) -> tuple[torch.Tensor, list[str]]:
+    """Rendered single-object scenes (``size`` px) as a [-1, 1] tensor plus captions."""
+    images, sc = scenes.make_batch(seeds, size=size)
     return images_to_tensor(images), [s.caption for s in sc]
 
 

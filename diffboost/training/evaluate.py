@@ -19,18 +19,20 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def generate_and_score(
-    pipe: DiffusionPipeline, n_prompts: int, steps: int, seed: int = 0, batch_size: int = 32, **call_kwargs: Any
+    pipe: DiffusionPipeline, n_prompts: int, steps: int, seed: int = 0, batch_size: int = 32, size: int = 64,
+    **call_kwargs: Any,
 ) -> dict[str, Any]:
-    """Generate the first ``n_prompts`` benchmark prompts at 64x64 and score them with the evaluator.
+    """Generate the first ``n_prompts`` benchmark prompts at ``size`` x ``size`` px and score them with
+    the evaluator (which reads every image at 64 px).
 
-    Returns ``images`` (uint8 N,64,64,3), ``prompts`` and, when the evaluator is shipped, ``accuracy``
-    (per attribute and ``all`` = prompt adherence).
+    Returns ``images`` (uint8 N,size,size,3), ``prompts`` and, when the evaluator is shipped,
+    ``accuracy`` (per attribute and ``all`` = prompt adherence).
     """
     prompts = scenes.benchmark_prompts(n_prompts, seed=1)
     chunks = []
     for i in range(0, n_prompts, batch_size):
         out = pipe(
-            prompts[i : i + batch_size], height=64, width=64, num_inference_steps=steps,
+            prompts[i : i + batch_size], height=size, width=size, num_inference_steps=steps,
             generator=torch.Generator().manual_seed(seed + i), output_type="np", **call_kwargs,
         ).images
         chunks.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
@@ -91,7 +93,8 @@ def export_checkpoint(
     ``args.eval_prompts`` prompts at ``args.eval_steps`` steps with ``call_kwargs``, save a sample grid
     under ``args.work_dir`` and the pipeline (with ``training_info.json`` and ``defaults`` as
     ``diffboost.json``) to ``args.out``. Returns the evaluation result."""
-    res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, **call_kwargs)
+    res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed,
+                             size=getattr(args, "size", 64), **call_kwargs)
     save_grid(res["images"], Path(args.work_dir) / f"export_{step:06d}.png")
     logger.info("export step %d, %d prompts: %s", step, args.eval_prompts, json.dumps(res.get("accuracy")))
     info = {"step": step, "eval_prompts": args.eval_prompts, "eval_steps": args.eval_steps, **extra_info,

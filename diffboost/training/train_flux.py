@@ -120,7 +120,15 @@ def eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def model_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """``diffboost.json`` of the shipped pipeline: the settings its adherence was measured with."""
-    return {"height": 64, "width": 64, "steps": args.eval_steps, **eval_kwargs(args)}
+    return {"height": args.size, "width": args.size, "steps": args.eval_steps, **eval_kwargs(args)}
+
+
+def sampler_shift(num_tokens: int) -> float:
+    """The sigma shift the pipeline's scheduler applies at ``num_tokens`` image tokens: exp(mu), mu
+    linear in the token count from ``base_shift`` at 64 tokens to ``max_shift`` at 1024 (Flux's rule)."""
+    cfg = build_scheduler().config
+    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    return math.exp(cfg.base_shift + slope * (num_tokens - cfg.base_image_seq_len))
 
 
 def adherence_score(acc: dict[str, float] | None) -> float:
@@ -138,6 +146,14 @@ def export(args: argparse.Namespace, vae, tokenizer, emas: dict[str, EMA], step:
     export_checkpoint(pipe, args, step, history, eval_kwargs(args), model_defaults(args))
 
 
+def load_init_weights(path: Path, modules: dict[str, torch.nn.Module]) -> int:
+    """``--init-from``: the modules (and EMA shadows) of another run's checkpoint; its optimizer state
+    and step are not used. Returns the step the weights were saved at."""
+    meta = load_checkpoint(path, modules, {})
+    logger.info("initialised from %s (its step %d); starting at step 0 with a fresh optimizer", path, meta["step"])
+    return int(meta["step"])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     add_trainer_args(p, out=Path("assets/flux-shapes"), work_dir=Path("runs/flux"), vae_dir=None, lr=5e-4)
@@ -146,12 +162,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of samples trained on the empty caption (enables true CFG with negative_prompt='')")
     p.add_argument("--eval-cfg", type=float, default=1.0,
                    help="true_cfg_scale of the evaluation (> 1: CFG against the empty prompt)")
-    p.add_argument("--time-shift", type=float, default=math.exp(0.5), help="sigma shift of training times")
+    p.add_argument("--time-shift", type=float, default=None,
+                   help="sigma shift of training times (default: the sampler's at each resolution, exp(0.5) at 64 px)")
+    p.add_argument("--size", type=int, default=64, help="training and evaluation resolution in px (multiple of 8)")
+    p.add_argument("--low-res-prob", type=float, default=0.0,
+                   help="with --size > 64: share of steps trained at 64 px, so the model keeps drawing there "
+                        "(what bottleneck sampling's low-resolution stage needs)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from another run's checkpoint (weights and EMA; fresh optimizer, step 0)")
     p.add_argument("--uniform-t", type=float, default=0.1, help="share of uniformly drawn training times")
     args = p.parse_args(argv)
     check_trainer_args(p, args)
     if args.eval_cfg < 1.0:
         p.error(f"--eval-cfg must be >= 1 (1 = no CFG), got {args.eval_cfg}")
+    if args.size < 32 or args.size % 8:
+        p.error(f"--size must be a multiple of 8 and >= 32 (the VAE halves it twice, packing halves it once), got {args.size}")
+    if not 0.0 <= args.low_res_prob < 1.0 or (args.low_res_prob > 0 and args.size <= 64):
+        p.error(f"--low-res-prob must be in [0, 1) and needs --size > 64, got {args.low_res_prob} at --size {args.size}")
+    if args.init_from is not None and not args.init_from.is_file():
+        p.error(f"--init-from: no checkpoint file at {args.init_from}")
     return args
 
 
@@ -170,10 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     vae.requires_grad_(False)
     logger.info("VAE reconstruction PSNR %.2f dB", vae_psnr(vae, 32 if args.tiny else 128))
     latents, seeds = cache_latents(vae, vae_dir, args.num_images)
+    # normalised with the 64 px statistics at every size, so a 64 px model can be fine-tuned at another
     shift = latents.mean().item()
     scale = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-    latents = (latents - shift) * scale
+    by_size = {64: latents}
+    if args.size != 64:
+        by_size = {args.size: cache_latents(vae, vae_dir, args.num_images, size=args.size)[0]}
+        if args.low_res_prob > 0:
+            by_size[64] = latents
     captions = [scenes.random_spec(random.Random(s)).caption for s in seeds]
 
     tokenizer = build_tokenizer(TEXT_LEN)
@@ -182,9 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     ids16 = tokenize(tokenizer, captions, TEXT_LEN)
     ids_long = tokenize(tokenizer, captions, 64)
     empty16, empty_long = tokenize(tokenizer, [""], TEXT_LEN), tokenize(tokenizer, [""], 64)
-    n_lat, c, h, w = latents.shape
-    packed = FluxPipeline._pack_latents(latents, n_lat, c, h, w)
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+    packed, img_ids, time_shift = {}, {}, {}
+    for px, lat in by_size.items():
+        n_lat, c, h, w = lat.shape
+        packed[px] = FluxPipeline._pack_latents((lat - shift) * scale, n_lat, c, h, w)
+        img_ids[px] = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+        time_shift[px] = args.time_shift or sampler_shift(h * w // 4)
+    logger.info("training sizes %s px, time shifts %s", sorted(by_size), {k: round(v, 3) for k, v in time_shift.items()})
 
     text_params = list(clip.parameters()) + list(t5.parameters())
     opt = torch.optim.AdamW(
@@ -204,12 +242,14 @@ def main(argv: list[str] | None = None) -> None:
         meta = load_checkpoint(ckpt, modules, {"opt": opt})
         start, best, history = meta["step"], meta["best"], meta["history"]
         logger.info("resumed at step %d (best adherence %.3f)", start, best)
+    elif args.init_from is not None:
+        load_init_weights(args.init_from, modules)
     if args.export:
         export(args, vae, tokenizer, emas, start, history)
         return
     n_params = sum(p.numel() for p in transformer.parameters())
     logger.info("transformer %.2fM params, text %.2fM, %d cached latents", n_params / 1e6,
-                sum(p.numel() for p in text_params) / 1e6, n_lat)
+                sum(p.numel() for p in text_params) / 1e6, args.num_images)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt, modules, {"opt": opt}, {"step": step, "best": best, "history": history})
@@ -224,12 +264,16 @@ def main(argv: list[str] | None = None) -> None:
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * factor
         g = step_generator(args.seed, step)
-        idx = torch.randint(0, n_lat, (args.batch_size,), generator=g)
-        x0 = packed[idx]
+        px = args.size
+        if args.low_res_prob > 0 and torch.rand((), generator=g).item() < args.low_res_prob:
+            px = 64
+        idx = torch.randint(0, args.num_images, (args.batch_size,), generator=g)
+        x0 = packed[px][idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.sigmoid(torch.randn(args.batch_size, generator=g))
         t = torch.where(torch.rand(args.batch_size, generator=g) < args.uniform_t, torch.rand(args.batch_size, generator=g), t)
-        t = args.time_shift * t / (1 + (args.time_shift - 1) * t)  # same shift as the sampler at 64 tokens
+        ts = time_shift[px]
+        t = ts * t / (1 + (ts - 1) * t)  # the sampler's shift at this resolution
         long_text = torch.rand((), generator=g).item() < args.long_text_prob
         ids = ids16[idx].clone()
         ids_t5 = ids_long[idx].clone() if long_text else ids
@@ -244,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         txt_ids = torch.zeros(txt.shape[1], 3)
         pred = transformer(
             hidden_states=xt, timestep=t, pooled_projections=pooled, encoder_hidden_states=txt,
-            txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+            txt_ids=txt_ids, img_ids=img_ids[px], return_dict=False,
         )[0]
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
@@ -266,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
             pipe = make_pipeline(vae, emas["clip"].shadow, emas["t5"].shadow, tokenizer, emas["transformer"].shadow)
             pipe.set_progress_bar_config(disable=True)
             t_eval = time.monotonic()
-            res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, **eval_kwargs(args))
+            res = generate_and_score(pipe, args.eval_prompts, args.eval_steps, seed=args.seed, size=args.size,
+                                     **eval_kwargs(args))
             save_grid(res["images"], args.work_dir / f"samples_{done:06d}.png")
             acc = res.get("accuracy")
             score = adherence_score(acc)

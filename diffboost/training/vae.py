@@ -126,22 +126,23 @@ def vae_psnr(vae: AutoencoderKL, n: int = 64) -> float:
 
 @torch.no_grad()
 def cache_latents(
-    vae: AutoencoderKL, work_dir: Path, num_images: int, batch_size: int = 64
+    vae: AutoencoderKL, work_dir: Path, num_images: int, batch_size: int = 64, size: int = 64
 ) -> tuple[torch.Tensor, list[int]]:
-    """Encode the fixed scene set once (posterior means); cached on disk. Returns latents and seeds.
+    """Encode the fixed scene set once (posterior means) at ``size`` px; cached on disk. Returns latents
+    and seeds.
 
     The file name carries the encoder version of ``vae_meta.json`` (bumped by :func:`finetune_vae`),
-    so a re-trained encoder never reads latents of an older one.
+    so a re-trained encoder never reads latents of an older one, and the size when it is not 64.
     """
     version = encoder_version(work_dir)
-    suffix = f"_e{version}" if version else ""
+    suffix = (f"_e{version}" if version else "") + (f"_px{size}" if size != 64 else "")
     path = work_dir / f"latents_{num_images}{suffix}.safetensors"
     seeds = list(range(LATENT_SEED_OFFSET, LATENT_SEED_OFFSET + num_images))
     if path.exists():
         return load_file(str(path))["latents"], seeds
     chunks = []
     for i in tqdm(range(0, num_images, batch_size), desc="cache latents", mininterval=30):
-        x, _ = scene_batch(seeds[i : i + batch_size])
+        x, _ = scene_batch(seeds[i : i + batch_size], size)
         chunks.append(vae.encode(x).latent_dist.mean)
     latents = torch.cat(chunks).contiguous()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two trainers may build the cache at once

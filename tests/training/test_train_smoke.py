@@ -50,6 +50,29 @@ def test_flux_trainer_resumes_and_saves(tmp_path: Path) -> None:
     assert not pipe.transformer.config.guidance_embeds
 
 
+def test_flux_trainer_fine_tunes_at_a_larger_size_from_another_run(tmp_path: Path) -> None:
+    from diffusers import FluxPipeline
+
+    from diffboost.training.train_flux import sampler_shift
+
+    work64, work128, out = tmp_path / "w64", tmp_path / "w128", tmp_path / "out"
+    train_flux.main(["--out", str(tmp_path / "o64"), "--work-dir", str(work64), *COMMON, "--steps", "2"])
+    args = ["--out", str(out), "--work-dir", str(work128), "--vae-dir", str(work64), *COMMON,
+            "--size", "128", "--low-res-prob", "0.5", "--init-from", str(work64 / "flux.ckpt"), "--eval-every", "2"]
+    train_flux.main([*args, "--steps", "2"])
+    log = (work128 / "train.log").read_text()
+    assert "initialised from" in log and "training sizes [64, 128] px" in log
+    assert (work64 / "latents_16_px128.safetensors").is_file()  # the 128 px cache sits next to the 64 px one
+    assert _ckpt_step(work128 / "flux.ckpt") == 2
+    assert json.loads((out / "diffboost.json").read_text())["height"] == 128
+    img = FluxPipeline.from_pretrained(str(out))(
+        "a large red circle at the left on a white background", height=128, width=128, num_inference_steps=2,
+        max_sequence_length=16, output_type="np").images
+    assert img.shape == (1, 128, 128, 3) and np.isfinite(img).all()
+    # the training times follow the sampler's resolution shift: exp(0.5) at 64 tokens, more at 256
+    assert abs(sampler_shift(64) - np.exp(0.5)) < 1e-9 and sampler_shift(256) > sampler_shift(64)
+
+
 def test_sd_trainer_resumes_and_saves(tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
