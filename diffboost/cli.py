@@ -3,6 +3,7 @@
     diffboost generate ["PROMPT"] [--model PATH] [--preset NAME] [--steps N] [--seed S] [--out FILE] [--compare]
     diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none] [--seeds N] [--steps N] ...
     diffboost bench [--model PATH] [--quick] ...
+    diffboost demo [--model PATH] [--host 127.0.0.1] [--port 7860]
 
 ``generate`` runs the embedded reference model (``assets/flux-shapes``) when ``--model`` is not given.
 """
@@ -206,6 +207,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .app.demo import launch
+
+    launch(Path(args.model) if args.model else default_model_path(), args.host, args.port, args.dtype)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -278,6 +286,20 @@ def _add_bench(sub: Any) -> None:
     p.set_defaults(func=bench_cli.run_from_args)
 
 
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="web page: plain vs accelerated, side by side (needs the demo extra: Gradio)",
+        description="Serve a Gradio page that runs a prompt through the plain and the accelerated pipeline "
+        "and shows both images, their times, the speedup and PSNR/SSIM. Listens on 127.0.0.1 unless --host is given.",
+    )
+    p.add_argument("--model", default=None, help="local Diffusers pipeline folder (default: assets/flux-shapes)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_positive_int, default=7860, help="port (default: 7860)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
+    p.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffboost", description="Drop-in acceleration for Diffusers pipelines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -285,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_batch(sub)
     _add_bench(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -294,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as err:
         print(f"diffboost {args.command}: error: {err}", file=sys.stderr)
         return 2
 

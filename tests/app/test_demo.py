@@ -1,0 +1,57 @@
+"""The web demo's comparison logic on a tiny pipeline; the Gradio page when Gradio is installed."""
+
+import numpy as np
+import pytest
+
+import diffboost
+from diffboost.app.demo import DemoModel, build_app, handle
+from diffboost.cli import build_parser
+from factories import make_flux
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flux")
+    make_flux().save_pretrained(path)
+    return DemoModel(path)
+
+
+def test_compare_measures_both_and_leaves_the_pipeline_plain(model):
+    result = model.compare("a red circle", "turbo", steps=10, seed=3)
+    assert result.baseline.size == result.accelerated.size == (64, 64)
+    assert (result.full_calls, result.total_calls) == (6, 10)  # turbo: warm-up 6, then every 5th
+    assert result.baseline_s > 0 and result.accelerated_s > 0 and result.speedup > 0
+    assert np.isfinite(result.psnr_db) and -1 <= result.ssim <= 1
+    assert "TaylorSeer" in result.plugins[0] and "faster" in result.summary_markdown()
+    assert diffboost.describe(model.pipe)["accelerated"] is False
+    # the plain image is the pipeline's own output for that seed, every time
+    again = model.compare("a red circle", "safe", steps=10, seed=3)
+    np.testing.assert_array_equal(np.asarray(again.baseline), np.asarray(result.baseline))
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"prompt": "  "}, "the prompt is empty"),
+    ({"prompt": "x" * 501}, "at most 500"),
+    ({"prompt": "x", "steps": 0}, "steps must be between 1 and 100"),
+    ({"prompt": "x", "seed": -1}, "the seed must be >= 0"),
+    ({"prompt": "x", "preset": "warp"}, "unknown preset 'warp'"),
+])
+def test_bad_input_is_named(model, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        model.compare(**kwargs)
+
+
+def test_page_builds_and_its_button_works(model):
+    gr = pytest.importorskip("gradio")
+    app = build_app(model)
+    assert isinstance(app, gr.Blocks)
+    plain, fast, summary = handle(model, "a red circle", "fast", 6, 0)
+    assert plain.size == fast.size == (256, 256)  # 64 px enlarged for display
+    assert "wall time" in summary
+    with pytest.raises(gr.Error, match="the prompt is empty"):
+        handle(model, "", "fast", 6, 0)
+
+
+def test_demo_listens_on_localhost_by_default():
+    args = build_parser().parse_args(["demo"])
+    assert args.host == "127.0.0.1" and args.port == 7860
