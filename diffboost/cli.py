@@ -221,6 +221,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--dtype``, shared by generate, batch and demo."""
+    p.add_argument("--model", default=None, help="local Diffusers pipeline folder (default: assets/flux-shapes)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
+
+
 def _add_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
@@ -228,13 +234,12 @@ def _add_generate(sub: Any) -> None:
         description="Generate one image with a diffboost preset (default: the embedded reference model).",
     )
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--model", default=None, help="local Diffusers pipeline folder (default: assets/flux-shapes)")
+    _add_model_args(p)
     p.add_argument("--preset", default="fast", help="preset name: safe, fast or turbo (default: fast)")
     p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     p.add_argument("--out", default="out/diffboost.png", help="output image path (default: out/diffboost.png)")
     p.add_argument(
         "--compare",
@@ -255,14 +260,13 @@ def _add_batch(sub: Any) -> None:
     )
     p.add_argument("prompts", help="text file (one prompt per line, # comments) or .jsonl (prompt, optional seed/steps)")
     p.add_argument("--out", default="out/batch", help="output folder (default: out/batch)")
-    p.add_argument("--model", default=None, help="local Diffusers pipeline folder (default: assets/flux-shapes)")
+    _add_model_args(p)
     p.add_argument("--preset", default="fast", help="preset name: safe, fast, turbo, or none for the plain pipeline")
     p.add_argument("--seeds", type=_positive_int, default=1, help="images per prompt, seeds --seed.. (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
     p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
     p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_batch)
 
@@ -293,10 +297,9 @@ def _add_demo(sub: Any) -> None:
         description="Serve a Gradio page that runs a prompt through the plain and the accelerated pipeline "
         "and shows both images, their times, the speedup and PSNR/SSIM. Listens on 127.0.0.1 unless --host is given.",
     )
-    p.add_argument("--model", default=None, help="local Diffusers pipeline folder (default: assets/flux-shapes)")
+    _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_positive_int, default=7860, help="port (default: 7860)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     p.set_defaults(func=cmd_demo)
 
 
