@@ -41,7 +41,8 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
 
 
 def install(config: BenchConfig, pipe: Any, steps: int, probe: Probe, state: dict[str, Any]) -> Remover:
-    """Install ``config`` on ``pipe``; ``state`` keeps per-config data between repeats (calibration)."""
+    """Install ``config`` on ``pipe``; ``state`` keeps per-config data between repeats, and
+    ``state["workload"]`` (when given) facts of the plain workload shared by every config."""
     if config.kind == "baseline":
         return lambda: None
     if config.kind == "diffboost":
@@ -94,9 +95,10 @@ def _install_diffusers(config: BenchConfig, pipe: Any, steps: int, probe: Probe,
     if config.cache == "MagCache":
         options.setdefault("num_inference_steps", steps)
         if "mag_ratios" not in options:
-            if "mag_ratios" not in state:
-                state["mag_ratios"] = calibrate_mag_ratios(pipe, steps, probe)
-            options["mag_ratios"] = state["mag_ratios"]
+            facts = state.setdefault("workload", {})
+            if "mag_ratios" not in facts:
+                facts["mag_ratios"] = calibrate_mag_ratios(pipe, steps, probe)
+            options["mag_ratios"] = facts["mag_ratios"]
     try:
         cache_config = cls(**options)
     except (TypeError, ValueError) as exc:
@@ -225,23 +227,25 @@ def _install_cache_dit(config: BenchConfig, pipe: Any, steps: int, probe: Probe,
     per step (true CFG as separate passes, e.g. Flux with ``true_cfg_scale``), it is turned on: with
     one shared cache the cond and uncond residuals differ by far more than any threshold and
     cache-dit never skips (measured: FLOPs reduction 1.00 on the Flux reference model). Set it
-    explicitly to override.
+    explicitly to override. The calls are counted in one extra plain call, once per bench run
+    (``state["workload"]`` is shared by all configs).
     """
     cache_dit, reason = cache_dit_status()
     if cache_dit is None:
         raise Unavailable(reason)
     options = dict(config.options)
     if "enable_separate_cfg" not in options:
-        if "calls_per_step" not in state:
-            state["calls_per_step"] = denoiser_calls_per_step(pipe, steps, probe)
-        if state["calls_per_step"] >= 2:
+        facts = state.setdefault("workload", {})
+        if "calls_per_step" not in facts:
+            facts["calls_per_step"] = denoiser_calls_per_step(pipe, steps, probe)
+        if facts["calls_per_step"] >= 2:
             options["enable_separate_cfg"] = True
             if "auto_note" not in state:
                 state["auto_note"] = "enable_separate_cfg=True (auto: separate-pass CFG)"
                 logger.info(
                     "%s: %.0f denoiser calls per step (separate-pass CFG): enable_separate_cfg=True",
                     config.name,
-                    state["calls_per_step"],
+                    facts["calls_per_step"],
                 )
     try:
         cache_config = cache_dit.DBCacheConfig(**options)

@@ -220,7 +220,10 @@ class _Runner(Workload):
         super().__init__(pipe, settings)
         self.configs = configs
         self.results = {c.name: ConfigResult(c.name, c.kind, c.describe()) for c in configs}
-        self.states: dict[str, dict[str, Any]] = {c.name: {} for c in configs}
+        # per-config state, plus one "workload" dict they all share: facts measured on the plain
+        # workload (denoiser calls per step, MagCache ratios) are measured once, not once per config
+        workload: dict[str, Any] = {}
+        self.states: dict[str, dict[str, Any]] = {c.name: {"workload": workload} for c in configs}
 
     def probe(self) -> Any:
         return self.call(*self.jobs[0])

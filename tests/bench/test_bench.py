@@ -280,20 +280,28 @@ def test_workload_replays_the_bench_calls(report):
     assert _images_of(workload.call(*workload.jobs[0], num_inference_steps=2)).shape == first.shape
 
 
-def test_cache_dit_gets_separate_cfg_under_true_cfg():
+def test_cache_dit_gets_separate_cfg_under_true_cfg(monkeypatch):
     pytest.importorskip("cache_dit")
+    from diffboost.bench import accelerators
+
+    probes = []
+    real = accelerators.denoiser_calls_per_step
+    monkeypatch.setattr(accelerators, "denoiser_calls_per_step", lambda *a: probes.append(1) or real(*a))
     cfg = {"true_cfg_scale": 2.0, "negative_prompt": "", "max_sequence_length": 8}
     options = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08}
     configs = [
         BenchConfig("baseline"),
         BenchConfig("auto", "cache-dit", options=options),
+        BenchConfig("auto-2", "cache-dit", options={**options, "residual_diff_threshold": 0.2}),
         BenchConfig("explicit-off", "cache-dit", options={**options, "enable_separate_cfg": False}),
     ]
     report = run_bench(make_flux(), configs, quick_settings(prompts=1, steps=4, call_kwargs=cfg, count_flops=False))
     rows = by_name(report)
     assert rows["auto"].ok and rows["explicit-off"].ok, (rows["auto"].status, rows["explicit-off"].status)
     assert "enable_separate_cfg=True (auto" in rows["auto"].description
+    assert "enable_separate_cfg=True (auto" in rows["auto-2"].description
     assert "auto" not in rows["explicit-off"].description
+    assert len(probes) == 1  # counted once for the workload, not once per config
     # without CFG the option is left alone
     report = run_bench(make_flux(), configs[:2], quick_settings(prompts=1, steps=4, count_flops=False))
     assert by_name(report)["auto"].ok and "auto" not in by_name(report)["auto"].description
