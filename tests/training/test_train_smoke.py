@@ -56,7 +56,10 @@ def test_flux_trainer_fine_tunes_at_a_larger_size_from_another_run(tmp_path: Pat
     from diffboost.training.train_flux import sampler_shift
 
     work64, work128, out = tmp_path / "w64", tmp_path / "w128", tmp_path / "out"
-    train_flux.main(["--out", str(tmp_path / "o64"), "--work-dir", str(work64), *COMMON, "--steps", "2"])
+    # the first run also trains its VAE with the object-weighted loss (L1 + MSE + object-pixel L1)
+    train_flux.main(["--out", str(tmp_path / "o64"), "--work-dir", str(work64), *COMMON, "--steps", "2",
+                     "--vae-object-weight", "1"])
+    assert json.loads((work64 / "vae_meta.json").read_text())["steps"] == 2
     args = ["--out", str(out), "--work-dir", str(work128), "--vae-dir", str(work64), *COMMON,
             "--size", "128", "--low-res-prob", "0.5", "--init-from", str(work64 / "flux.ckpt"), "--eval-every", "2"]
     train_flux.main([*args, "--steps", "2"])
@@ -188,6 +191,24 @@ def test_lr_factor_warmup_then_cosine() -> None:
 def test_sd_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
     with pytest.raises(SystemExit):
         train_sd.parse_args(argv)
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--size", "60"], "--size must be a multiple of 8"),
+        (["--size", "24"], "--size must be a multiple of 8"),
+        (["--low-res-prob", "0.3"], "needs --size > 64"),
+        (["--size", "128", "--low-res-prob", "1"], "--low-res-prob must be in [0, 1)"),
+        (["--init-from", "no/such.ckpt"], "--init-from: no checkpoint file"),
+        (["--vae-object-weight", "-1"], "--vae-object-weight must be >= 0"),
+        (["--eval-cfg", "0.5"], "--eval-cfg must be >= 1"),
+    ],
+)
+def test_flux_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
+    with pytest.raises(SystemExit):
+        train_flux.parse_args(argv)
     assert needle in capsys.readouterr().err
 
 
