@@ -179,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--size must be a multiple of 8 and >= 32 (the VAE halves it twice, packing halves it once), got {args.size}")
     if not 0.0 <= args.low_res_prob < 1.0 or (args.low_res_prob > 0 and args.size <= 64):
         p.error(f"--low-res-prob must be in [0, 1) and needs --size > 64, got {args.low_res_prob} at --size {args.size}")
+    if args.time_shift is not None and args.time_shift <= 0:
+        p.error(f"--time-shift must be > 0, got {args.time_shift}")
     if args.init_from is not None and not args.init_from.is_file():
         p.error(f"--init-from: no checkpoint file at {args.init_from}")
     return args
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         n_lat, c, h, w = lat.shape
         packed[px] = FluxPipeline._pack_latents((lat - shift) * scale, n_lat, c, h, w)
         img_ids[px] = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
-        time_shift[px] = args.time_shift or sampler_shift(h * w // 4)
+        time_shift[px] = args.time_shift if args.time_shift is not None else sampler_shift(h * w // 4)
     logger.info("training sizes %s px, time shifts %s", sorted(by_size), {k: round(v, 3) for k, v in time_shift.items()})
 
     text_params = list(clip.parameters()) + list(t5.parameters())

@@ -204,6 +204,7 @@ def test_sd_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
         (["--init-from", "no/such.ckpt"], "--init-from: no checkpoint file"),
         (["--vae-object-weight", "-1"], "--vae-object-weight must be >= 0"),
         (["--eval-cfg", "0.5"], "--eval-cfg must be >= 1"),
+        (["--time-shift", "0"], "--time-shift must be > 0"),
     ],
 )
 def test_flux_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
