@@ -1,7 +1,7 @@
 """Batch generation that never loses finished work: ``diffboost batch PROMPTS --out DIR``.
 
-Every job (prompt, seed, steps, size, guidance, plugin stack) gets a stable id, a hash of those
-settings; its image goes to ``DIR/<index>_<id>.png`` through a temporary file and an atomic rename,
+Every job (prompt, seed, steps, size, guidance, plugin stack, model folder and dtype) gets a stable
+id, a hash of those settings; its image goes to ``DIR/<index>_<id>.png`` through a temporary file and an atomic rename,
 and ``DIR/manifest.jsonl`` (rewritten atomically after each image) records what was made and how
 long it took. Re-running the same command skips every job whose image and manifest entry exist, so
 an interrupted run resumes where it stopped; a job whose settings changed gets a new id and is made
@@ -39,11 +39,14 @@ class BatchJob:
     size: int | None
     guidance: float | None
     plugins: str
+    model: str = ""
+    dtype: str = "float32"
 
     @property
     def job_id(self) -> str:
         """Hash of the settings that decide the image (not of ``index``)."""
-        key = json.dumps([self.prompt, self.seed, self.steps, self.size, self.guidance, self.plugins])
+        key = json.dumps([self.prompt, self.seed, self.steps, self.size, self.guidance, self.plugins, self.model,
+                          self.dtype])
         return hashlib.sha256(key.encode()).hexdigest()[:10]
 
     @property
@@ -82,14 +85,14 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return entries
 
 
-def make_jobs(
-    entries: list[dict[str, Any]], seeds: list[int], steps: int, size: int | None, guidance: float | None, plugins: str
-) -> list[BatchJob]:
-    """One job per entry and seed (an entry's own ``seed`` replaces ``seeds``)."""
+def make_jobs(entries: list[dict[str, Any]], seeds: list[int], steps: int, **settings: Any) -> list[BatchJob]:
+    """One job per entry and seed (an entry's own ``seed`` / ``steps`` replace ``seeds`` / ``steps``);
+    ``settings``: the other :class:`BatchJob` fields, the same for every job (size, guidance, plugins,
+    model, dtype)."""
     jobs: list[BatchJob] = []
     for entry in entries:
         for seed in [entry["seed"]] if "seed" in entry else seeds:
-            jobs.append(BatchJob(len(jobs), entry["prompt"], seed, entry.get("steps", steps), size, guidance, plugins))
+            jobs.append(BatchJob(len(jobs), entry["prompt"], seed, entry.get("steps", steps), **settings))
     return jobs
 
 

@@ -174,7 +174,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
     import diffboost
 
     from .batch import make_jobs, read_prompts, run_batch
-
     from .plugins.presets import resolve
 
     entries = read_prompts(args.prompts)  # before loading the model: a bad file or preset fails fast
@@ -187,7 +186,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     extra = default_call_kwargs(pipe, defaults)
     steps = args.steps or int(defaults.get("steps", 28))
     seeds = list(range(args.seed, args.seed + args.seeds))
-    jobs = make_jobs(entries, seeds, steps, args.size, args.guidance, args.preset)
+    jobs = make_jobs(entries, seeds, steps, size=args.size, guidance=args.guidance, plugins=args.preset,
+                     model=str(model.resolve()), dtype=args.dtype)
     if args.preset != "none":
         diffboost.apply(pipe, args.preset)
     try:

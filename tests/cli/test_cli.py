@@ -115,10 +115,16 @@ def test_batch_makes_every_image_once_and_resumes(flux_folder, tmp_path, capsys)
     assert main(args) == 0
     assert "made 0 images, 4 already done" in capsys.readouterr().out
 
-    # changed settings are new jobs, the old images stay
+    # changed settings are new jobs, the old images stay: another preset, another model folder
     assert main(args[:-3] + ["--preset", "none", "--out", str(out), "--quiet"]) == 0
     assert "made 4 images, 0 already done" in capsys.readouterr().out
     assert len(list(out.glob("*.png"))) == 8
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(flux_folder, other)
+    assert main(["batch", str(prompts), "--model", str(other), *args[4:]]) == 0
+    assert "made 4 images, 0 already done" in capsys.readouterr().out
 
 
 def test_batch_jsonl_and_bad_input(flux_folder, tmp_path, capsys):
