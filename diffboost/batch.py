@@ -1,8 +1,8 @@
 """Batch generation that never loses finished work: ``diffboost batch PROMPTS --out DIR``.
 
 Every job (prompt, seed, steps, size, guidance, plugin stack, model folder and dtype) gets a stable
-id, a hash of those settings; its image goes to ``DIR/<index>_<id>.png`` through a temporary file and an atomic rename,
-and ``DIR/manifest.jsonl`` (rewritten atomically after each image) records what was made and how
+id, a hash of those settings; its image goes to ``DIR/<index>_<id>.png`` through a temporary file
+and an atomic rename, and ``DIR/manifest.jsonl`` (rewritten atomically after each image) records what was made and how
 long it took. Re-running the same command skips every job whose image and manifest entry exist, so
 an interrupted run resumes where it stopped; a job whose settings changed gets a new id and is made
 again, and the old image is left alone.
@@ -75,7 +75,8 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
             if unknown:
                 raise ValueError(f"{path}:{number}: unknown keys {sorted(unknown)}; supported: prompt, seed, steps")
             for key in ("seed", "steps"):
-                if key in entry and (not isinstance(entry[key], int) or entry[key] < (1 if key == "steps" else 0)):
+                value = entry.get(key, 1)
+                if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "steps" else 0):
                     raise ValueError(f"{path}:{number}: '{key}' must be a {'positive' if key == 'steps' else 'non-negative'} integer")
             entries.append(entry)
         else:

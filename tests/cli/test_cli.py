@@ -139,6 +139,7 @@ def test_batch_jsonl_and_bad_input(flux_folder, tmp_path, capsys):
     assert [(r["seed"], r["steps"]) for r in records] == [(7, 3), (0, 2)]
     for text, needle in [("", "holds no prompts"), ('{"text": "x"}', "needs a string 'prompt'"),
                          ('{"prompt": "x", "seed": -1}', "'seed' must be a non-negative"),
+                         ('{"prompt": "x", "steps": true}', "'steps' must be a positive"),
                          ('{"prompt": "x", "cfg": 2}', "unknown keys ['cfg']"), ("{oops", "not valid JSON")]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(text)

@@ -1,0 +1,48 @@
+"""Prompt adherence of a local pipeline folder at a chosen size, scored by the shipped evaluator.
+
+    python benchmarks/adherence.py --model assets/flux-shapes --size 128 --prompts 16
+
+Uses the trainers' evaluation (``generate_and_score``: the first N benchmark prompts, seeds from 0)
+with the folder's ``diffboost.json`` call settings (CFG, text length) and prints the per-attribute
+accuracy; ``--grid FILE`` also saves the images as one PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from diffboost.bench.cli import model_call_defaults
+from diffboost.cli import load_pipeline, model_defaults
+from diffboost.training.evaluate import generate_and_score, save_grid
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--size", type=int, default=None, help="image side in px (default: the model's)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=None, help="default: the model's, else 28")
+    ap.add_argument("--grid", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    defaults = model_defaults(args.model)
+    pipe = load_pipeline(args.model, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = model_call_defaults(args.model)
+    if "max_sequence_length" in defaults:
+        kwargs["max_sequence_length"] = defaults["max_sequence_length"]
+    size = args.size or int(defaults.get("height", 64))
+    steps = args.steps or int(defaults.get("steps", 28))
+    res = generate_and_score(pipe, args.prompts, steps, seed=0, size=size, **kwargs)
+    if args.grid:
+        save_grid(res["images"], args.grid)
+    print(json.dumps({"model": str(args.model), "size": size, "prompts": args.prompts, "steps": steps,
+                      "accuracy": res.get("accuracy")}))
+
+
+if __name__ == "__main__":
+    main()
