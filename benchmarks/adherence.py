@@ -27,10 +27,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="default: the model's, else 28")
     ap.add_argument("--grid", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args()
     torch.set_num_threads(1)
     defaults = model_defaults(args.model)
-    pipe = load_pipeline(args.model, device="cpu")
+    pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     kwargs = model_call_defaults(args.model)
     if "max_sequence_length" in defaults:

@@ -96,7 +96,7 @@ def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[st
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{prefix}.state.{idx}.{k}"] = v.detach().clone().contiguous()
+                tensors[f"{prefix}.state.{idx}.{k}"] = v.detach().to("cpu", copy=True).contiguous()
             else:
                 scalars.setdefault(str(idx), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -125,7 +125,7 @@ def save_checkpoint(
     opt_meta: dict[str, Any] = {}
     for name, mod in modules.items():
         for k, v in mod.state_dict().items():
-            tensors[f"module.{name}.{k}"] = v.detach().clone().contiguous()
+            tensors[f"module.{name}.{k}"] = v.detach().to("cpu", copy=True).contiguous()
     for name, opt in optimizers.items():
         t, m = _flatten_optimizer(f"optim.{name}", opt)
         tensors.update(t)
@@ -166,8 +166,7 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow.parameters(), module.parameters()):
-            s.lerp_(p.detach(), 1 - d)
+        torch._foreach_lerp_(list(self.shadow.parameters()), [p.detach() for p in module.parameters()], 1 - d)
         for s, b in zip(self.shadow.buffers(), module.buffers()):
             s.copy_(b)
 
@@ -223,6 +222,9 @@ def add_trainer_args(p, *, out: Path, work_dir: Path, vae_dir: Path | None, lr: 
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop (checkpointed) after this long; 0 = no limit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu",
+                   help="where the models train: cpu (default) or cuda[:N]. Data are drawn on the CPU from the "
+                        "same seeded generators either way; results are not bit-identical across devices")
     p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
     p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
     add_lr_decay_args(p)
@@ -231,10 +233,24 @@ def add_trainer_args(p, *, out: Path, work_dir: Path, vae_dir: Path | None, lr: 
 def check_trainer_args(p, args) -> None:
     """Checks shared by both trainers (LR decay, ``--drop-caption``)."""
     check_lr_decay_args(p, args)
+    args.device = resolve_device(p, args.device)
     if args.vae_object_weight < 0:
         p.error(f"--vae-object-weight must be >= 0, got {args.vae_object_weight}")
     if not 0.0 <= args.drop_caption < 1.0:
         p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
+
+
+def resolve_device(p, name: str) -> torch.device:
+    """``--device`` as a :class:`torch.device`; a clear error for unknown names or a missing GPU."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        p.error(f"--device: unknown device {name!r}; supported: cpu, cuda, cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device: {device.type!r} is not supported; supported: cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available (this torch build or machine has none); use --device cpu")
+    return device
 
 
 def add_lr_decay_args(p) -> None:

@@ -146,9 +146,25 @@ def export(args: argparse.Namespace, vae, tokenizer, emas: dict[str, EMA], step:
     export_checkpoint(pipe, args, step, history, eval_kwargs(args), model_defaults(args))
 
 
+INIT_SUBFOLDERS = {"transformer": FluxTransformer2DModel, "text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel}
+INIT_MODULES = {"transformer": "transformer", "text_encoder": "clip", "text_encoder_2": "t5"}
+
+
 def load_init_weights(path: Path, modules: dict[str, torch.nn.Module]) -> int:
-    """``--init-from``: the modules (and EMA shadows) of another run's checkpoint; its optimizer state
-    and step are not used. Returns the step the weights were saved at."""
+    """``--init-from``: the modules (and EMA shadows) of another run's checkpoint, or of a saved
+    ``FluxPipeline`` folder (its transformer and text encoders go to both the weights and their EMA);
+    optimizer state and step are not used. Returns the step the weights were saved at (-1: unknown)."""
+    if path.is_dir():
+        for sub, cls in INIT_SUBFOLDERS.items():
+            state = cls.from_pretrained(str(path), subfolder=sub).state_dict()
+            name = INIT_MODULES[sub]
+            for key in (name, f"ema_{name}"):
+                modules[key].load_state_dict(state)
+        info = path / "training_info.json"
+        step = int(json.loads(info.read_text()).get("step", -1)) if info.is_file() else -1
+        logger.info("initialised from the pipeline %s (its step %d); starting at step 0 with a fresh optimizer",
+                    path, step)
+        return step
     meta = load_checkpoint(path, modules, {})
     logger.info("initialised from %s (its step %d); starting at step 0 with a fresh optimizer", path, meta["step"])
     return int(meta["step"])
@@ -169,7 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --size > 64: share of steps trained at 64 px, so the model keeps drawing there "
                         "(what bottleneck sampling's low-resolution stage needs)")
     p.add_argument("--init-from", type=Path, default=None,
-                   help="start from another run's checkpoint (weights and EMA; fresh optimizer, step 0)")
+                   help="start from another run's checkpoint or a saved FluxPipeline folder "
+                        "(weights and EMA; fresh optimizer, step 0)")
     p.add_argument("--uniform-t", type=float, default=0.1, help="share of uniformly drawn training times")
     args = p.parse_args(argv)
     check_trainer_args(p, args)
@@ -181,8 +198,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--low-res-prob must be in [0, 1) and needs --size > 64, got {args.low_res_prob} at --size {args.size}")
     if args.time_shift is not None and args.time_shift <= 0:
         p.error(f"--time-shift must be > 0, got {args.time_shift}")
-    if args.init_from is not None and not args.init_from.is_file():
-        p.error(f"--init-from: no checkpoint file at {args.init_from}")
+    if args.init_from is not None and not (
+        args.init_from.is_file() or (args.init_from / "transformer").is_dir()
+    ):
+        p.error(f"--init-from: {args.init_from} is neither a checkpoint file nor a FluxPipeline folder")
     return args
 
 
@@ -193,12 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.work_dir / "train.log")
     torch.manual_seed(args.seed)
     t_start = time.monotonic()
+    device = args.device  # float32 on every device (no TF32), so GPU runs stay close to CPU runs
 
     vae_dir = args.vae_dir or args.work_dir
     vae_dir.mkdir(parents=True, exist_ok=True)
     vae = train_vae(vae_dir, args.vae_steps, args.vae_batch, lr=args.vae_lr, seed=args.seed, tiny=args.tiny,
                     object_weight=args.vae_object_weight)
-    vae.requires_grad_(False)
+    vae.requires_grad_(False).to(device)
     logger.info("VAE reconstruction PSNR %.2f dB", vae_psnr(vae, 32 if args.tiny else 128))
     latents, seeds = cache_latents(vae, vae_dir, args.num_images)
     # normalised with the 64 px statistics at every size, so a 64 px model can be fine-tuned at another
@@ -215,14 +235,16 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = build_tokenizer(TEXT_LEN)
     clip, t5 = build_text_encoders(len(tokenizer), args.text_width, args.tiny)
     transformer = build_transformer(args.text_width, args.tiny)
-    ids16 = tokenize(tokenizer, captions, TEXT_LEN)
-    ids_long = tokenize(tokenizer, captions, 64)
-    empty16, empty_long = tokenize(tokenizer, [""], TEXT_LEN), tokenize(tokenizer, [""], 64)
+    clip, t5, transformer = clip.to(device), t5.to(device), transformer.to(device)
+    ids16 = tokenize(tokenizer, captions, TEXT_LEN).to(device)
+    ids_long = tokenize(tokenizer, captions, 64).to(device)
+    empty16 = tokenize(tokenizer, [""], TEXT_LEN).to(device)
+    empty_long = tokenize(tokenizer, [""], 64).to(device)
     packed, img_ids, time_shift = {}, {}, {}
     for px, lat in by_size.items():
         n_lat, c, h, w = lat.shape
-        packed[px] = FluxPipeline._pack_latents((lat - shift) * scale, n_lat, c, h, w)
-        img_ids[px] = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+        packed[px] = FluxPipeline._pack_latents((lat - shift) * scale, n_lat, c, h, w).to(device)
+        img_ids[px] = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, torch.float32)
         time_shift[px] = args.time_shift if args.time_shift is not None else sampler_shift(h * w // 4)
     logger.info("training sizes %s px, time shifts %s", sorted(by_size), {k: round(v, 3) for k, v in time_shift.items()})
 
@@ -270,24 +292,25 @@ def main(argv: list[str] | None = None) -> None:
         if args.low_res_prob > 0 and torch.rand((), generator=g).item() < args.low_res_prob:
             px = 64
         idx = torch.randint(0, args.num_images, (args.batch_size,), generator=g)
-        x0 = packed[px][idx]
-        noise = torch.randn(x0.shape, generator=g)
+        x0 = packed[px][idx.to(device)]
+        noise = torch.randn(x0.shape, generator=g).to(device)  # drawn on the CPU: same data on every device
         t = torch.sigmoid(torch.randn(args.batch_size, generator=g))
         t = torch.where(torch.rand(args.batch_size, generator=g) < args.uniform_t, torch.rand(args.batch_size, generator=g), t)
         ts = time_shift[px]
-        t = ts * t / (1 + (ts - 1) * t)  # the sampler's shift at this resolution
+        t = (ts * t / (1 + (ts - 1) * t)).to(device)  # the sampler's shift at this resolution
         long_text = torch.rand((), generator=g).item() < args.long_text_prob
+        idx = idx.to(device)
         ids = ids16[idx].clone()
         ids_t5 = ids_long[idx].clone() if long_text else ids
         if args.drop_caption > 0:  # empty captions: the unconditional branch of true CFG
-            drop = torch.rand(args.batch_size, generator=g) < args.drop_caption
+            drop = (torch.rand(args.batch_size, generator=g) < args.drop_caption).to(device)
             ids[drop] = empty16
             if long_text:
                 ids_t5[drop] = empty_long
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         pooled = clip(ids).pooler_output
         txt = t5(ids_t5).last_hidden_state
-        txt_ids = torch.zeros(txt.shape[1], 3)
+        txt_ids = torch.zeros(txt.shape[1], 3, device=device)
         pred = transformer(
             hidden_states=xt, timestep=t, pooled_projections=pooled, encoder_hidden_states=txt,
             txt_ids=txt_ids, img_ids=img_ids[px], return_dict=False,
@@ -300,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         for name, mod in (("transformer", transformer), ("clip", clip), ("t5", t5)):
             emas[name].update(mod, step)
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        loss_now = loss.item()
+        loss_avg = loss_now if loss_avg is None else 0.98 * loss_avg + 0.02 * loss_now
         done = step + 1
         if done % 50 == 0:
             rate = (time.monotonic() - t_steps) / 50

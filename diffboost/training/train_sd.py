@@ -154,18 +154,20 @@ def main(argv: list[str] | None = None) -> None:
     args.vae_dir.mkdir(parents=True, exist_ok=True)
     vae = train_vae(args.vae_dir, args.vae_steps, args.vae_batch, lr=args.vae_lr, seed=args.seed, tiny=args.tiny,
                     object_weight=args.vae_object_weight)
-    vae.requires_grad_(False)
+    device = args.device  # float32 on every device; data drawn on the CPU from the same seeded generators
+    vae.requires_grad_(False).to(device)
     latents, seeds = cache_latents(vae, args.vae_dir, args.num_images)
     scale = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scale, shift_factor=None)  # the SD pipeline applies no shift
-    latents = latents * scale
+    latents = (latents * scale).to(device)
     captions = [scenes.random_spec(random.Random(s)).caption for s in seeds]
 
     tokenizer = build_tokenizer(TEXT_LEN)
     text_encoder = build_text_encoder(len(tokenizer), args.text_width)
-    unet = build_unet(args.text_width, args.tiny, tuple(args.channels))
-    ids = tokenize(tokenizer, captions, TEXT_LEN)
-    empty = tokenize(tokenizer, [""], TEXT_LEN)
+    unet = build_unet(args.text_width, args.tiny, tuple(args.channels)).to(device)
+    text_encoder = text_encoder.to(device)
+    ids = tokenize(tokenizer, captions, TEXT_LEN).to(device)
+    empty = tokenize(tokenizer, [""], TEXT_LEN).to(device)
     noise_sched = build_scheduler(args.prediction, args.zero_snr)
     opt = torch.optim.AdamW(
         [{"params": list(unet.parameters()), "lr": args.lr}, {"params": list(text_encoder.parameters()), "lr": args.text_lr}],
@@ -197,12 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * factor
         g = step_generator(args.seed, step)
-        idx = torch.randint(0, len(latents), (args.batch_size,), generator=g)
+        idx = torch.randint(0, len(latents), (args.batch_size,), generator=g).to(device)
         x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=g).to(device)
         tok = ids[idx].clone()
-        drop = torch.rand(args.batch_size, generator=g) < args.drop_caption
+        drop = (torch.rand(args.batch_size, generator=g) < args.drop_caption).to(device)
         tok[drop] = empty
         xt = noise_sched.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=text_encoder(tok).last_hidden_state).sample
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         emas["unet"].update(unet, step)
         emas["text"].update(text_encoder, step)
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        loss_now = loss.item()
+        loss_avg = loss_now if loss_avg is None else 0.98 * loss_avg + 0.02 * loss_now
         done = step + 1
         if done % 50 == 0:
             logger.info("step %d loss %.4f (%.2f s/step)", done, loss_avg, (time.monotonic() - t_steps) / 50)

@@ -119,6 +119,7 @@ def train_vae(
 def vae_psnr(vae: AutoencoderKL, n: int = 64) -> float:
     """Reconstruction PSNR (dB, on [0, 1]) over ``n`` held-out scenes."""
     x, _ = scene_batch(list(range(90_000_000, 90_000_000 + n)))
+    x = x.to(vae.device)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     mse = ((rec - x) / 2).pow(2).mean().item()
     return float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))
@@ -143,7 +144,7 @@ def cache_latents(
     chunks = []
     for i in tqdm(range(0, num_images, batch_size), desc="cache latents", mininterval=30):
         x, _ = scene_batch(seeds[i : i + batch_size], size)
-        chunks.append(vae.encode(x).latent_dist.mean)
+        chunks.append(vae.encode(x.to(vae.device)).latent_dist.mean.cpu())
     latents = torch.cat(chunks).contiguous()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two trainers may build the cache at once
     save_file({"latents": latents}, str(tmp))

@@ -50,7 +50,17 @@ def test_flux_trainer_resumes_and_saves(tmp_path: Path) -> None:
     assert not pipe.transformer.config.guidance_embeds
 
 
+def _fresh_flux_modules() -> dict:
+    tok = build_tokenizer(train_flux.TEXT_LEN)
+    clip, t5 = train_flux.build_text_encoders(len(tok), 64, tiny=True)
+    transformer = train_flux.build_transformer(64, tiny=True)
+    fresh = {"transformer": transformer, "clip": clip, "t5": t5}
+    return {**fresh, **{f"ema_{k}": train_flux.build_transformer(64, tiny=True) if k == "transformer"
+                        else train_flux.build_text_encoders(len(tok), 64, tiny=True)[k == "t5"] for k in fresh}}
+
+
 def test_flux_trainer_fine_tunes_at_a_larger_size_from_another_run(tmp_path: Path) -> None:
+    import torch
     from diffusers import FluxPipeline
 
     from diffboost.training.train_flux import sampler_shift
@@ -72,8 +82,47 @@ def test_flux_trainer_fine_tunes_at_a_larger_size_from_another_run(tmp_path: Pat
         "a large red circle at the left on a white background", height=128, width=128, num_inference_steps=2,
         max_sequence_length=16, output_type="np").images
     assert img.shape == (1, 128, 128, 3) and np.isfinite(img).all()
+    # a saved pipeline folder works as --init-from too: its weights go to the model and its EMA
+    modules = _fresh_flux_modules()
+    assert train_flux.load_init_weights(out, modules) == 2
+    shipped = FluxPipeline.from_pretrained(str(out))
+    for name, mod in (("transformer", shipped.transformer), ("clip", shipped.text_encoder), ("t5", shipped.text_encoder_2)):
+        want = mod.state_dict()
+        for key in (name, f"ema_{name}"):
+            got = modules[key].state_dict()
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # the training times follow the sampler's resolution shift: exp(0.5) at 64 tokens, more at 256
     assert abs(sampler_shift(64) - np.exp(0.5)) < 1e-9 and sampler_shift(256) > sampler_shift(64)
+
+
+def test_flux_trainer_refuses_cuda_without_a_gpu(capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        train_flux.parse_args(["--device", "cuda"])
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("trainer, ckpt", [(train_flux, "flux.ckpt"), (train_sd, "sd.ckpt")], ids=["flux", "sd"])
+def test_trainer_on_cuda_matches_the_cpu_run(trainer, ckpt: str, tmp_path: Path) -> None:
+    """Same seeded data on both devices: the CUDA run ends near the CPU run (not bit-identical)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        work = tmp_path / device
+        trainer.main(["--out", str(tmp_path / f"o-{device}"), "--work-dir", str(work), "--vae-dir",
+                      str(tmp_path / "vae"), *COMMON, "--steps", "3", "--eval-every", "3", "--device", device])
+        runs[device] = load_file(str(work / ckpt))
+    assert runs["cpu"].keys() == runs["cuda"].keys()
+    for key, value in runs["cpu"].items():
+        if key.startswith("module.") and value.is_floating_point():
+            # float32 on both (no TF32): far closer than runs on different data (~5% of the norm here)
+            gap = (value - runs["cuda"][key]).norm()
+            assert gap <= 1e-3 * value.norm() + 1e-5, (key, gap.item(), value.norm().item())
 
 
 def test_sd_trainer_resumes_and_saves(tmp_path: Path) -> None:
@@ -201,7 +250,9 @@ def test_sd_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
         (["--size", "24"], "--size must be a multiple of 8"),
         (["--low-res-prob", "0.3"], "needs --size > 64"),
         (["--size", "128", "--low-res-prob", "1"], "--low-res-prob must be in [0, 1)"),
-        (["--init-from", "no/such.ckpt"], "--init-from: no checkpoint file"),
+        (["--init-from", "no/such.ckpt"], "neither a checkpoint file nor a FluxPipeline folder"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "nonsense"], "--device: unknown device"),
         (["--vae-object-weight", "-1"], "--vae-object-weight must be >= 0"),
         (["--eval-cfg", "0.5"], "--eval-cfg must be >= 1"),
         (["--time-shift", "0"], "--time-shift must be > 0"),
