@@ -88,24 +88,17 @@ def feature_distance(
     return d if reduction == "none" else d.mean()
 
 
-def trace_sqrt_product_torch(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr sqrt(s1 s2) for symmetric PSD matrices via eigendecomposition (no scipy needed).
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """tr sqrt(s1 s2) for symmetric PSD matrices via symmetric eigendecompositions.
 
-    Uses tr sqrt(s1 s2) = tr sqrt(A s2 A) with A = sqrt(s1), whose argument is symmetric PSD.
+    Uses tr sqrt(s1 s2) = tr sqrt(A s2 A) with A = sqrt(s1), whose argument is symmetric PSD. No scipy:
+    ``scipy.linalg.sqrtm`` changed its signature (``disp`` was removed) and works on the non-symmetric
+    product, where this stays real and stable.
     """
     val, vec = torch.linalg.eigh(torch.from_numpy(s1))
     a = vec @ torch.diag(val.clamp_min(0).sqrt()) @ vec.T
     m = a @ torch.from_numpy(s2) @ a
     return float(torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum())
-
-
-def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    try:
-        from scipy import linalg
-    except ImportError:
-        return trace_sqrt_product_torch(s1, s2)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    return float(np.real(np.trace(covmean)))
 
 
 def frechet_distance(feats_a: Any, feats_b: Any) -> float:
@@ -115,7 +108,7 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
     mu1, mu2 = xa.mean(0), xb.mean(0)
     s1 = np.atleast_2d(np.cov(xa, rowvar=False))
     s2 = np.atleast_2d(np.cov(xb, rowvar=False))
-    tr = _trace_sqrt_product(s1, s2)
+    tr = trace_sqrt_product(s1, s2)
     return float(max(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr, 0.0))
 
 
