@@ -37,7 +37,7 @@ from diffboost.training.common import (
     tokenize,
 )
 from diffboost.training.evaluate import export_checkpoint, generate_and_score, save_grid, save_pipeline
-from diffboost.training.vae import cache_latents, train_vae, vae_psnr
+from diffboost.training.vae import cache_latents, object_mask, train_vae, vae_psnr
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,28 @@ def sampler_shift(num_tokens: int) -> float:
     return math.exp(cfg.base_shift + slope * (num_tokens - cfg.base_image_seq_len))
 
 
+def object_token_weights(seeds: list[int], size: int, weight: float, chunk: int = 512) -> torch.Tensor:
+    """Per-token loss weights (N, tokens) of the cached scenes at ``size`` px: 1 + ``weight`` x the share
+    of the token's 8 x 8 pixels that belong to an object (the VAE's 4x and the 2x2 packing make one
+    token 8 x 8 px), so the loss counts object tokens more than flat background."""
+    from diffboost.training.common import scene_batch
+
+    out = []
+    for i in range(0, len(seeds), chunk):
+        x, _ = scene_batch(seeds[i : i + chunk], size)
+        share = F.avg_pool2d(object_mask(x), 8)  # (B, 1, size/8, size/8): object share per token
+        out.append(1.0 + weight * share.flatten(1))  # row-major, the order of _pack_latents
+    return torch.cat(out)
+
+
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor | None) -> torch.Tensor:
+    """MSE of the velocity; with ``token_weight`` (B, tokens) a weighted mean over tokens."""
+    if token_weight is None:
+        return F.mse_loss(pred, target)
+    err = (pred - target).pow(2).mean(dim=-1)
+    return (err * token_weight).sum() / token_weight.sum()
+
+
 def adherence_score(acc: dict[str, float] | None) -> float:
     """Model-selection score: adherence, ties broken by the mean per-attribute accuracy."""
     if not acc:
@@ -188,6 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start from another run's checkpoint or a saved FluxPipeline folder "
                         "(weights and EMA; fresh optimizer, step 0)")
     p.add_argument("--uniform-t", type=float, default=0.1, help="share of uniformly drawn training times")
+    p.add_argument("--object-loss-weight", type=float, default=0.0,
+                   help="> 0: weight each token's loss by 1 + this x its object share (0: plain MSE)")
     args = p.parse_args(argv)
     check_trainer_args(p, args)
     if args.eval_cfg < 1.0:
@@ -196,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--size must be a multiple of 8 and >= 32 (the VAE halves it twice, packing halves it once), got {args.size}")
     if not 0.0 <= args.low_res_prob < 1.0 or (args.low_res_prob > 0 and args.size <= 64):
         p.error(f"--low-res-prob must be in [0, 1) and needs --size > 64, got {args.low_res_prob} at --size {args.size}")
+    if args.object_loss_weight < 0:
+        p.error(f"--object-loss-weight must be >= 0, got {args.object_loss_weight}")
     if args.time_shift is not None and args.time_shift <= 0:
         p.error(f"--time-shift must be > 0, got {args.time_shift}")
     if args.init_from is not None and not (
@@ -246,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
         packed[px] = FluxPipeline._pack_latents((lat - shift) * scale, n_lat, c, h, w).to(device)
         img_ids[px] = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, torch.float32)
         time_shift[px] = args.time_shift if args.time_shift is not None else sampler_shift(h * w // 4)
+    token_w = {}
+    if args.object_loss_weight > 0:
+        token_w = {px: object_token_weights(seeds, px, args.object_loss_weight).to(device) for px in by_size}
+        logger.info("object-weighted loss: mean token weight %s",
+                    {px: round(w.mean().item(), 3) for px, w in token_w.items()})
     logger.info("training sizes %s px, time shifts %s", sorted(by_size), {k: round(v, 3) for k, v in time_shift.items()})
 
     text_params = list(clip.parameters()) + list(t5.parameters())
@@ -315,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             hidden_states=xt, timestep=t, pooled_projections=pooled, encoder_hidden_states=txt,
             txt_ids=txt_ids, img_ids=img_ids[px], return_dict=False,
         )[0]
-        loss = F.mse_loss(pred, noise - x0)
+        loss = flow_loss(pred, noise - x0, token_w[px][idx] if token_w else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)

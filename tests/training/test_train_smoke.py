@@ -256,6 +256,7 @@ def test_sd_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
         (["--vae-object-weight", "-1"], "--vae-object-weight must be >= 0"),
         (["--eval-cfg", "0.5"], "--eval-cfg must be >= 1"),
         (["--time-shift", "0"], "--time-shift must be > 0"),
+        (["--object-loss-weight", "-1"], "--object-loss-weight must be >= 0"),
     ],
 )
 def test_flux_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
@@ -289,3 +290,31 @@ def test_vae_cli_rejects_bad_arguments(argv, message, capsys, tmp_path: Path) ->
     with pytest.raises(SystemExit):
         main(["--work-dir", str(tmp_path), *argv])
     assert message in capsys.readouterr().err
+
+
+def test_object_token_weights_mark_object_tokens_and_weight_the_loss(tmp_path: Path) -> None:
+    import torch
+
+    from diffboost.data import scenes
+    from diffboost.training.vae import LATENT_SEED_OFFSET
+
+    seeds = [LATENT_SEED_OFFSET + i for i in range(4)]
+    w = train_flux.object_token_weights(seeds, 64, 3.0)
+    assert w.shape == (4, 64) and w.min() == 1.0 and w.max() <= 4.0
+    # every scene has an object: some tokens weigh more, and most of the (flat) background weighs 1
+    assert ((w > 1).sum(1) > 0).all() and ((w == 1).float().mean(1) > 0.5).all()
+    # the heaviest token sits where the object is drawn (row-major token grid of 8 x 8 px cells)
+    images, _ = scenes.make_batch(seeds, size=64)
+    for img, row in zip(images, w):
+        r, c = divmod(int(row.argmax()), 8)
+        cell = img[r * 8 : r * 8 + 8, c * 8 : c * 8 + 8].reshape(-1, 3).astype(int)
+        assert (abs(cell - np.median(img.reshape(-1, 3), axis=0)).sum(1) > 38).any()
+    pred, target = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    target[:, 0] = 3.0  # the heavy token has the larger error
+    tw = torch.tensor([[5.0, 1.0, 1.0], [5.0, 1.0, 1.0]])
+    assert train_flux.flow_loss(pred, target, tw).item() == pytest.approx((5 * 9 + 2) / 7)
+    assert train_flux.flow_loss(pred, target, None).item() == pytest.approx(11 / 3)
+    work = tmp_path / "w"
+    train_flux.main(["--out", str(tmp_path / "o"), "--work-dir", str(work), *COMMON, "--steps", "2",
+                     "--object-loss-weight", "2"])
+    assert "object-weighted loss" in (work / "train.log").read_text()
