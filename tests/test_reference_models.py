@@ -1,4 +1,4 @@
-"""The plugins on the shipped, trained reference models (assets/flux-shapes, assets/sd-shapes).
+"""The plugins on the shipped, trained reference models (assets/flux-shapes, assets/flux-shapes-128, assets/sd-shapes).
 
 Random-init test pipelines say nothing about how close an accelerated output stays to the baseline;
 these run the real folders offline with their shipped generation settings (``diffboost.json``):
@@ -34,8 +34,8 @@ def _load(name: str):
     return pipe, default_call_kwargs(pipe, model_defaults(path))
 
 
-def _run(pipe, kwargs, **over) -> torch.Tensor:
-    kw = dict(kwargs, prompt=PROMPTS, num_inference_steps=STEPS, output_type="pt", **over)
+def _run(pipe, kwargs, steps: int = STEPS, **over) -> torch.Tensor:
+    kw = dict(kwargs, prompt=PROMPTS, num_inference_steps=steps, output_type="pt", **over)
     kw["generator"] = torch.Generator().manual_seed(0)
     with torch.no_grad():
         return pipe(**kw).images.float()
@@ -50,6 +50,11 @@ def sd():
 @pytest.fixture(scope="module")
 def flux():
     return _load("flux-shapes")
+
+
+@pytest.fixture(scope="module")
+def flux128():
+    return _load("flux-shapes-128")
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
@@ -123,3 +128,31 @@ def test_reference_sada_curvature(name, scheduler, request):
         pipe.scheduler = original
     assert stats["skipped"] >= 1, stats
     assert float(psnr(fast, base)) > 30.0, stats["skipped_steps"]
+
+
+def test_flux128_reference_bottleneck_exact_when_off_and_draws_the_prompts(flux128):
+    """The 128 px model (bottleneck stage at 64 px): a one-stage plan is bit-identical; the short
+    high-low-high plan, alone and with TaylorSeer, keeps every attribute of the large circle and the
+    colour, size, position and background of the small star, as the evaluator reads them.
+
+    Where it loses: the small star's *shape* (a few pixels at 64 px) was lost for 2 of 3 seeds (one prompt
+    per call, seeds 0-2) with the default and the short plan
+    (the baseline drew it for all 3). At the shipped 28 steps (the bench's setting)."""
+    from diffboost.evaluation.metrics import attribute_accuracy
+
+    pipe, kwargs = flux128
+    assert kwargs["height"] == kwargs["width"] == 128
+    steps = 28
+    base = _run(pipe, kwargs, steps)
+    with diffboost.accelerated(pipe, BottleneckSampling(stages=[(1.0, 1.0)])):
+        assert torch.equal(_run(pipe, kwargs, steps), base)
+    assert attribute_accuracy(base, PROMPTS)["all"] == 1.0
+    short = BottleneckSampling(stages=[(1.0, 0.05), (0.5, 0.8), (1.0, 0.15)])
+    for stack in ((short,), (short, TaylorSeer(interval=3, warmup=1))):
+        with diffboost.accelerated(pipe, *stack):
+            out = _run(pipe, kwargs, steps)
+        assert out.shape == base.shape and out.dtype == base.dtype
+        assert attribute_accuracy(out[:1], PROMPTS[:1])["all"] == 1.0, stack
+        star = attribute_accuracy(out[1:], PROMPTS[1:])
+        assert all(star[k] == 1.0 for k in ("color", "size", "position", "background")), (stack, star)
+    assert torch.equal(_run(pipe, kwargs, steps), base)
