@@ -32,6 +32,7 @@ from diffboost.training.common import (
     load_checkpoint,
     lr_factor,
     save_checkpoint,
+    scene_batch,
     setup_logging,
     step_generator,
     tokenize,
@@ -135,8 +136,6 @@ def object_token_weights(seeds: list[int], size: int, weight: float, chunk: int 
     """Per-token loss weights (N, tokens) of the cached scenes at ``size`` px: 1 + ``weight`` x the share
     of the token's 8 x 8 pixels that belong to an object (the VAE's 4x and the 2x2 packing make one
     token 8 x 8 px), so the loss counts object tokens more than flat background."""
-    from diffboost.training.common import scene_batch
-
     out = []
     for i in range(0, len(seeds), chunk):
         x, _ = scene_batch(seeds[i : i + chunk], size)
