@@ -43,12 +43,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--steps", type=int, default=28)
     args = ap.parse_args()
+    if args.repeats < 1 or args.steps < 1:
+        ap.error(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")
     pipe = load_pipeline(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     kwargs = default_call_kwargs(pipe, model_defaults(args.model))
     emb, pooled, txt_ids = pipe.encode_prompt(PROMPT, prompt_2=None, max_sequence_length=16)
     channels = pipe.transformer.config.in_channels
     factor = pipe.vae_scale_factor * 2  # px per packed token side
+    if any(size < factor or size % factor for size in args.sizes):
+        ap.error(f"--sizes must be multiples of {factor} px (one packed token's side for this model), got {args.sizes}")
     report: dict[str, object] = {"model": str(args.model), "threads": torch.get_num_threads()}
     for size in args.sizes:
         side = size // factor

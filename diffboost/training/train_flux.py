@@ -321,15 +321,14 @@ def main(argv: list[str] | None = None) -> None:
         px = args.size
         if args.low_res_prob > 0 and torch.rand((), generator=g).item() < args.low_res_prob:
             px = 64
-        idx = torch.randint(0, args.num_images, (args.batch_size,), generator=g)
-        x0 = packed[px][idx.to(device)]
+        idx = torch.randint(0, args.num_images, (args.batch_size,), generator=g).to(device)
+        x0 = packed[px][idx]
         noise = torch.randn(x0.shape, generator=g).to(device)  # drawn on the CPU: same data on every device
         t = torch.sigmoid(torch.randn(args.batch_size, generator=g))
         t = torch.where(torch.rand(args.batch_size, generator=g) < args.uniform_t, torch.rand(args.batch_size, generator=g), t)
         ts = time_shift[px]
         t = (ts * t / (1 + (ts - 1) * t)).to(device)  # the sampler's shift at this resolution
         long_text = torch.rand((), generator=g).item() < args.long_text_prob
-        idx = idx.to(device)
         ids = ids16[idx].clone()
         ids_t5 = ids_long[idx].clone() if long_text else ids
         if args.drop_caption > 0:  # empty captions: the unconditional branch of true CFG
