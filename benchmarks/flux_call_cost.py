@@ -4,9 +4,10 @@
 
 Why bottleneck sampling's wall-clock speedup trails its FLOP reduction on a small model: a call at a
 quarter of the image tokens is not a quarter of the time when a fixed per-call cost (Python, kernel
-launches, embeddings, the text tokens) is a large share. Prints the median time of one batch-1
-transformer call at each size (what each CFG branch costs per step), the tokens of each, the full
-pipeline call at the first size with the model's settings, the VAE decode and the prompt encoding.
+launches, embeddings, the text tokens) is a large share. Prints the median time of one transformer
+call at each size (what each CFG branch costs per step; ``--batch N``: N images per call), the tokens
+of each, the full pipeline call at the first size with the model's settings, the VAE decode and the
+prompt encoding.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 64], help="image sides in px")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--batch", type=int, default=1, help="images per transformer call (num_images_per_prompt)")
     args = ap.parse_args()
-    if args.repeats < 1 or args.steps < 1:
-        ap.error(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")
+    if args.repeats < 1 or args.steps < 1 or args.batch < 1:
+        ap.error(f"--repeats, --steps and --batch must be >= 1, got {args.repeats}, {args.steps}, {args.batch}")
     pipe = load_pipeline(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     kwargs = default_call_kwargs(pipe, model_defaults(args.model))
@@ -53,12 +55,13 @@ def main() -> None:
     factor = pipe.vae_scale_factor * 2  # px per packed token side
     if any(size < factor or size % factor for size in args.sizes):
         ap.error(f"--sizes must be multiples of {factor} px (one packed token's side for this model), got {args.sizes}")
-    report: dict[str, object] = {"model": str(args.model), "threads": torch.get_num_threads()}
+    report: dict[str, object] = {"model": str(args.model), "threads": torch.get_num_threads(), "batch": args.batch}
+    emb, pooled = emb.expand(args.batch, -1, -1), pooled.expand(args.batch, -1)
     for size in args.sizes:
         side = size // factor
         ids = pipe._prepare_latent_image_ids(1, side, side, "cpu", torch.float32)
-        x = torch.randn(1, side * side, channels)
-        t = torch.full((1,), 0.5)
+        x = torch.randn(args.batch, side * side, channels)
+        t = torch.full((args.batch,), 0.5)
 
         def call() -> object:
             return pipe.transformer(hidden_states=x, timestep=t, pooled_projections=pooled,
@@ -67,11 +70,11 @@ def main() -> None:
         report[f"transformer_ms_at_{size}px"] = round(1000 * median_time(call, args.repeats), 2)
         report[f"tokens_at_{size}px"] = {"image": side * side, "text": emb.shape[1]}
     size = args.sizes[0]
-    latent = torch.randn(1, pipe.vae.config.latent_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    latent = torch.randn(args.batch, pipe.vae.config.latent_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     report["vae_decode_ms"] = round(1000 * median_time(lambda: pipe.vae.decode(latent), args.repeats), 2)
     report["encode_prompt_ms"] = round(
         1000 * median_time(lambda: pipe.encode_prompt(PROMPT, prompt_2=None, max_sequence_length=16), args.repeats), 2)
-    kwargs.update(height=size, width=size, num_inference_steps=args.steps)
+    kwargs.update(height=size, width=size, num_inference_steps=args.steps, num_images_per_prompt=args.batch)
     report[f"pipeline_call_s_at_{size}px"] = round(median_time(
         lambda: pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs), max(3, args.repeats // 3)), 3)
     report["call_kwargs"] = {k: v for k, v in kwargs.items() if k != "generator"}

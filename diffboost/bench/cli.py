@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="swap the pipeline's scheduler for this diffusers class, built from its config "
                         "(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
     parser.add_argument("--dtype", default=None, help="cast the pipeline, e.g. bfloat16 (default: as saved)")
+    parser.add_argument("--images-per-prompt", type=int, default=1,
+                        help="images per pipeline call (num_images_per_prompt; default 1): > 1 times batched "
+                        "calls, closer to the compute-bound regime of large models; s/img divides by it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted run")
     parser.add_argument("--quick", action="store_true",
@@ -75,7 +78,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Build :class:`BenchSettings` from parsed arguments (``--quick`` fills what was not given)."""
     defaults = QUICK if args.quick else {f: getattr(BenchSettings, f) for f in QUICK}
     pick = {f: getattr(args, f) if getattr(args, f) is not None else defaults[f] for f in QUICK}
-    for field, value in pick.items():
+    for field, value in {**pick, "images-per-prompt": args.images_per_prompt}.items():
         if value < 1:
             raise ValueError(f"--{field} must be >= 1, got {value}")
     return BenchSettings(
@@ -91,6 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         device=args.device,
         dtype=args.dtype,
         scheduler=args.scheduler,
+        images_per_prompt=args.images_per_prompt,
     )
 
 

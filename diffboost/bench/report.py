@@ -63,9 +63,11 @@ def markdown(report: BenchReport) -> str:
     s = report.settings
     lines = [
         f"Model: `{report.model}`, {report.size[0]}x{report.size[1]} px, {s.steps} steps, "
-        f"{len(report.prompts)} prompts x {len(report.seeds)} seeds, median of {s.repeats} repeat(s).",
+        f"{len(report.prompts)} prompts x {len(report.seeds)} seeds"
+        + (f" x {s.images_per_prompt} images per call" if s.images_per_prompt > 1 else "")
+        + f", median of {s.repeats} repeat(s).",
         "",
-        "Time: seconds per image (batch 1), median over repeats (min/max per repeat in results.csv); each "
+        f"Time: seconds per image (batch {s.images_per_prompt}: call time / images per call), median over repeats (min/max per repeat in results.csv); each "
         "config gets one untimed warm-up call (its FLOP-counted run) and configs are interleaved, "
         "rotating the order every repeat. FLOPs: denoiser forward passes only, one run (first prompt "
         "and seed). PSNR / SSIM / feature distance: vs the baseline image of the same prompt and seed "

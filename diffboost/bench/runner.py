@@ -26,6 +26,7 @@ from .flops import count_denoiser_flops
 
 logger = logging.getLogger(__name__)
 
+BATCH_ARGS = ("num_images_per_prompt", "num_videos_per_prompt")  # how pipelines take a per-prompt batch
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "flux-shapes"
 
 
@@ -48,6 +49,7 @@ class BenchSettings:
     device: str | None = None  # None: leave the pipeline where it is (a loaded one stays on CPU)
     dtype: str | None = None  # e.g. "bfloat16"; None: as loaded
     scheduler: str | None = None  # a diffusers scheduler class name built from the pipeline's config
+    images_per_prompt: int = 1  # images per call (num_images_per_prompt): > 1 times batched calls
 
 
 @dataclasses.dataclass
@@ -58,7 +60,7 @@ class ConfigResult:
     kind: str
     description: str
     status: str = "ok"  # ok | skipped: <reason> | error: <reason>
-    time_s: float = math.nan  # median over repeats of the mean seconds per image
+    time_s: float = math.nan  # median over repeats of the mean seconds per image (call time / images per call)
     times_s: list[float] = dataclasses.field(default_factory=list)
     speedup: float = math.nan
     denoiser_flops: float = math.nan
@@ -155,6 +157,16 @@ def base_call_kwargs(pipe: Any, settings: BenchSettings, size: tuple[int, int]) 
         if isinstance(limit, int) and isinstance(default, int) and limit < default:
             kwargs["max_sequence_length"] = limit
     kwargs.update(settings.call_kwargs)
+    if settings.images_per_prompt != 1:
+        if settings.images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt must be >= 1, got {settings.images_per_prompt}")
+        batch_arg = next((a for a in BATCH_ARGS if a in params), None)
+        if batch_arg is None:
+            raise ValueError(
+                f"{type(pipe).__name__}.__call__ takes none of {', '.join(BATCH_ARGS)}: "
+                "it cannot batch images per prompt; use images_per_prompt=1"
+            )
+        kwargs[batch_arg] = settings.images_per_prompt
     return kwargs
 
 
@@ -193,6 +205,7 @@ class Workload:
         self.prompts = benchmark_prompts(settings.prompts, seed=settings.prompt_seed)
         self.seeds = list(range(settings.seeds))
         self.jobs = [(p, s) for p in self.prompts for s in self.seeds]
+        self.images_per_call = settings.images_per_prompt
 
     def call(self, prompt: str, seed: int, **overrides: Any) -> Any:
         """One pipeline call (CPU generator: the same noise on every device); waits for the device."""
@@ -276,7 +289,7 @@ class _Runner(Workload):
                 if first:
                     images.append(_images_of(output))
                 bar.update(1)
-            result.times_s.append(elapsed / len(self.jobs))
+            result.times_s.append(elapsed / (len(self.jobs) * self.images_per_call))
             if first:
                 result.images = np.concatenate(images)
 
@@ -329,7 +342,8 @@ def fill_metrics(report: BenchReport, pipe: Any) -> None:
     adherence, why = _adherence_enabled(report.settings, pipe, evaluator)
     if why:
         report.notes.append(why)
-    prompts = [p for p in report.prompts for _ in report.seeds]
+    per_call = report.settings.images_per_prompt
+    prompts = [p for p in report.prompts for _ in report.seeds for _ in range(per_call)]
     for r in results:
         if not r.ok or r.images is None or base.images is None:
             continue
@@ -420,8 +434,9 @@ def run_bench(
     configs.sort(key=lambda c: c.kind != "baseline")  # baseline first (stable for the rest)
     runner = _Runner(pipe, configs, settings)
     logger.info(
-        "bench: %d configs x %d prompts x %d seeds, %d steps, %dx%d, %d repeats",
-        len(configs), len(runner.prompts), len(runner.seeds), settings.steps, *runner.size, settings.repeats,
+        "bench: %d configs x %d prompts x %d seeds x %d images per call, %d steps, %dx%d, %d repeats",
+        len(configs), len(runner.prompts), len(runner.seeds), settings.images_per_prompt, settings.steps,
+        *runner.size, settings.repeats,
     )
     runner.run()
     results = [runner.results[c.name] for c in configs]

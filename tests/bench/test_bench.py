@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from diffboost.bench import BenchConfig, BenchSettings, ConfigError, PluginSpec, load_configs, run_bench, write_all
+from diffboost.bench import (BenchConfig, BenchSettings, ConfigError, PluginSpec, load_configs, markdown, run_bench,
+                             write_all)
 from diffboost.bench.cli import add_arguments, run_from_args
 from diffboost.evaluation.classifier import AttributeClassifier
 from factories import make_flux
@@ -305,3 +306,42 @@ def test_cache_dit_gets_separate_cfg_under_true_cfg(monkeypatch):
     # without CFG the option is left alone
     report = run_bench(make_flux(), configs[:2], quick_settings(prompts=1, steps=4, count_flops=False))
     assert by_name(report)["auto"].ok and "auto" not in by_name(report)["auto"].description
+
+
+def test_images_per_prompt_batches_each_call(report, evaluator_dir):
+    """--images-per-prompt N: N images per call, time per image, adherence prompts repeated N times."""
+    import numpy as np
+
+    configs = [BenchConfig("baseline"), CONFIGS[1], BenchConfig(
+        "bottleneck", "diffboost", plugins=(PluginSpec("BottleneckSampling", {}),))]
+    batched = run_bench(make_flux(), configs, quick_settings(images_per_prompt=2, evaluator=evaluator_dir,
+                                                             adherence="on"))
+    rows = by_name(batched)
+    assert all(r.ok for r in batched.results), [r.status for r in batched.results]
+    n_jobs = len(batched.prompts) * len(batched.seeds)
+    assert rows["baseline"].images.shape[0] == 2 * n_jobs
+    # batch-2 calls run twice the tokens per denoiser pass of the batch-1 bench
+    assert rows["baseline"].denoiser_flops == pytest.approx(2 * by_name(report)["baseline"].denoiser_flops)
+    assert math.isinf(rows["ts-never-skips"].psnr)  # never skipping stays exact in a batch
+    assert rows["bottleneck"].flops_reduction > 1.2
+    assert 0.0 <= rows["bottleneck"].adherence <= 1.0
+    # the batch's second image is a different sample (its own noise), not a copy of the first
+    assert not np.array_equal(rows["baseline"].images[0], rows["baseline"].images[1])
+    assert "x 2 images per call" in markdown(batched)
+
+
+def test_images_per_prompt_errors():
+    from diffboost.bench.runner import base_call_kwargs
+
+    class NoBatch:
+        def __call__(self, prompt, num_inference_steps=28):
+            return None
+
+    with pytest.raises(ValueError, match="num_images_per_prompt"):
+        base_call_kwargs(NoBatch(), quick_settings(images_per_prompt=2), (64, 64))
+    assert base_call_kwargs(NoBatch(), quick_settings(), (64, 64)) == {"num_inference_steps": 6, "output_type": "np",
+                                                                       "max_sequence_length": 8}
+    with pytest.raises(ValueError, match="images-per-prompt"):
+        from diffboost.bench.cli import settings_from_args
+
+        settings_from_args(_args("--images-per-prompt", "0"))
