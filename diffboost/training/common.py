@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save_file
 from transformers import PreTrainedTokenizerFast
 
@@ -77,6 +78,36 @@ def scene_batch(seeds: list[int], size: int = scenes.IMAGE_SIZE) -> tuple[torch.
     """Rendered single-object scenes (``size`` px) as a [-1, 1] tensor plus captions."""
     images, sc = scenes.make_batch(seeds, size=size)
     return images_to_tensor(images), [s.caption for s in sc]
+
+
+def object_mask(x: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
+    """(B, 1, H, W) float mask of pixels that differ from the scene's background.
+
+    The background is the per-image median colour (it covers most of every scene); a pixel belongs to
+    an object when its summed absolute channel difference from that colour exceeds ``threshold`` on
+    the [-1, 1] scale.
+    """
+    background = x.flatten(2).median(dim=2).values[:, :, None, None]
+    return ((x - background).abs().sum(dim=1, keepdim=True) > threshold).to(x.dtype)
+
+
+def object_share(seeds: list[int], size: int, cell: int, chunk: int = 512) -> torch.Tensor:
+    """(N, 1, size/cell, size/cell): the share of each ``cell`` x ``cell`` pixel block of the scenes
+    (``size`` px) that belongs to an object, the weight map of the object-weighted denoiser loss."""
+    out = []
+    for i in range(0, len(seeds), chunk):
+        x, _ = scene_batch(seeds[i : i + chunk], size)
+        out.append(F.avg_pool2d(object_mask(x), cell))
+    return torch.cat(out)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """MSE; with ``weight`` a weighted mean over positions, the squared error first averaged over the
+    channel dimension ``dim`` (``weight`` has ``pred``'s shape without it)."""
+    if weight is None:
+        return F.mse_loss(pred, target)
+    err = (pred - target).pow(2).mean(dim=dim)
+    return (err * weight).sum() / weight.sum()
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -225,6 +256,9 @@ def add_trainer_args(p, *, out: Path, work_dir: Path, vae_dir: Path | None, lr: 
     p.add_argument("--device", default="cpu",
                    help="where the models train: cpu (default) or cuda[:N]. Data are drawn on the CPU from the "
                         "same seeded generators either way; results are not bit-identical across devices")
+    p.add_argument("--object-loss-weight", type=float, default=0.0,
+                   help="> 0: weight each latent position's loss by 1 + this x the object share of its pixels "
+                        "(0: plain MSE)")
     p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
     p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
     add_lr_decay_args(p)
@@ -236,6 +270,8 @@ def check_trainer_args(p, args) -> None:
     args.device = resolve_device(p, args.device)
     if args.vae_object_weight < 0:
         p.error(f"--vae-object-weight must be >= 0, got {args.vae_object_weight}")
+    if args.object_loss_weight < 0:
+        p.error(f"--object-loss-weight must be >= 0, got {args.object_loss_weight}")
     if not 0.0 <= args.drop_caption < 1.0:
         p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -31,14 +30,15 @@ from diffboost.training.common import (
     check_trainer_args,
     load_checkpoint,
     lr_factor,
+    object_share,
     save_checkpoint,
-    scene_batch,
     setup_logging,
     step_generator,
     tokenize,
+    weighted_mse,
 )
 from diffboost.training.evaluate import export_checkpoint, generate_and_score, save_grid, save_pipeline
-from diffboost.training.vae import cache_latents, object_mask, train_vae, vae_psnr
+from diffboost.training.vae import cache_latents, train_vae, vae_psnr
 
 logger = logging.getLogger(__name__)
 
@@ -132,24 +132,16 @@ def sampler_shift(num_tokens: int) -> float:
     return math.exp(cfg.base_shift + slope * (num_tokens - cfg.base_image_seq_len))
 
 
-def object_token_weights(seeds: list[int], size: int, weight: float, chunk: int = 512) -> torch.Tensor:
+def object_token_weights(seeds: list[int], size: int, weight: float) -> torch.Tensor:
     """Per-token loss weights (N, tokens) of the cached scenes at ``size`` px: 1 + ``weight`` x the share
     of the token's 8 x 8 pixels that belong to an object (the VAE's 4x and the 2x2 packing make one
     token 8 x 8 px), so the loss counts object tokens more than flat background."""
-    out = []
-    for i in range(0, len(seeds), chunk):
-        x, _ = scene_batch(seeds[i : i + chunk], size)
-        share = F.avg_pool2d(object_mask(x), 8)  # (B, 1, size/8, size/8): object share per token
-        out.append(1.0 + weight * share.flatten(1))  # row-major, the order of _pack_latents
-    return torch.cat(out)
+    return 1.0 + weight * object_share(seeds, size, 8).flatten(1)  # row-major, the order of _pack_latents
 
 
 def flow_loss(pred: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor | None) -> torch.Tensor:
-    """MSE of the velocity; with ``token_weight`` (B, tokens) a weighted mean over tokens."""
-    if token_weight is None:
-        return F.mse_loss(pred, target)
-    err = (pred - target).pow(2).mean(dim=-1)
-    return (err * token_weight).sum() / token_weight.sum()
+    """MSE of the velocity (B, tokens, channels); with ``token_weight`` (B, tokens) a weighted mean over tokens."""
+    return weighted_mse(pred, target, token_weight, dim=-1)
 
 
 def adherence_score(acc: dict[str, float] | None) -> float:
@@ -209,8 +201,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start from another run's checkpoint or a saved FluxPipeline folder "
                         "(weights and EMA; fresh optimizer, step 0)")
     p.add_argument("--uniform-t", type=float, default=0.1, help="share of uniformly drawn training times")
-    p.add_argument("--object-loss-weight", type=float, default=0.0,
-                   help="> 0: weight each token's loss by 1 + this x its object share (0: plain MSE)")
     args = p.parse_args(argv)
     check_trainer_args(p, args)
     if args.eval_cfg < 1.0:
@@ -219,8 +209,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--size must be a multiple of 8 and >= 32 (the VAE halves it twice, packing halves it once), got {args.size}")
     if not 0.0 <= args.low_res_prob < 1.0 or (args.low_res_prob > 0 and args.size <= 64):
         p.error(f"--low-res-prob must be in [0, 1) and needs --size > 64, got {args.low_res_prob} at --size {args.size}")
-    if args.object_loss_weight < 0:
-        p.error(f"--object-loss-weight must be >= 0, got {args.object_loss_weight}")
     if args.time_shift is not None and args.time_shift <= 0:
         p.error(f"--time-shift must be > 0, got {args.time_shift}")
     if args.init_from is not None and not (

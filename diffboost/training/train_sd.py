@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -30,10 +29,12 @@ from diffboost.training.common import (
     check_trainer_args,
     load_checkpoint,
     lr_factor,
+    object_share,
     save_checkpoint,
     setup_logging,
     step_generator,
     tokenize,
+    weighted_mse,
 )
 from diffboost.training.evaluate import export_checkpoint, generate_and_score, save_grid, save_pipeline
 from diffboost.training.vae import cache_latents, train_vae
@@ -161,6 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     vae.register_to_config(scaling_factor=scale, shift_factor=None)  # the SD pipeline applies no shift
     latents = (latents * scale).to(device)
     captions = [scenes.random_spec(random.Random(s)).caption for s in seeds]
+    pixel_w = None
+    if args.object_loss_weight > 0:  # (N, h, w): 1 + W x the object share of each latent pixel's cell
+        cell = 2 ** (len(vae.config.block_out_channels) - 1)
+        pixel_w = (1.0 + args.object_loss_weight * object_share(seeds, scenes.IMAGE_SIZE, cell)[:, 0]).to(device)
+        logger.info("object-weighted loss: mean latent-pixel weight %.3f", pixel_w.mean().item())
 
     tokenizer = build_tokenizer(TEXT_LEN)
     text_encoder = build_text_encoder(len(tokenizer), args.text_width)
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         xt = noise_sched.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=text_encoder(tok).last_hidden_state).sample
         target = noise if args.prediction == "epsilon" else noise_sched.get_velocity(x0, noise, t)
-        loss = F.mse_loss(pred, target)
+        loss = weighted_mse(pred, target, pixel_w[idx] if pixel_w is not None else None, dim=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -14,7 +14,14 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from diffboost.training.common import Timer, load_checkpoint, save_checkpoint, scene_batch, step_generator
+from diffboost.training.common import (
+    Timer,
+    load_checkpoint,
+    object_mask,
+    save_checkpoint,
+    scene_batch,
+    step_generator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,17 +164,6 @@ def encoder_version(work_dir: Path) -> int:
     """How many times the encoder of the VAE under ``work_dir`` was fine-tuned (0: as first trained)."""
     meta_path = work_dir / "vae_meta.json"
     return int(json.loads(meta_path.read_text()).get("encoder_version", 0)) if meta_path.is_file() else 0
-
-
-def object_mask(x: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
-    """(B, 1, H, W) float mask of pixels that differ from the scene's background.
-
-    The background is the per-image median colour (it covers most of every scene); a pixel belongs to
-    an object when its summed absolute channel difference from that colour exceeds ``threshold`` on
-    the [-1, 1] scale.
-    """
-    background = x.flatten(2).median(dim=2).values[:, :, None, None]
-    return ((x - background).abs().sum(dim=1, keepdim=True) > threshold).to(x.dtype)
 
 
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, object_weight: float = 0.0) -> torch.Tensor:

@@ -207,7 +207,7 @@ def test_object_mask_marks_objects_not_background() -> None:
     import torch
 
     from diffboost.training.common import scene_batch
-    from diffboost.training.vae import object_mask
+    from diffboost.training.common import object_mask
 
     x, _ = scene_batch([5, 6])
     mask = object_mask(x)
@@ -317,4 +317,25 @@ def test_object_token_weights_mark_object_tokens_and_weight_the_loss(tmp_path: P
     work = tmp_path / "w"
     train_flux.main(["--out", str(tmp_path / "o"), "--work-dir", str(work), *COMMON, "--steps", "2",
                      "--object-loss-weight", "2"])
+    assert "object-weighted loss" in (work / "train.log").read_text()
+
+
+def test_object_weighted_loss_of_the_sd_trainer(tmp_path: Path) -> None:
+    import torch
+
+    from diffboost.training.common import object_share, weighted_mse
+    from diffboost.training.vae import LATENT_SEED_OFFSET
+
+    seeds = [LATENT_SEED_OFFSET + i for i in range(3)]
+    share = object_share(seeds, 64, 4)  # the SD latent grid: one value per 4 x 4 px cell
+    assert share.shape == (3, 1, 16, 16) and 0 <= share.min() and share.max() <= 1
+    # pooling the 8 x 8 cells of the Flux tokens from the 4 x 4 ones gives the same shares
+    assert torch.allclose(torch.nn.functional.avg_pool2d(share, 2), object_share(seeds, 64, 8))
+    pred, target = torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, 2)
+    target[0, :, 0, 0] = 2.0  # error 4 at the first latent pixel (all channels), 0 at the second
+    assert weighted_mse(pred, target, torch.tensor([[[3.0, 1.0]]]), dim=1).item() == pytest.approx(3 * 4 / 4)
+    assert weighted_mse(pred, target, None, dim=1).item() == pytest.approx(2.0)
+    work = tmp_path / "w"
+    train_sd.main(["--out", str(tmp_path / "o"), "--work-dir", str(work), "--vae-dir", str(work), *COMMON,
+                   "--steps", "2", "--object-loss-weight", "2"])
     assert "object-weighted loss" in (work / "train.log").read_text()
