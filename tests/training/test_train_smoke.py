@@ -206,8 +206,7 @@ def test_vae_finetune_moves_the_encoder_and_versions_the_latent_cache(tmp_path: 
 def test_object_mask_marks_objects_not_background() -> None:
     import torch
 
-    from diffboost.training.common import scene_batch
-    from diffboost.training.common import object_mask
+    from diffboost.training.common import object_mask, scene_batch
 
     x, _ = scene_batch([5, 6])
     mask = object_mask(x)
