@@ -1,6 +1,7 @@
 """Seconds per training step of a reference denoiser (+ its text encoders) on random data.
 
     python benchmarks/training_step_speed.py --threads 2 --batch-sizes 16 32 64 [--compile] [--model sd]
+        [--time-conditioning scale_shift]
 
 Forward + backward + AdamW at the reference models' sizes (Flux: 2 double + 6 single blocks, 64 image
 and 16 text tokens; SD: the 3-level UNet on 16x16x16 latents), the median of 10 steps after 2 warm-up
@@ -35,11 +36,13 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser (first step timed apart)")
     ap.add_argument("--model", choices=("flux", "sd"), default="flux")
+    ap.add_argument("--time-conditioning", choices=("default", "scale_shift"), default="default",
+                    help="SD only: the UNet's resnet_time_scale_shift (train_sd --time-conditioning)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(TEXT_LEN)
     if args.model == "sd":
-        denoiser, text = train_sd.build_unet(64), train_sd.build_text_encoder(len(tokenizer), 64)
+        denoiser, text = train_sd.build_unet(64, time_conditioning=args.time_conditioning), train_sd.build_text_encoder(len(tokenizer), 64)
         params = [*denoiser.parameters(), *text.parameters()]
     else:
         clip, t5 = build_text_encoders(len(tokenizer), 64)

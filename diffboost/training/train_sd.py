@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 TEXT_LEN = 16
 
 
-def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, ...] = (32, 64, 64)) -> UNet2DConditionModel:
+def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, ...] = (32, 64, 64),
+               time_conditioning: str = "default") -> UNet2DConditionModel:
     """UNet on 16x16x16 latents, one level per entry of ``channels`` (3 levels: 16 -> 8 -> 4), with
     cross-attention at every level.
 
@@ -54,6 +55,11 @@ def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, ...] = 
     timestep embedding (diffusers' ``TextTimeEmbedding``), so global attributes (background, colour)
     reach every ResNet block, as Flux's pooled CLIP vector does through AdaLN. The pipeline is still a
     plain ``StableDiffusionPipeline`` (the embedding reads ``encoder_hidden_states``).
+
+    ``time_conditioning``: how that embedding enters each ResNet block, diffusers'
+    ``resnet_time_scale_shift``: ``"default"`` adds it as a bias (SD); ``"scale_shift"`` uses it as a
+    per-channel scale and shift after the group norm (AdaGN of Dhariwal & Nichol 2021), so the caption
+    can switch feature channels on and off, not only shift them.
     """
     channels = (16, 32) if tiny else tuple(channels)
     return UNet2DConditionModel(
@@ -62,8 +68,25 @@ def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, ...] = 
         down_block_types=("CrossAttnDownBlock2D",) * len(channels),
         up_block_types=("CrossAttnUpBlock2D",) * len(channels),
         cross_attention_dim=text_width, attention_head_dim=4, norm_num_groups=8 if tiny else min(32, channels[0] // 2),
-        addition_embed_type="text", addition_embed_type_num_heads=4,
+        addition_embed_type="text", addition_embed_type_num_heads=4, resnet_time_scale_shift=time_conditioning,
     )
+
+
+def scene_draw_weights(captions: list[str], oversample_small: float) -> torch.Tensor | None:
+    """Per-scene sampling weights (on the CPU): ``oversample_small`` for scenes whose object is small, 1 otherwise;
+    ``None`` (uniform) when ``oversample_small`` is 1."""
+    if oversample_small == 1.0:
+        return None
+    small = torch.tensor([scenes.parse_caption(c)["size"] == "small" for c in captions])
+    return torch.where(small, oversample_small, 1.0)
+
+
+def draw_scenes(weights: torch.Tensor | None, n: int, g: torch.Generator, num: int | None = None) -> torch.Tensor:
+    """``n`` scene indices drawn with replacement: uniformly (``weights`` None: ``num`` scenes, the
+    draw of every earlier run) or in proportion to ``weights``."""
+    if weights is None:
+        return torch.randint(0, num, (n,), generator=g)
+    return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
 def build_text_encoder(vocab_size: int, width: int) -> CLIPTextModel:
@@ -133,12 +156,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero-snr", action=argparse.BooleanOptionalAction, default=True,
                    help="zero terminal SNR noise schedule + trailing timesteps (default on; needs v-prediction)")
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--time-conditioning", choices=("default", "scale_shift"), default="default",
+                   help="how the timestep + caption embedding enters the ResNet blocks: a bias (default, as "
+                        "SD) or a scale and shift after the group norm (AdaGN); see build_unet")
+    p.add_argument("--oversample-small", type=float, default=1.0,
+                   help="draw training scenes whose object is small this many times as often as scenes with a "
+                        "large one (default 1: uniform). Small objects' shapes are the last thing the models "
+                        "learn (every shape error of the shipped SD model is a small object)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet for the training steps (the first step compiles, about 1-2 min "
+                        "on CPU; evaluation and checkpoints use the uncompiled weights they share)")
     args = p.parse_args(argv)
     check_trainer_args(p, args)
     groups = min(32, args.channels[0] // 2)  # the UNet's norm_num_groups (see build_unet)
     if not 2 <= len(args.channels) <= 4 or args.channels[0] < 8 or any(c % groups for c in args.channels):
         p.error(f"--channels takes 2-4 widths, the first >= 8, all divisible by min(32, first // 2) = {groups} "
                 f"(group norm), got {args.channels}")
+    if not args.oversample_small >= 1.0:
+        p.error(f"--oversample-small must be >= 1 (1 = uniform sampling), got {args.oversample_small}")
     if args.zero_snr and args.prediction == "epsilon":
         p.error("--zero-snr needs --prediction v_prediction (epsilon is undefined at zero SNR); "
                 "pass --no-zero-snr for an epsilon model")
@@ -162,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     vae.register_to_config(scaling_factor=scale, shift_factor=None)  # the SD pipeline applies no shift
     latents = (latents * scale).to(device)
     captions = [scenes.random_spec(random.Random(s)).caption for s in seeds]
+    draw_weights = scene_draw_weights(captions, args.oversample_small)
+    if draw_weights is not None:
+        logger.info("scenes with a small object drawn %.1fx as often (%.0f%% of draws)", args.oversample_small,
+                    100 * draw_weights[draw_weights > 1].sum().item() / draw_weights.sum().item())
     pixel_w = None
     if args.object_loss_weight > 0:  # (N, h, w): 1 + W x the object share of each latent pixel's cell
         cell = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -170,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = build_tokenizer(TEXT_LEN)
     text_encoder = build_text_encoder(len(tokenizer), args.text_width)
-    unet = build_unet(args.text_width, args.tiny, tuple(args.channels)).to(device)
+    unet = build_unet(args.text_width, args.tiny, tuple(args.channels), args.time_conditioning).to(device)
     text_encoder = text_encoder.to(device)
     ids = tokenize(tokenizer, captions, TEXT_LEN).to(device)
     empty = tokenize(tokenizer, [""], TEXT_LEN).to(device)
@@ -192,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         export(args, vae, tokenizer, emas, start, history)
         return
     logger.info("unet %.2fM params", sum(p.numel() for p in unet.parameters()) / 1e6)
+    if args.compile:
+        unet.compile()  # in place: parameters, state_dict keys and the EMA copy stay those of the plain module
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt, modules, {"opt": opt}, {"step": step, "best": best, "history": history})
@@ -205,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * factor
         g = step_generator(args.seed, step)
-        idx = torch.randint(0, len(latents), (args.batch_size,), generator=g).to(device)
+        idx = draw_scenes(draw_weights, args.batch_size, g, len(latents)).to(device)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=g).to(device)

@@ -234,6 +234,8 @@ def test_lr_factor_warmup_then_cosine() -> None:
         (["--prediction", "epsilon"], "--zero-snr"),
         (["--channels", "32"], "--channels"),
         (["--channels", "32", "40"], "--channels"),
+        (["--oversample-small", "0.5"], "--oversample-small must be >= 1"),
+        (["--time-conditioning", "film"], "--time-conditioning"),
     ],
 )
 def test_sd_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
@@ -338,3 +340,29 @@ def test_object_weighted_loss_of_the_sd_trainer(tmp_path: Path) -> None:
     train_sd.main(["--out", str(tmp_path / "o"), "--work-dir", str(work), "--vae-dir", str(work), *COMMON,
                    "--steps", "2", "--object-loss-weight", "2"])
     assert "object-weighted loss" in (work / "train.log").read_text()
+
+
+def test_sd_trainer_oversamples_small_objects_and_takes_adagn(tmp_path: Path) -> None:
+    import torch
+
+    from diffboost.training.train_sd import build_unet, draw_scenes, scene_draw_weights
+
+    captions = ["a small red circle at the left on a white background",
+                "a large red circle at the left on a white background"]
+    assert scene_draw_weights(captions, 1.0) is None  # uniform: the draw of earlier runs
+    w = scene_draw_weights(captions, 3.0)
+    assert w.tolist() == [3.0, 1.0]
+    g = torch.Generator().manual_seed(0)
+    idx = draw_scenes(w, 4000, g)
+    assert abs((idx == 0).float().mean().item() - 0.75) < 0.03
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(draw_scenes(None, 8, g1, 16), torch.randint(0, 16, (8,), generator=g2))
+    unet = build_unet(64, tiny=True, time_conditioning="scale_shift")
+    assert unet.config.resnet_time_scale_shift == "scale_shift"
+    work = tmp_path / "w"
+    train_sd.main(["--out", str(tmp_path / "o"), "--work-dir", str(work), "--vae-dir", str(work), *COMMON,
+                   "--steps", "2", "--oversample-small", "2", "--time-conditioning", "scale_shift"])
+    log = (work / "train.log").read_text()
+    assert "drawn 2.0x as often" in log
+    from diffusers import UNet2DConditionModel
+    assert UNet2DConditionModel.from_pretrained(str(tmp_path / "o" / "unet")).config.resnet_time_scale_shift == "scale_shift"
