@@ -42,7 +42,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(TEXT_LEN)
     if args.model == "sd":
-        denoiser, text = train_sd.build_unet(64, time_conditioning=args.time_conditioning), train_sd.build_text_encoder(len(tokenizer), 64)
+        denoiser = train_sd.build_unet(64, time_conditioning=args.time_conditioning)
+        text = train_sd.build_text_encoder(len(tokenizer), 64)
         params = [*denoiser.parameters(), *text.parameters()]
     else:
         clip, t5 = build_text_encoders(len(tokenizer), 64)

@@ -73,17 +73,17 @@ def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, ...] = 
 
 
 def scene_draw_weights(captions: list[str], oversample_small: float) -> torch.Tensor | None:
-    """Per-scene sampling weights (on the CPU): ``oversample_small`` for scenes whose object is small, 1 otherwise;
-    ``None`` (uniform) when ``oversample_small`` is 1."""
+    """Per-scene sampling weights (on the CPU): ``oversample_small`` for scenes whose object is small,
+    1 otherwise; ``None`` (uniform) when ``oversample_small`` is 1."""
     if oversample_small == 1.0:
         return None
     small = torch.tensor([scenes.parse_caption(c)["size"] == "small" for c in captions])
     return torch.where(small, oversample_small, 1.0)
 
 
-def draw_scenes(weights: torch.Tensor | None, n: int, g: torch.Generator, num: int | None = None) -> torch.Tensor:
-    """``n`` scene indices drawn with replacement: uniformly (``weights`` None: ``num`` scenes, the
-    draw of every earlier run) or in proportion to ``weights``."""
+def draw_scenes(weights: torch.Tensor | None, num: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` indices into ``num`` scenes, drawn with replacement: uniformly when ``weights`` is None (the
+    draw of every earlier run), else in proportion to ``weights``."""
     if weights is None:
         return torch.randint(0, num, (n,), generator=g)
     return torch.multinomial(weights, n, replacement=True, generator=g)
@@ -163,9 +163,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="draw training scenes whose object is small this many times as often as scenes with a "
                         "large one (default 1: uniform). Small objects' shapes are the last thing the models "
                         "learn (every shape error of the shipped SD model is a small object)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet for the training steps (the first step compiles, about 1-2 min "
-                        "on CPU; evaluation and checkpoints use the uncompiled weights they share)")
     args = p.parse_args(argv)
     check_trainer_args(p, args)
     groups = min(32, args.channels[0] // 2)  # the UNet's norm_num_groups (see build_unet)
@@ -231,8 +228,6 @@ def main(argv: list[str] | None = None) -> None:
         export(args, vae, tokenizer, emas, start, history)
         return
     logger.info("unet %.2fM params", sum(p.numel() for p in unet.parameters()) / 1e6)
-    if args.compile:
-        unet.compile()  # in place: parameters, state_dict keys and the EMA copy stay those of the plain module
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt, modules, {"opt": opt}, {"step": step, "best": best, "history": history})
@@ -246,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * factor
         g = step_generator(args.seed, step)
-        idx = draw_scenes(draw_weights, args.batch_size, g, len(latents)).to(device)
+        idx = draw_scenes(draw_weights, len(latents), args.batch_size, g).to(device)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=g).to(device)

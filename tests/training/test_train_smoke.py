@@ -353,10 +353,10 @@ def test_sd_trainer_oversamples_small_objects_and_takes_adagn(tmp_path: Path) ->
     w = scene_draw_weights(captions, 3.0)
     assert w.tolist() == [3.0, 1.0]
     g = torch.Generator().manual_seed(0)
-    idx = draw_scenes(w, 4000, g)
+    idx = draw_scenes(w, 2, 4000, g)
     assert abs((idx == 0).float().mean().item() - 0.75) < 0.03
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(draw_scenes(None, 8, g1, 16), torch.randint(0, 16, (8,), generator=g2))
+    assert torch.equal(draw_scenes(None, 16, 8, g1), torch.randint(0, 16, (8,), generator=g2))
     unet = build_unet(64, tiny=True, time_conditioning="scale_shift")
     assert unet.config.resnet_time_scale_shift == "scale_shift"
     work = tmp_path / "w"
