@@ -366,3 +366,26 @@ def test_sd_trainer_oversamples_small_objects_and_takes_adagn(tmp_path: Path) ->
     assert "drawn 2.0x as often" in log
     from diffusers import UNet2DConditionModel
     assert UNet2DConditionModel.from_pretrained(str(tmp_path / "o" / "unet")).config.resnet_time_scale_shift == "scale_shift"
+
+
+def test_generate_and_score_takes_the_prompt_set() -> None:
+    import numpy as np
+
+    from diffboost.data import scenes
+    from diffboost.training.evaluate import generate_and_score
+
+    class Recorder:
+        """Stands in for a pipeline: records the prompts, returns grey images."""
+
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+
+        def __call__(self, prompts, height, width, **_):
+            self.prompts += prompts
+            return type("Out", (), {"images": np.full((len(prompts), height, width, 3), 0.5)})()
+
+    pipes = {s: Recorder() for s in (1, 2)}
+    for s, pipe in pipes.items():
+        generate_and_score(pipe, 8, 2, prompt_set=s)
+    assert pipes[1].prompts == scenes.benchmark_prompts(8, seed=1)
+    assert pipes[2].prompts == scenes.benchmark_prompts(8, seed=2) != pipes[1].prompts
