@@ -20,16 +20,16 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def generate_and_score(
     pipe: DiffusionPipeline, n_prompts: int, steps: int, seed: int = 0, batch_size: int = 32, size: int = 64,
-    prompt_set: int = 1, **call_kwargs: Any,
+    prompt_seed: int = 1, **call_kwargs: Any,
 ) -> dict[str, Any]:
     """Generate the first ``n_prompts`` benchmark prompts at ``size`` x ``size`` px and score them with
-    the evaluator (which reads every image at 64 px). ``prompt_set``: the seed of the balanced prompt
+    the evaluator (which reads every image at 64 px). ``prompt_seed``: the seed of the balanced prompt
     list (``scenes.benchmark_prompts``); 1, the default, is the set every reported adherence uses.
 
     Returns ``images`` (uint8 N,size,size,3), ``prompts`` and, when the evaluator is shipped,
     ``accuracy`` (per attribute and ``all`` = prompt adherence).
     """
-    prompts = scenes.benchmark_prompts(n_prompts, seed=prompt_set)
+    prompts = scenes.benchmark_prompts(n_prompts, seed=prompt_seed)
     chunks = []
     for i in range(0, n_prompts, batch_size):
         out = pipe(

@@ -169,8 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 2 <= len(args.channels) <= 4 or args.channels[0] < 8 or any(c % groups for c in args.channels):
         p.error(f"--channels takes 2-4 widths, the first >= 8, all divisible by min(32, first // 2) = {groups} "
                 f"(group norm), got {args.channels}")
-    if not args.oversample_small >= 1.0:
-        p.error(f"--oversample-small must be >= 1 (1 = uniform sampling), got {args.oversample_small}")
+    if not 1.0 <= args.oversample_small < float("inf"):
+        p.error(f"--oversample-small must be >= 1 and finite (1 = uniform sampling), got {args.oversample_small}")
     if args.zero_snr and args.prediction == "epsilon":
         p.error("--zero-snr needs --prediction v_prediction (epsilon is undefined at zero SNR); "
                 "pass --no-zero-snr for an epsilon model")

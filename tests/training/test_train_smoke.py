@@ -368,7 +368,7 @@ def test_sd_trainer_oversamples_small_objects_and_takes_adagn(tmp_path: Path) ->
     assert UNet2DConditionModel.from_pretrained(str(tmp_path / "o" / "unet")).config.resnet_time_scale_shift == "scale_shift"
 
 
-def test_generate_and_score_takes_the_prompt_set() -> None:
+def test_generate_and_score_takes_the_prompt_seed() -> None:
     import numpy as np
 
     from diffboost.data import scenes
@@ -386,6 +386,6 @@ def test_generate_and_score_takes_the_prompt_set() -> None:
 
     pipes = {s: Recorder() for s in (1, 2)}
     for s, pipe in pipes.items():
-        generate_and_score(pipe, 8, 2, prompt_set=s)
+        generate_and_score(pipe, 8, 2, prompt_seed=s)
     assert pipes[1].prompts == scenes.benchmark_prompts(8, seed=1)
     assert pipes[2].prompts == scenes.benchmark_prompts(8, seed=2) != pipes[1].prompts
