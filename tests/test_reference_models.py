@@ -157,3 +157,47 @@ def test_flux128_reference_bottleneck_exact_when_off_and_draws_the_prompts(flux1
         star = attribute_accuracy(out[1:], PROMPTS[1:])
         assert all(star[k] == 1.0 for k in ("color", "size", "position", "background")), (stack, star)
     assert torch.equal(_run(pipe, kwargs, steps), base)
+
+
+def test_refine_and_score_keeps_the_true_scene_at_low_strength(sd) -> None:
+    """benchmarks/shape_by_noise.py's measure: img2img from the rendered scene, scored per object size.
+    At 10% of the schedule the model only polishes the true scene, so nearly every attribute survives."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffboost.data import scenes
+    from diffboost.training.evaluate import refine_and_score
+
+    pipe, kwargs = sd
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    prompts = scenes.benchmark_prompts(8, seed=1)
+    res = refine_and_score(img2img, prompts, 0.1, 28, guidance_scale=kwargs["guidance_scale"])
+    full = refine_and_score(img2img, prompts[:2], 1.0, 4, guidance_scale=kwargs["guidance_scale"])
+    polished, redrawn = psnr(res["images"], res["truth"]), psnr(full["images"], res["truth"][:2])
+    assert polished > 25.0 and polished > redrawn + 5.0  # 10%: the true scene polished; 100%: drawn anew
+    acc = res["accuracy"]
+    assert acc["all"]["all"] >= 7 / 8
+    sizes = [scenes.parse_caption(p)["size"] for p in prompts]
+    assert set(acc) == {"all", *sizes}
+    with pytest.raises(ValueError, match="strength"):
+        refine_and_score(img2img, prompts, 0.0, 28)
+
+
+def test_adherence_script_pools_prompt_sets_and_seeds() -> None:
+    """benchmarks/adherence.py: one JSON line per (seed, prompt set), then their pooled accuracy."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "adherence.py"), "--model", str(ASSETS / "sd-shapes"),
+         "--prompts", "2", "--steps", "2", "--prompt-seed", "1", "2", "--seed", "0", "7"],
+        capture_output=True, text=True, check=True, cwd=root,
+    ).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    cells, pooled = lines[:-1], lines[-1]["pooled"]
+    assert [(c["seed"], c["prompt_seed"]) for c in cells] == [(0, 1), (0, 2), (7, 1), (7, 2)]
+    assert pooled["images"] == 8 and pooled["cells"] == 4
+    for key, value in pooled["accuracy"].items():
+        assert value == pytest.approx(sum(c["accuracy"][key] for c in cells) / 4)

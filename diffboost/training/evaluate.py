@@ -47,6 +47,43 @@ def generate_and_score(
     return result
 
 
+@torch.no_grad()
+def refine_and_score(
+    pipe: DiffusionPipeline, prompts: list[str], strength: float, steps: int, batch_size: int = 32,
+    **call_kwargs: Any,
+) -> dict[str, Any]:
+    """Image-to-image from each prompt's true scene, scored by the evaluator: where in the schedule a model
+    loses an attribute.
+
+    ``pipe`` is an img2img pipeline (e.g. ``StableDiffusionImg2ImgPipeline(**sd.components)``). Each
+    prompt's scene is rendered (scene seed = its index), encoded, noised to ``strength`` of the schedule
+    (t = strength x T) and denoised in ``steps`` x ``strength`` steps (generator seed: the batch's first
+    index, as in :func:`generate_and_score`). Returns ``truth`` and ``images`` (uint8 N,H,W,3) and
+    ``accuracy``: per-attribute accuracy for ``all`` prompts and split by object size (``small`` /
+    ``large``; single-object prompts). Needs the shipped evaluator.
+    """
+    from diffboost.evaluation.classifier import load_evaluator
+    from diffboost.evaluation.metrics import attribute_accuracy
+
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must lie in (0, 1], got {strength}")
+    truth = [scenes.render(scenes.parse_spec(p), seed=i) for i, p in enumerate(prompts)]
+    chunks = []
+    for i in range(0, len(prompts), batch_size):
+        images = torch.from_numpy(np.stack(truth[i : i + batch_size])).permute(0, 3, 1, 2).float() / 255
+        out = pipe(prompts[i : i + batch_size], image=images, strength=strength, num_inference_steps=steps,
+                   generator=torch.Generator().manual_seed(i), output_type="np", **call_kwargs).images
+        chunks.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    images = np.concatenate(chunks)
+    evaluator = load_evaluator()
+    accuracy = {"all": attribute_accuracy(images, prompts, evaluator)}
+    for size in ("small", "large"):
+        keep = [k for k, p in enumerate(prompts) if scenes.parse_caption(p).get("size") == size]
+        if keep:
+            accuracy[size] = attribute_accuracy(images[keep], [prompts[k] for k in keep], evaluator)
+    return {"truth": np.stack(truth), "images": images, "accuracy": accuracy}
+
+
 def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
     """Save uint8 images (N, H, W, 3) as one PNG grid."""
     from PIL import Image
