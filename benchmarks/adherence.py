@@ -7,7 +7,7 @@ with the folder's ``diffboost.json`` call settings (CFG, text length) and prints
 accuracy as one JSON line; ``--grid FILE`` also saves the images as one PNG. Several ``--prompt-seed``
 and ``--seed`` values score every combination (one line each) and then the pooled accuracy over all
 images: ``--prompts 64 --prompt-seed 1 2 3 4 --seed 0 1000 2000`` is the 768-image measure of
-benchmarks/TRAINING.md (one 64-image cell varies by 4 points of standard error).
+benchmarks/TRAINING.md (one 64-image cell has a standard error of about 4 points, 768 images 1.2).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.prompts < 1:
+        ap.error(f"--prompts must be >= 1, got {args.prompts}")
     cells = [(seed, prompt_seed) for seed in args.seed for prompt_seed in args.prompt_seed]
     if args.grid and len(cells) > 1:
         ap.error("--grid saves one cell's images: give one --prompt-seed and one --seed with it")

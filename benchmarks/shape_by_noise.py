@@ -38,6 +38,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.prompts < 1:
+        ap.error(f"--prompts must be >= 1, got {args.prompts}")
     if any(not 0 < s <= 1 for s in args.strengths):
         ap.error(f"--strengths must lie in (0, 1], got {args.strengths}")
     torch.set_num_threads(args.threads)
