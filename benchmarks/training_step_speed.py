@@ -1,7 +1,7 @@
 """Seconds per training step of a reference denoiser (+ its text encoders) on random data.
 
     python benchmarks/training_step_speed.py --threads 2 --batch-sizes 16 32 64 [--compile] [--model sd]
-        [--time-conditioning scale_shift]
+        [--time-conditioning scale_shift] [--channels 64 64 64]
 
 Forward + backward + AdamW at the reference models' sizes (Flux: 2 double + 6 single blocks, 64 image
 and 16 text tokens; SD: the 3-level UNet on 16x16x16 latents), the median of 10 steps after 2 warm-up
@@ -38,11 +38,15 @@ def main() -> None:
     ap.add_argument("--model", choices=("flux", "sd"), default="flux")
     ap.add_argument("--time-conditioning", choices=("default", "scale_shift"), default="default",
                     help="SD only: the UNet's resnet_time_scale_shift (train_sd --time-conditioning)")
+    ap.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64],
+                    help="SD only: UNet width per level (train_sd --channels; default 32 64 64)")
     args = ap.parse_args()
+    if args.model != "sd" and (args.channels != [32, 64, 64] or args.time_conditioning != "default"):
+        ap.error("--channels and --time-conditioning apply to --model sd only")
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(TEXT_LEN)
     if args.model == "sd":
-        denoiser = train_sd.build_unet(64, time_conditioning=args.time_conditioning)
+        denoiser = train_sd.build_unet(64, channels=tuple(args.channels), time_conditioning=args.time_conditioning)
         text = train_sd.build_text_encoder(len(tokenizer), 64)
         params = [*denoiser.parameters(), *text.parameters()]
     else:
