@@ -43,6 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.model != "sd" and (args.channels != [32, 64, 64] or args.time_conditioning != "default"):
         ap.error("--channels and --time-conditioning apply to --model sd only")
+    if (problem := train_sd.channels_problem(args.channels)) is not None:
+        ap.error(problem)
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(TEXT_LEN)
     if args.model == "sd":

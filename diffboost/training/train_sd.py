@@ -44,6 +44,15 @@ logger = logging.getLogger(__name__)
 TEXT_LEN = 16
 
 
+def channels_problem(channels: list[int] | tuple[int, ...]) -> str | None:
+    """Why ``channels`` cannot be a :func:`build_unet` width list (``--channels``), or None if it can."""
+    groups = min(32, channels[0] // 2) if channels else 0  # the UNet's norm_num_groups (see build_unet)
+    if not 2 <= len(channels) <= 4 or channels[0] < 8 or any(c % groups for c in channels):
+        return (f"--channels takes 2-4 widths, the first >= 8, all divisible by min(32, first // 2) = {groups} "
+                f"(group norm), got {list(channels)}")
+    return None
+
+
 def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, ...] = (32, 64, 64),
                time_conditioning: str = "default") -> UNet2DConditionModel:
     """UNet on 16x16x16 latents, one level per entry of ``channels`` (3 levels: 16 -> 8 -> 4), with
@@ -165,10 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "learn (every shape error of the shipped SD model is a small object)")
     args = p.parse_args(argv)
     check_trainer_args(p, args)
-    groups = min(32, args.channels[0] // 2)  # the UNet's norm_num_groups (see build_unet)
-    if not 2 <= len(args.channels) <= 4 or args.channels[0] < 8 or any(c % groups for c in args.channels):
-        p.error(f"--channels takes 2-4 widths, the first >= 8, all divisible by min(32, first // 2) = {groups} "
-                f"(group norm), got {args.channels}")
+    if (problem := channels_problem(args.channels)) is not None:
+        p.error(problem)
     if not 1.0 <= args.oversample_small < float("inf"):
         p.error(f"--oversample-small must be >= 1 and finite (1 = uniform sampling), got {args.oversample_small}")
     if args.zero_snr and args.prediction == "epsilon":
