@@ -1,7 +1,7 @@
 """Seconds per training step of a reference denoiser (+ its text encoders) on random data.
 
     python benchmarks/training_step_speed.py --threads 2 --batch-sizes 16 32 64 [--compile] [--model sd]
-        [--time-conditioning scale_shift] [--channels 64 64 64]
+        [--time-conditioning scale_shift] [--channels 64 64 64] [--heads 4 --head-dim 48 --blocks 2 6]
 
 Forward + backward + AdamW at the reference models' sizes (Flux: 2 double + 6 single blocks, 64 image
 and 16 text tokens; SD: the 3-level UNet on 16x16x16 latents), the median of 10 steps after 2 warm-up
@@ -20,7 +20,7 @@ from diffusers import FluxPipeline
 
 from diffboost.training import train_sd
 from diffboost.training.common import build_tokenizer
-from diffboost.training.train_flux import TEXT_LEN, build_text_encoders, build_transformer
+from diffboost.training.train_flux import TEXT_LEN, build_text_encoders, build_transformer, transformer_problem
 
 
 def sd_step(unet, text_encoder, bs: int, vocab: int) -> torch.Tensor:
@@ -40,10 +40,18 @@ def main() -> None:
                     help="SD only: the UNet's resnet_time_scale_shift (train_sd --time-conditioning)")
     ap.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64],
                     help="SD only: UNet width per level (train_sd --channels; default 32 64 64)")
+    ap.add_argument("--heads", type=int, default=4, help="Flux only: attention heads (train_flux --heads)")
+    ap.add_argument("--head-dim", type=int, default=32, help="Flux only: width of a head (train_flux --head-dim)")
+    ap.add_argument("--blocks", type=int, nargs=2, default=[2, 6],
+                    help="Flux only: double- and single-stream blocks (train_flux --blocks)")
     args = ap.parse_args()
     if args.model != "sd" and (args.channels != [32, 64, 64] or args.time_conditioning != "default"):
         ap.error("--channels and --time-conditioning apply to --model sd only")
+    if args.model != "flux" and (args.heads != 4 or args.head_dim != 32 or args.blocks != [2, 6]):
+        ap.error("--heads, --head-dim and --blocks apply to --model flux only")
     if (problem := train_sd.channels_problem(args.channels)) is not None:
+        ap.error(problem)
+    if (problem := transformer_problem(args.heads, args.head_dim, tuple(args.blocks))) is not None:
         ap.error(problem)
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(TEXT_LEN)
@@ -53,7 +61,7 @@ def main() -> None:
         params = [*denoiser.parameters(), *text.parameters()]
     else:
         clip, t5 = build_text_encoders(len(tokenizer), 64)
-        denoiser = build_transformer(64)
+        denoiser = build_transformer(64, heads=args.heads, head_dim=args.head_dim, blocks=tuple(args.blocks))
         params = [*denoiser.parameters(), *clip.parameters(), *t5.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)
     img_ids = FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
@@ -78,7 +86,7 @@ def main() -> None:
             opt.step()
             times.append(time.perf_counter() - start)
         med = statistics.median(times[2:])
-        print(f"{args.model}: threads {args.threads}, batch {bs}: {med:.3f} s/step, {bs / med:.1f} samples/s"
+        print(f"{args.model} ({sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M): threads {args.threads}, batch {bs}: {med:.3f} s/step, {bs / med:.1f} samples/s"
               f" (first step {times[0]:.1f} s{', compiled' if args.compile else ''})")
 
 

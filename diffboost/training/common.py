@@ -259,6 +259,10 @@ def add_trainer_args(p, *, out: Path, work_dir: Path, vae_dir: Path | None, lr: 
     p.add_argument("--object-loss-weight", type=float, default=0.0,
                    help="> 0: weight each latent position's loss by 1 + this x the object share of its pixels "
                         "(0: plain MSE)")
+    p.add_argument("--oversample-small", type=float, default=1.0,
+                   help="draw training scenes whose object is small this many times as often as scenes with a "
+                        "large one (default 1: uniform). Small objects' shapes are the last thing the models "
+                        "learn (every shape error of the session-4 SD model is a small object)")
     p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
     p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
     add_lr_decay_args(p)
@@ -272,6 +276,8 @@ def check_trainer_args(p, args) -> None:
         p.error(f"--vae-object-weight must be >= 0, got {args.vae_object_weight}")
     if args.object_loss_weight < 0:
         p.error(f"--object-loss-weight must be >= 0, got {args.object_loss_weight}")
+    if not 1.0 <= args.oversample_small < float("inf"):
+        p.error(f"--oversample-small must be >= 1 and finite (1 = uniform sampling), got {args.oversample_small}")
     if not 0.0 <= args.drop_caption < 1.0:
         p.error(f"--drop-caption must be in [0, 1), got {args.drop_caption}")
 
@@ -301,3 +307,23 @@ def check_lr_decay_args(p, args) -> None:
         p.error(f"--decay-to ({args.decay_to}) must be after --decay-from ({args.decay_from})")
     if not 0.0 < args.min_lr_ratio <= 1.0:
         p.error(f"--min-lr-ratio must be in (0, 1], got {args.min_lr_ratio}")
+
+
+def scene_draw_weights(captions: list[str], oversample_small: float) -> torch.Tensor | None:
+    """Per-scene sampling weights (on the CPU): ``oversample_small`` for scenes whose object is small,
+    1 otherwise; ``None`` (uniform) when ``oversample_small`` is 1."""
+    if oversample_small == 1.0:
+        return None
+    small = torch.tensor([scenes.parse_caption(c)["size"] == "small" for c in captions])
+    weights = torch.where(small, oversample_small, 1.0)
+    logger.info("scenes with a small object drawn %.1fx as often (%.0f%% of draws)", oversample_small,
+                100 * weights[small].sum().item() / weights.sum().item())
+    return weights
+
+
+def draw_scenes(weights: torch.Tensor | None, num: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` indices into ``num`` scenes, drawn with replacement: uniformly when ``weights`` is None (the
+    draw of every earlier run), else in proportion to ``weights``."""
+    if weights is None:
+        return torch.randint(0, num, (n,), generator=g)
+    return torch.multinomial(weights, n, replacement=True, generator=g)

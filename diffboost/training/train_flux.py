@@ -28,10 +28,12 @@ from diffboost.training.common import (
     add_trainer_args,
     build_tokenizer,
     check_trainer_args,
+    draw_scenes,
     load_checkpoint,
     lr_factor,
     object_share,
     save_checkpoint,
+    scene_draw_weights,
     setup_logging,
     step_generator,
     tokenize,
@@ -81,18 +83,40 @@ def build_text_encoders(vocab_size: int, width: int, tiny: bool = False) -> tupl
     return clip, t5
 
 
-def build_transformer(text_width: int, tiny: bool = False) -> FluxTransformer2DModel:
-    """2 double + 6 single blocks, 4 heads x 32 (tiny: 1 + 1 blocks, 2 heads x 16)."""
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """RoPE split of one head over (text index, row, column): a quarter (even) for the first axis, the
+    rest halved between rows and columns: 32 -> (8, 12, 12), the shipped model's split."""
+    first = head_dim // 4 // 2 * 2
+    rest = (head_dim - first) // 2
+    return first, rest, rest
+
+
+def transformer_problem(heads: int, head_dim: int, blocks: tuple[int, ...]) -> str | None:
+    """Why (``--heads``, ``--head-dim``, ``--blocks``) cannot build :func:`build_transformer`, or None."""
+    if heads < 1 or head_dim < 16 or head_dim % 16:
+        return (f"--heads must be >= 1 and --head-dim a positive multiple of 16 (RoPE splits a head in three "
+                f"even parts), got {heads} heads x {head_dim}")
+    if len(blocks) != 2 or blocks[0] < 0 or blocks[1] < 0 or sum(blocks) < 1:
+        return f"--blocks takes two counts (double-stream, single-stream blocks), at least one block, got {list(blocks)}"
+    return None
+
+
+def build_transformer(text_width: int, tiny: bool = False, heads: int = 4, head_dim: int = 32,
+                      blocks: tuple[int, int] = (2, 6)) -> FluxTransformer2DModel:
+    """``blocks`` = (double, single) blocks of ``heads`` x ``head_dim`` (hidden size = their product);
+    default 2 double + 6 single blocks, 4 heads x 32 (the shipped model). Tiny: 1 + 1 blocks, 2 heads x 16."""
     if tiny:
         return FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=text_width, pooled_projection_dim=text_width,
             guidance_embeds=False, axes_dims_rope=(4, 6, 6),
         )
+    if (problem := transformer_problem(heads, head_dim, tuple(blocks))) is not None:
+        raise ValueError(problem)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=6, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=text_width, pooled_projection_dim=text_width,
-        guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+        patch_size=1, in_channels=64, num_layers=blocks[0], num_single_layers=blocks[1], attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=text_width, pooled_projection_dim=text_width,
+        guidance_embeds=False, axes_dims_rope=rope_axes(head_dim),
     )
 
 
@@ -201,8 +225,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start from another run's checkpoint or a saved FluxPipeline folder "
                         "(weights and EMA; fresh optimizer, step 0)")
     p.add_argument("--uniform-t", type=float, default=0.1, help="share of uniformly drawn training times")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of the transformer (default 4)")
+    p.add_argument("--head-dim", type=int, default=32,
+                   help="width of one head (default 32; a multiple of 16); hidden size = heads x head dim")
+    p.add_argument("--blocks", type=int, nargs=2, default=(2, 6), metavar=("DOUBLE", "SINGLE"),
+                   help="double-stream and single-stream blocks (default 2 6)")
     args = p.parse_args(argv)
     check_trainer_args(p, args)
+    if (problem := transformer_problem(args.heads, args.head_dim, tuple(args.blocks))) is not None:
+        p.error(problem)
     if args.eval_cfg < 1.0:
         p.error(f"--eval-cfg must be >= 1 (1 = no CFG), got {args.eval_cfg}")
     if args.size < 32 or args.size % 8:
@@ -244,10 +275,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.low_res_prob > 0:
             by_size[64] = latents
     captions = [scenes.random_spec(random.Random(s)).caption for s in seeds]
+    draw_weights = scene_draw_weights(captions, args.oversample_small)
 
     tokenizer = build_tokenizer(TEXT_LEN)
     clip, t5 = build_text_encoders(len(tokenizer), args.text_width, args.tiny)
-    transformer = build_transformer(args.text_width, args.tiny)
+    transformer = build_transformer(args.text_width, args.tiny, args.heads, args.head_dim, tuple(args.blocks))
     clip, t5, transformer = clip.to(device), t5.to(device), transformer.to(device)
     ids16 = tokenize(tokenizer, captions, TEXT_LEN).to(device)
     ids_long = tokenize(tokenizer, captions, 64).to(device)
@@ -309,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         px = args.size
         if args.low_res_prob > 0 and torch.rand((), generator=g).item() < args.low_res_prob:
             px = 64
-        idx = torch.randint(0, args.num_images, (args.batch_size,), generator=g).to(device)
+        idx = draw_scenes(draw_weights, args.num_images, args.batch_size, g).to(device)
         x0 = packed[px][idx]
         noise = torch.randn(x0.shape, generator=g).to(device)  # drawn on the CPU: same data on every device
         t = torch.sigmoid(torch.randn(args.batch_size, generator=g))

@@ -27,10 +27,12 @@ from diffboost.training.common import (
     add_trainer_args,
     build_tokenizer,
     check_trainer_args,
+    draw_scenes,
     load_checkpoint,
     lr_factor,
     object_share,
     save_checkpoint,
+    scene_draw_weights,
     setup_logging,
     step_generator,
     tokenize,
@@ -79,23 +81,6 @@ def build_unet(text_width: int, tiny: bool = False, channels: tuple[int, ...] = 
         cross_attention_dim=text_width, attention_head_dim=4, norm_num_groups=8 if tiny else min(32, channels[0] // 2),
         addition_embed_type="text", addition_embed_type_num_heads=4, resnet_time_scale_shift=time_conditioning,
     )
-
-
-def scene_draw_weights(captions: list[str], oversample_small: float) -> torch.Tensor | None:
-    """Per-scene sampling weights (on the CPU): ``oversample_small`` for scenes whose object is small,
-    1 otherwise; ``None`` (uniform) when ``oversample_small`` is 1."""
-    if oversample_small == 1.0:
-        return None
-    small = torch.tensor([scenes.parse_caption(c)["size"] == "small" for c in captions])
-    return torch.where(small, oversample_small, 1.0)
-
-
-def draw_scenes(weights: torch.Tensor | None, num: int, n: int, g: torch.Generator) -> torch.Tensor:
-    """``n`` indices into ``num`` scenes, drawn with replacement: uniformly when ``weights`` is None (the
-    draw of every earlier run), else in proportion to ``weights``."""
-    if weights is None:
-        return torch.randint(0, num, (n,), generator=g)
-    return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
 def build_text_encoder(vocab_size: int, width: int) -> CLIPTextModel:
@@ -168,16 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-conditioning", choices=("default", "scale_shift"), default="default",
                    help="how the timestep + caption embedding enters the ResNet blocks: a bias (default, as "
                         "SD) or a scale and shift after the group norm (AdaGN); see build_unet")
-    p.add_argument("--oversample-small", type=float, default=1.0,
-                   help="draw training scenes whose object is small this many times as often as scenes with a "
-                        "large one (default 1: uniform). Small objects' shapes are the last thing the models "
-                        "learn (every shape error of the shipped SD model is a small object)")
     args = p.parse_args(argv)
     check_trainer_args(p, args)
     if (problem := channels_problem(args.channels)) is not None:
         p.error(problem)
-    if not 1.0 <= args.oversample_small < float("inf"):
-        p.error(f"--oversample-small must be >= 1 and finite (1 = uniform sampling), got {args.oversample_small}")
     if args.zero_snr and args.prediction == "epsilon":
         p.error("--zero-snr needs --prediction v_prediction (epsilon is undefined at zero SNR); "
                 "pass --no-zero-snr for an epsilon model")
@@ -202,9 +181,6 @@ def main(argv: list[str] | None = None) -> None:
     latents = (latents * scale).to(device)
     captions = [scenes.random_spec(random.Random(s)).caption for s in seeds]
     draw_weights = scene_draw_weights(captions, args.oversample_small)
-    if draw_weights is not None:
-        logger.info("scenes with a small object drawn %.1fx as often (%.0f%% of draws)", args.oversample_small,
-                    100 * draw_weights[draw_weights > 1].sum().item() / draw_weights.sum().item())
     pixel_w = None
     if args.object_loss_weight > 0:  # (N, h, w): 1 + W x the object share of each latent pixel's cell
         cell = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -258,6 +258,11 @@ def test_sd_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
         (["--eval-cfg", "0.5"], "--eval-cfg must be >= 1"),
         (["--time-shift", "0"], "--time-shift must be > 0"),
         (["--object-loss-weight", "-1"], "--object-loss-weight must be >= 0"),
+        (["--oversample-small", "0.5"], "--oversample-small must be >= 1"),
+        (["--head-dim", "40"], "a positive multiple of 16"),
+        (["--heads", "0"], "--heads must be >= 1"),
+        (["--blocks", "0", "0"], "at least one block"),
+        (["--blocks", "2", "-1"], "--blocks takes two counts"),
     ],
 )
 def test_flux_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
@@ -345,7 +350,8 @@ def test_object_weighted_loss_of_the_sd_trainer(tmp_path: Path) -> None:
 def test_sd_trainer_oversamples_small_objects_and_takes_adagn(tmp_path: Path) -> None:
     import torch
 
-    from diffboost.training.train_sd import build_unet, draw_scenes, scene_draw_weights
+    from diffboost.training.common import draw_scenes, scene_draw_weights
+    from diffboost.training.train_sd import build_unet
 
     captions = ["a small red circle at the left on a white background",
                 "a large red circle at the left on a white background"]
@@ -389,3 +395,23 @@ def test_generate_and_score_takes_the_prompt_seed() -> None:
         generate_and_score(pipe, 8, 2, prompt_seed=s)
     assert pipes[1].prompts == scenes.benchmark_prompts(8, seed=1)
     assert pipes[2].prompts == scenes.benchmark_prompts(8, seed=2) != pipes[1].prompts
+
+
+def test_flux_transformer_width_and_depth_options(tmp_path: Path) -> None:
+    """``--heads/--head-dim/--blocks`` build the transformer they name (RoPE split in even parts), and
+    ``--oversample-small`` reaches the Flux trainer's data draw."""
+    assert train_flux.rope_axes(32) == (8, 12, 12)  # the shipped model's split
+    for head_dim in (16, 48, 64):
+        assert sum(train_flux.rope_axes(head_dim)) == head_dim and all(a % 2 == 0 for a in train_flux.rope_axes(head_dim))
+    default = train_flux.build_transformer(64)
+    assert (default.config.num_layers, default.config.num_single_layers) == (2, 6)
+    assert default.config.num_attention_heads * default.config.attention_head_dim == 128
+    wide = train_flux.build_transformer(64, heads=2, head_dim=48, blocks=(1, 2))
+    assert (wide.config.num_layers, wide.config.num_single_layers, wide.inner_dim) == (1, 2, 96)
+    assert tuple(wide.config.axes_dims_rope) == (12, 18, 18)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        train_flux.build_transformer(64, head_dim=24)
+    work = tmp_path / "w"
+    train_flux.main(["--out", str(tmp_path / "o"), "--work-dir", str(work), *COMMON, "--steps", "2",
+                     "--oversample-small", "2"])
+    assert "drawn 2.0x as often" in (work / "train.log").read_text()
