@@ -234,6 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_trainer_args(p, args)
     if (problem := transformer_problem(args.heads, args.head_dim, tuple(args.blocks))) is not None:
         p.error(problem)
+    if args.tiny and (args.heads, args.head_dim, tuple(args.blocks)) != (4, 32, (2, 6)):
+        p.error("--heads/--head-dim/--blocks cannot be combined with --tiny (its transformer is fixed: "
+                "1 + 1 blocks, 2 heads x 16)")
     if args.eval_cfg < 1.0:
         p.error(f"--eval-cfg must be >= 1 (1 = no CFG), got {args.eval_cfg}")
     if args.size < 32 or args.size % 8:

@@ -263,6 +263,7 @@ def test_sd_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
         (["--heads", "0"], "--heads must be >= 1"),
         (["--blocks", "0", "0"], "at least one block"),
         (["--blocks", "2", "-1"], "--blocks takes two counts"),
+        (["--tiny", "--heads", "8"], "cannot be combined with --tiny"),
     ],
 )
 def test_flux_trainer_rejects_bad_arguments(argv, needle, capsys) -> None:
