@@ -1,0 +1,252 @@
+"""TaylorSeer on real pipelines: what is forecast, from which observations, and what is skipped.
+
+The forecasting math itself is pinned in test_taylor.py; these tests pin the plumbing: every
+forecast step returns exactly the Taylor forecast of the outputs recorded on the full steps of the
+same call (the right observations, the right step index k), skipped modules do not run, and the
+schedule is the one the policy promises.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import diffboost
+from diffboost import TaylorSeer
+from diffboost.caches.taylor import TaylorFactors
+from diffboost.plugins.runtime import ClockState
+from factories import make_flux, make_sd, run
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return make_flux()
+
+
+def _record(module: torch.nn.Module, calls: list, inputs: list | None = None) -> list:
+    """Record what ``module`` returns (and, optionally, its hidden/encoder inputs) at every call."""
+
+    def post(mod, args, kwargs, out):
+        calls.append(pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out))
+
+    def pre(mod, args, kwargs):
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        inputs.append((h.clone(), None if e is None else e.clone()))
+
+    handles = [module.register_forward_hook(post, with_kwargs=True)]
+    if inputs is not None:
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    return handles
+
+
+def _count_calls(module: torch.nn.Module, counter: list) -> torch.utils.hooks.RemovableHandle:
+    return module.register_forward_pre_hook(lambda mod, args: counter.append(1))
+
+
+def _expected_forecasts(outputs: list, full_steps: list[int], order: int) -> dict[int, object]:
+    """Replays the observations of the full steps through TaylorFactors and forecasts every other step."""
+    expected, factors = {}, TaylorFactors(order)
+    for step, out in enumerate(outputs):
+        if step in full_steps:
+            factors.update(out, step)
+        else:
+            expected[step] = factors.forecast(step)
+    return expected
+
+
+def _equal(a, b) -> bool:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(la, lb)
+    )
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_module_forecasts_are_the_taylor_series_of_the_full_steps(flux, order):
+    blocks = flux.transformer.transformer_blocks
+    single = flux.transformer.single_transformer_blocks
+    attn_out, proj_out, attn_runs, single_attn_runs, mlp_out = [], [], [], [], []
+    handles = _record(blocks[1].attn, attn_out) + _record(single[0].proj_out, proj_out)
+    handles += [
+        _count_calls(blocks[1].attn.to_q, attn_runs),
+        _count_calls(single[0].attn.to_q, single_attn_runs),
+        # the very tensor proj_mlp returns (a Linear has no child whose calls could be counted)
+        single[0].proj_mlp.register_forward_hook(lambda mod, args, out: mlp_out.append(out)),
+    ]
+    try:
+        with diffboost.accelerated(flux, TaylorSeer(interval=3, order=order, warmup=3)):
+            run(flux, "flux", num_inference_steps=10)
+            branch = diffboost.describe(flux)["last_call"][0]["branches"]["cond"]
+    finally:
+        for h in handles:
+            h.remove()
+    full = [0, 1, 2, 5, 8]
+    assert branch["full_steps"] == full and branch["forecast"] == 5 and branch["steps"] == 10
+    # full steps run the modules; forecast steps run neither the forecast nor the skipped ones
+    assert len(attn_runs) == len(single_attn_runs) == len(full)
+    for step in range(10):  # proj_mlp's output is unused on forecast steps: its last one is returned
+        last_full = max(s for s in full if s <= step)
+        assert (mlp_out[step] is mlp_out[last_full]) == (step not in full or step == last_full)
+    assert len(attn_out) == len(proj_out) == 10
+    for outputs in (attn_out, proj_out):
+        for step, value in _expected_forecasts(outputs, full, order).items():
+            assert _equal(outputs[step], value), f"step {step} is not the order-{order} forecast"
+    # the forecast really extrapolates: with order >= 1 the forecast steps differ from plain reuse
+    if order:
+        assert not torch.equal(proj_out[3], proj_out[2]) and not torch.equal(proj_out[4], proj_out[3])
+    else:
+        assert torch.equal(proj_out[3], proj_out[2]) and torch.equal(proj_out[4], proj_out[2])
+
+
+def test_block_granularity_forecasts_each_blocks_residual(flux):
+    order = 2
+    blocks = [flux.transformer.transformer_blocks[0], flux.transformer.single_transformer_blocks[1]]
+    outs, ins = [[], []], [[], []]
+    handles = []
+    for i, b in enumerate(blocks):
+        handles += _record(b, outs[i], ins[i])
+    inner: list = []
+    handles.append(_count_calls(blocks[0].attn, inner))
+    try:
+        with diffboost.accelerated(flux, TaylorSeer(interval=2, order=order, warmup=2, granularity="block")):
+            run(flux, "flux", num_inference_steps=8)
+            stats = diffboost.describe(flux)["last_call"][0]
+    finally:
+        for h in handles:
+            h.remove()
+    full = [0, 1, 3, 5, 7]
+    assert stats["branches"]["cond"]["full_steps"] == full and len(inner) == len(full)
+    assert stats["modules"]["forecast"][0] == "transformer_blocks.0"
+    for i, b in enumerate(blocks):
+        io = diffboost.plugins.adapters.Denoiser("t", flux.transformer, [], []).block_io(b)
+        residuals = []
+        for (h, e), out in zip(ins[i], outs[i]):
+            h_out, e_out = io.split(out)
+            residuals.append((h_out - h, None if e_out is None or e is None else e_out - e))
+        for step, (res_h, res_e) in _expected_forecasts(residuals, full, order).items():
+            got_h, got_e = residuals[step]
+            torch.testing.assert_close(got_h, res_h, rtol=1e-5, atol=1e-6)
+            if res_e is not None:
+                torch.testing.assert_close(got_e, res_e, rtol=1e-5, atol=1e-6)
+        # the forecast steps are not plain reuse of the last residual
+        assert not torch.allclose(residuals[2][0], residuals[1][0])
+
+
+def test_lite_forecasts_the_denoiser_output(flux):
+    outs: list = []
+    handles = _record(flux.transformer, outs)
+    blocks_run: list = []
+    handles.append(_count_calls(flux.transformer.transformer_blocks[0], blocks_run))
+    try:
+        with diffboost.accelerated(flux, TaylorSeer(interval=4, order=1, warmup=1, lite=True)):
+            run(flux, "flux", num_inference_steps=9)
+            branch = diffboost.describe(flux)["last_call"][0]["branches"]["cond"]
+    finally:
+        for h in handles:
+            h.remove()
+    full = [0, 4, 8]  # one warm-up step, then every 4 steps
+    assert branch["full_steps"] == full and len(blocks_run) == 3
+    for step, value in _expected_forecasts(outs, full, 1).items():
+        assert _equal(outs[step], value), step
+
+
+def test_lite_nan_forecast_is_recomputed_and_reported_once(flux, caplog, monkeypatch):
+    base = run(flux, "flux", num_inference_steps=5)
+    original = TaylorFactors.forecast
+
+    def poisoned(self, step):
+        return pytree.tree_map(lambda t: t * float("nan") if isinstance(t, torch.Tensor) else t, original(self, step))
+
+    monkeypatch.setattr(TaylorFactors, "forecast", poisoned)
+    with caplog.at_level(logging.WARNING, logger="diffboost"):
+        with diffboost.accelerated(flux, TaylorSeer(interval=2, warmup=1, lite=True)):
+            out = run(flux, "flux", num_inference_steps=5)
+            branch = diffboost.describe(flux)["last_call"][0]["branches"]["cond"]
+    assert torch.equal(out, base)
+    # every step after the first is planned as a forecast (a fallback is a full step), poisoned, recomputed
+    assert branch["full_steps"] == [0, 1, 2, 3, 4] and branch["nan_fallbacks"] == 4
+    assert sum("NaN/Inf" in r.message for r in caplog.records) == 1
+
+
+def test_lite_without_finite_check_returns_the_forecast(flux, monkeypatch):
+    monkeypatch.setattr(TaylorFactors, "forecast", lambda self, step: pytree.tree_map(
+        lambda t: torch.full_like(t, float("nan")) if isinstance(t, torch.Tensor) else t, self.latest()))
+    with diffboost.accelerated(flux, TaylorSeer(interval=2, warmup=1, lite=True, check_finite=False)):
+        out = run(flux, "flux", num_inference_steps=4)
+        branch = diffboost.describe(flux)["last_call"][0]["branches"]["cond"]
+    assert branch["nan_fallbacks"] == 0 and branch["full_steps"] == [0, 2]
+    assert torch.isnan(out).all()
+
+
+def test_unet_forecasts_the_last_up_block_and_skips_the_others():
+    pipe = make_sd()
+    unet = pipe.unet
+    outs: list = []
+    handles = _record(unet.up_blocks[-1], outs)
+    try:
+        with diffboost.accelerated(pipe, TaylorSeer(interval=3, order=1, warmup=2)):
+            run(pipe, "sd", num_inference_steps=8)
+            stats = diffboost.describe(pipe)["last_call"][0]
+    finally:
+        for h in handles:
+            h.remove()
+    full = [0, 1, 4, 7]
+    assert stats["branches"]["default"]["full_steps"] == full
+    assert len(outs) == 8
+    for step, value in _expected_forecasts(outs, full, 1).items():
+        assert _equal(outs[step], value), step
+    assert stats["modules"]["forecast"] == ["up_blocks.1"]
+    assert "down_blocks.0" in stats["modules"]["skipped (output unused on forecast steps)"]
+
+
+def test_unet_forecast_steps_skip_the_blocks_children():
+    pipe = make_sd()
+    resnet_runs: list = []
+    h = _count_calls(pipe.unet.down_blocks[0].resnets[0], resnet_runs)
+    try:
+        with diffboost.accelerated(pipe, TaylorSeer(interval=3, order=1, warmup=2)):
+            run(pipe, "sd", num_inference_steps=8)
+    finally:
+        h.remove()
+    assert len(resnet_runs) == 4  # full steps 0, 1, 4, 7 only
+
+
+@pytest.mark.parametrize(
+    "kwargs, steps, full",
+    [
+        (dict(interval=1, warmup=0), 5, [0, 1, 2, 3, 4]),
+        (dict(interval=2, warmup=0), 7, [0, 2, 4, 6]),
+        (dict(interval=3, warmup=2, final_full_steps=2), 12, [0, 1, 4, 7, 10, 11]),
+        (dict(interval=4, warmup=3), 10, [0, 1, 2, 6]),
+        (dict(interval=5, warmup=0, final_full_steps=1), 8, [0, 5, 7]),
+    ],
+)
+def test_policy_schedule(kwargs, steps, full):
+    """The policy alone, driven like the step clock drives it."""
+    plugin = TaylorSeer(**kwargs)
+    st = ClockState()
+    got = []
+    for step in range(steps):
+        st.step = step
+        if st.last_full < 0 or plugin.policy(st, step, steps - step):
+            st.last_full = step
+            got.append(step)
+    assert got == full
+    assert plugin.never_skips() == (plugin.interval == 1)
+
+
+def test_policy_without_a_known_step_count_ignores_final_full_steps():
+    plugin = TaylorSeer(interval=3, warmup=1, final_full_steps=5)
+    st = ClockState()
+    st.last_full = 0
+    assert [plugin.policy(st, s, None) for s in (1, 2, 3)] == [False, False, True]
+
+
+def test_defaults_are_the_documented_ones():
+    p = TaylorSeer()
+    assert (p.interval, p.order, p.warmup, p.final_full_steps, p.lite, p.granularity, p.check_finite) == (
+        5, 1, 3, 0, False, "module", True)
