@@ -1,0 +1,319 @@
+"""AdaptiveBlockCache (FBCache/DBCache) and ErrorControlledCache: their decision rules and what a
+reused step computes.
+
+The gate is driven directly with constructed probe residuals whose relative change (or forecast
+error) is known, on both sides of the threshold; then, on real tiny pipelines, the schedule the
+cache chose is checked against the rule recomputed from the probes recorded in the same run, and
+a reused step's middle blocks are checked to return input + cached (or Taylor-forecast) residual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import diffboost
+from diffboost import AdaptiveBlockCache, ErrorControlledCache
+from diffboost.caches.block_cache import _Core, _rel_l1
+from diffboost.caches.taylor import TaylorFactors
+from diffboost.plugins.runtime import ClockState, StepPlan
+from factories import make_flux, make_sd, make_sd3, run
+
+
+# ------------------------------------------------------------------------------------------------
+# the gate on its own
+# ------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """What the gate reads from its step clock: the plan and the branch's last full step."""
+
+    def __init__(self) -> None:
+        self.plan = StepPlan()
+        self.clock_state = ClockState()
+        self.state = self
+
+    def get_state(self) -> ClockState:
+        return self.clock_state
+
+
+def _drive(plugin, probes, forced=(), total_steps=None):
+    """Feed one probe per step to the gate as the hooks do; returns (full steps, k per step, rel log)."""
+    settings = plugin._settings() if isinstance(plugin, AdaptiveBlockCache) else _ecc_settings(plugin)
+    clock = _Clock()
+    core = _Core(settings, clock, unet=False)
+    n = len(probes) if total_steps is None else total_steps
+    full, ks = [], []
+    for step, probe in enumerate(probes):
+        plan = clock.plan
+        plan.step, plan.full, plan.forced, plan.steps_left = step, True, step in forced, n - step
+        core.gate(probe)
+        st = core.state.get_state()
+        if plan.full:
+            st.res.update((torch.zeros(1), None), step)  # what the middle blocks record on a full step
+            clock.clock_state.last_full = step
+            full.append(step)
+        ks.append(plan.k)
+    return full, ks, list(core.state.get_state().rel)
+
+
+def _ecc_settings(plugin: ErrorControlledCache):
+    from diffboost.caches.block_cache import _Settings
+
+    return _Settings(
+        gate="forecast_error", threshold=plugin.tolerance, front=plugin.probe_blocks, back=0,
+        warmup=plugin.warmup, max_cached=plugin.max_forecast_steps, order=plugin.order,
+        final_full=plugin.final_full_steps, check_finite=plugin.check_finite,
+    )
+
+
+def _const(value: float, n: int = 6) -> torch.Tensor:
+    return torch.full((1, n), float(value))
+
+
+def test_rel_l1_is_the_mean_absolute_difference_over_the_reference():
+    x = torch.tensor([1.0, -2.0, 3.0, 0.0])
+    y = torch.tensor([1.5, -2.0, 2.0, 1.0])
+    ref = torch.tensor([2.0, -2.0, 2.0, -2.0])
+    assert _rel_l1(x, y, ref) == pytest.approx((0.5 + 0 + 1 + 1) / 4 / 2.0)
+    assert _rel_l1(x, y, torch.zeros(4)) == float("inf")
+    half = _rel_l1(x.half(), y.half(), ref.half())
+    assert half == pytest.approx(0.3125)
+
+
+@pytest.mark.parametrize("scale", [2.0**-10, 1.0, 2.0**10])
+@pytest.mark.parametrize(
+    "threshold, full, rel",
+    [
+        # by hand: step 1 changes by 1/4 from step 0; step 2 is compared with the last *full* step's
+        # probe: 4 (rel 2/4) if step 1 was reused, 5 (rel 1/5) if step 1 was full
+        (0.24, [0, 1], [0.25, 0.2]),
+        (0.25, [0, 1], [0.25, 0.2]),  # rel == threshold is not below it: full
+        (0.2500001, [0, 2], [0.25, 0.5]),
+        (0.5, [0, 2], [0.25, 0.5]),
+        (0.5000001, [0], [0.25, 0.5]),
+    ],
+)
+def test_change_gate_is_relative_and_strict(scale, threshold, full, rel):
+    """rel = mean|r - r_ref| / mean|r_ref| decides the same at any scale; reuse iff rel < threshold."""
+    probes = [_const(4 * scale), _const(5 * scale), _const(6 * scale)]
+    got_full, ks, got_rel = _drive(AdaptiveBlockCache(threshold=threshold, warmup=0, max_cached_steps=5), probes)
+    assert got_full == full
+    assert got_rel == pytest.approx(rel, rel=1e-6)
+
+
+def test_change_gate_compares_with_the_last_full_step_not_the_last_step():
+    # the probe drifts by 6% a step: each step alone is below 10%, but two steps add up
+    probes = [_const(1.06**s) for s in range(6)]
+    full, ks, rel = _drive(AdaptiveBlockCache(threshold=0.1, warmup=0, max_cached_steps=10), probes)
+    assert full == [0, 2, 4]
+    assert ks == [0, 1, 0, 1, 0, 1]
+    assert rel == pytest.approx([0.06, 0.1236, 0.06, 0.1236, 0.06], rel=1e-4)
+
+
+def test_max_cached_warmup_final_and_forced_steps_are_full():
+    probes = [_const(1.0)] * 12  # nothing changes: every gated step would be reused
+    plugin = AdaptiveBlockCache(threshold=0.5, warmup=3, max_cached_steps=2, final_full_steps=2)
+    full, ks, rel = _drive(plugin, probes, forced={7})
+    # warm-up 0-2; then two reuses, a full step; the forced step 7; the last two steps
+    assert full == [0, 1, 2, 5, 7, 10, 11]
+    assert ks == [0, 0, 0, 1, 2, 0, 1, 0, 1, 2, 0, 0]
+    assert rel == [0.0] * 5  # steps 3, 4, 6, 8, 9 were gated; the others were never allowed
+
+
+def test_threshold_zero_never_reuses_and_the_first_step_needs_a_reference():
+    full, _, rel = _drive(AdaptiveBlockCache(threshold=0.0, warmup=0), [_const(1.0)] * 5)
+    assert full == [0, 1, 2, 3, 4] and rel == [0.0] * 4
+    assert AdaptiveBlockCache(threshold=0.0).never_skips() and not AdaptiveBlockCache(threshold=1e-9).never_skips()
+
+
+def test_forecast_error_gate_refreshes_exactly_when_the_error_exceeds_the_tolerance():
+    # probe residual: a line (order-1 forecasts exact) that bends at step 5 by a known amount
+    values = [1.0 + 0.5 * s for s in range(5)] + [3.5 + 0.1, 4.0 + 0.1, 4.5 + 0.1]
+    probes = [_const(v) for v in values]
+    plugin = ErrorControlledCache(tolerance=0.02, order=1, warmup=2, max_forecast_steps=10, final_full_steps=0)
+    full, ks, rel = _drive(plugin, probes)
+    # steps 2-4 are forecast exactly (error 0); step 5 misses by 0.1 / 3.6 = 2.8% > 2%: refresh;
+    # the factors now span steps 1 and 5 (slope 2.1 / 4 = 0.525): step 6 forecasts 4.125 vs 4.1 (0.6%)
+    assert full == [0, 1, 5]
+    assert rel == pytest.approx([0, 0, 0, 0.1 / 3.6, 0.025 / 4.1, 0.05 / 4.6], abs=1e-6)
+    assert ks == [0, 0, 1, 2, 3, 0, 1, 2]
+    # a tolerance above the miss forecasts through the bend
+    full, _, _ = _drive(dataclasses.replace(plugin, tolerance=0.03), probes)
+    assert full == [0, 1]
+
+
+def test_forecast_error_uses_its_taylor_order():
+    # a parabola F(s) = 1 + s^2; full steps 0-2 (values 1, 2, 5)
+    probes = [_const(1.0 + s * s) for s in range(6)]
+    tol = dict(tolerance=0.15, warmup=3, max_forecast_steps=10, final_full_steps=0)
+    # order 1: the line through steps 1, 2 gives 8 at step 3 (rel 2/10: refresh); then the line
+    # through 2, 3 gives 15 at step 4 (2/17: forecast) and 20 at step 5 (6/26: refresh)
+    full1, _, rel1 = _drive(ErrorControlledCache(order=1, **tol), probes)
+    assert full1 == [0, 1, 2, 3, 5] and rel1 == pytest.approx([0.2, 2 / 17, 6 / 26], rel=1e-5)
+    # order 2 (factors 5, 3, 2): 5 + 3k + k^2 gives 9, 15, 23 at k = 1, 2, 3: all within 15%
+    full2, _, rel2 = _drive(ErrorControlledCache(order=2, **tol), probes)
+    assert full2 == [0, 1, 2] and rel2 == pytest.approx([0.1, 2 / 17, 3 / 26], rel=1e-5)
+
+
+def test_forecast_error_without_enough_history_refreshes():
+    # warm-up 0: step 1 has one observation (order-0 forecast = reuse): error 1/2 > tolerance
+    full, _, rel = _drive(ErrorControlledCache(tolerance=0.4, order=1, warmup=0, final_full_steps=0), [_const(1), _const(2)])
+    assert full == [0, 1] and rel == pytest.approx([0.5])
+
+
+def test_defaults_are_the_documented_ones():
+    a = AdaptiveBlockCache()
+    assert (a.threshold, a.front_blocks, a.back_blocks, a.warmup, a.max_cached_steps, a.taylor_order,
+            a.final_full_steps, a.check_finite) == (0.08, 1, 0, 4, 3, 0, 0, True)
+    e = ErrorControlledCache()
+    assert (e.tolerance, e.order, e.probe_blocks, e.warmup, e.max_forecast_steps, e.final_full_steps,
+            e.check_finite) == (0.05, 1, 1, 3, 6, 1, True)
+    s = a._settings()
+    assert (s.gate, s.threshold, s.front, s.back, s.warmup, s.max_cached, s.order, s.final_full) == (
+        "change", 0.08, 1, 0, 4, 3, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# on real pipelines: the schedule follows the rule, reused steps add the cached residual
+# ------------------------------------------------------------------------------------------------
+
+
+def _record_probe(pipe, unet: bool):
+    """Record, per denoiser call, the probe the gate sees (front residual, or the UNet's first down block output)."""
+    probes, handles = [], []
+    if unet:
+        block = pipe.unet.down_blocks[0]
+        handles.append(block.register_forward_hook(lambda m, a, out: probes.append((out[0] if isinstance(out, tuple) else out).clone())))
+    else:
+        den = pipe.transformer
+        block = (den.transformer_blocks if hasattr(den, "transformer_blocks") else den.blocks)[0]
+        inputs = []
+
+        def pre(m, args, kwargs):
+            inputs.append(kwargs.get("hidden_states", args[0] if args else None).clone())
+
+        def post(m, args, kwargs, out):
+            h = out[1] if type(m).__name__ == "FluxTransformerBlock" else (out[1] if isinstance(out, tuple) else out)
+            probes.append(h - inputs[-1])
+
+        handles += [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
+    return probes, handles
+
+
+def _expected_schedule(probes, gate, threshold, warmup, max_cached, final_full, order=1):
+    n, full, consecutive = len(probes), [], 0
+    ref, factors = None, TaylorFactors(order)
+    for step, p in enumerate(probes):
+        p64 = p.double()
+        allowed = step > 0 and step >= warmup and consecutive < max_cached and n - step > final_full
+        reuse = False
+        if allowed:
+            if gate == "change":
+                rel = ((p64 - ref).abs().mean() / ref.abs().mean()).item()
+            else:
+                rel = ((p64 - factors.forecast(step)).abs().mean() / p64.abs().mean()).item()
+            reuse = rel < threshold
+        if reuse:
+            consecutive += 1
+        else:
+            consecutive, ref = 0, p64
+            factors.update(p64, step)
+            full.append(step)
+    return full
+
+
+@pytest.mark.parametrize(
+    "family, make, plugin",
+    [
+        ("flux", make_flux, AdaptiveBlockCache(threshold=0.28, warmup=2, max_cached_steps=2)),
+        ("flux", make_flux, ErrorControlledCache(tolerance=0.4, warmup=2, max_forecast_steps=3)),
+        ("sd3", make_sd3, AdaptiveBlockCache(threshold=0.3, warmup=1, final_full_steps=1)),
+        ("sd", make_sd, AdaptiveBlockCache(threshold=0.2, warmup=2, max_cached_steps=2)),
+        ("sd", make_sd, ErrorControlledCache(tolerance=0.02, warmup=3, final_full_steps=2)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else (type(v).__name__ if not callable(v) else ""),
+)
+def test_schedule_follows_the_rule_on_the_recorded_probes(family, make, plugin):
+    pipe = make()
+    probes, handles = _record_probe(pipe, unet=family == "sd")
+    try:
+        with diffboost.accelerated(pipe, plugin):
+            run(pipe, family, num_inference_steps=14)
+            branch = next(iter(diffboost.describe(pipe)["last_call"][0]["branches"].values()))
+    finally:
+        for h in handles:
+            h.remove()
+    ecc = isinstance(plugin, ErrorControlledCache)
+    expected = _expected_schedule(
+        probes,
+        "forecast_error" if ecc else "change",
+        plugin.tolerance if ecc else plugin.threshold,
+        plugin.warmup,
+        plugin.max_forecast_steps if ecc else plugin.max_cached_steps,
+        plugin.final_full_steps,
+        plugin.order if ecc else 1,
+    )
+    assert len(probes) == 14 and branch["full_steps"] == expected
+    gated_full = [s for s in expected if s >= max(plugin.warmup, 1)]
+    # the threshold sits inside the range of this model's changes: both decisions happen
+    assert branch["forecast"] > 0 and gated_full, (expected, branch)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_reused_steps_add_the_cached_middle_residual(order):
+    pipe = make_flux()
+    den = pipe.transformer
+    first_mid, last_mid, back = den.transformer_blocks[1], den.single_transformer_blocks[0], den.single_transformer_blocks[1]
+    mid_in, mid_out, back_runs, mid_runs = [], [], [], []
+    handles = [
+        first_mid.register_forward_pre_hook(lambda m, a, kw: mid_in.append(kw["hidden_states"].clone()), with_kwargs=True),
+        last_mid.register_forward_hook(lambda m, a, kw, out: mid_out.append(out[1].clone()), with_kwargs=True),
+        back.attn.register_forward_pre_hook(lambda m, a: back_runs.append(1)),
+        first_mid.attn.register_forward_pre_hook(lambda m, a: mid_runs.append(1)),
+    ]
+    plugin = AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1, taylor_order=order)
+    try:
+        with diffboost.accelerated(pipe, plugin):
+            run(pipe, "flux", num_inference_steps=8)
+            branch = diffboost.describe(pipe)["last_call"][0]["branches"]["cond"]
+    finally:
+        for h in handles:
+            h.remove()
+    full = [0, 1, 4, 7]
+    assert branch["full_steps"] == full
+    assert len(back_runs) == 8 and len(mid_runs) == len(full)  # back blocks always run, middle ones only when full
+    # the middle residual of the image stream (Flux's single blocks carry text + image tokens together:
+    # the image tokens are the tail of the sequence)
+    res = [o[:, -i.shape[1]:] - i for i, o in zip(mid_in, mid_out)]
+    factors = TaylorFactors(order)
+    for step in range(8):
+        if step in full:
+            factors.update(res[step], step)
+        else:
+            expected = factors.forecast(step) if order else factors.latest()
+            torch.testing.assert_close(res[step], expected, rtol=1e-5, atol=1e-5)
+    if order:
+        assert not torch.allclose(res[2], res[3], atol=1e-4)  # forecast, not reuse
+
+
+def test_unet_reused_steps_return_the_cached_deep_features():
+    pipe = make_sd()
+    unet = pipe.unet
+    mid_out, deep_runs, front_runs = [], [], []
+    handles = [
+        unet.up_blocks[0].register_forward_hook(lambda m, a, out: mid_out.append(out)),
+        unet.mid_block.resnets[0].register_forward_pre_hook(lambda m, a: deep_runs.append(1)),
+        unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda m, a: front_runs.append(1)),
+    ]
+    try:
+        with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=1)):
+            run(pipe, "sd", num_inference_steps=6)
+            branch = diffboost.describe(pipe)["last_call"][0]["branches"]["default"]
+    finally:
+        for h in handles:
+            h.remove()
+    assert branch["full_steps"] == [0, 1, 3, 5]
+    assert len(front_runs) == 6 and len(deep_runs) == 4
