@@ -192,8 +192,13 @@ class _Core:
         self.unet = unet
         self.state = BranchStates(_State, init_args=(settings.order,))
 
+    @torch.compiler.disable
     def gate(self, probe: torch.Tensor) -> None:
-        """Called after the front blocks: decide whether the middle blocks run this step."""
+        """Called after the front blocks: decide whether the middle blocks run this step.
+
+        Host-side bookkeeping with one device sync (the decision): kept out of ``torch.compile``
+        entirely, so that Dynamo neither breaks a graph on it nor recompiles it as its counters change.
+        """
         s, plan, st = self.s, self.clock.plan, self.state.get_state()
         full = True
         allowed = (

@@ -13,7 +13,9 @@ forecast by the truncated Taylor series
 
 The factors of any nested output (tensor, tuple, list, ModelOutput) are kept leaf by leaf;
 non-tensor leaves are returned unchanged. Arithmetic runs in float32 for reduced-precision
-features and the forecast is cast back to the feature's dtype.
+features and the forecast is cast back to the feature's dtype. ``update`` and ``forecast`` are
+host-side bookkeeping kept out of ``torch.compile`` (Dynamo would otherwise recompile them for every
+new k, shape and history length, and hit its recompile limit).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class TaylorFactors:
     def available_order(self) -> int:
         return len(self.history) - 1
 
+    @torch.compiler.disable
     def update(self, value: Any, step: int) -> None:
         leaves, spec = flatten(value)
         if self.history and (spec != self.spec or not _same_shapes(leaves, self.history[-1][1])):
@@ -108,6 +111,7 @@ class TaylorFactors:
             self._factors = rows
         return self._factors
 
+    @torch.compiler.disable
     def forecast(self, step: int) -> Any:
         """Forecast the feature at ``step`` (after the last full step)."""
         k = step - self.last_step
