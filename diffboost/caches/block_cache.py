@@ -35,7 +35,7 @@ from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter
 from ..plugins.base import Installed, Plugin, PluginKind, check_float, check_int
-from ..plugins.runtime import outside_compiled_graph, BranchStates, CallTracker, HookSet, StepClock
+from ..plugins.runtime import compiled_around, BranchStates, CallTracker, HookSet, StepClock
 from .taylor import TaylorFactors
 from .taylorseer import HookedCache
 
@@ -183,6 +183,7 @@ class _State(BaseState):
         self.rel: list[float] = []
 
 
+@compiled_around("gate", recursive=True)
 class _Core:
     """State and decisions shared by the hooks of one block cache on one denoiser."""
 
@@ -192,12 +193,10 @@ class _Core:
         self.unet = unet
         self.state = BranchStates(_State, init_args=(settings.order,))
 
-    @torch.compiler.disable
     def gate(self, probe: torch.Tensor) -> None:
         """Called after the front blocks: decide whether the middle blocks run this step.
 
-        Host-side bookkeeping with one device sync (the decision): kept out of ``torch.compile``
-        entirely, so that Dynamo neither breaks a graph on it nor recompiles it as its counters change.
+        Host-side bookkeeping with one device sync (the decision), kept out of ``torch.compile``.
         """
         s, plan, st = self.s, self.clock.plan, self.state.get_state()
         full = True
@@ -248,6 +247,7 @@ class _BlockHook(ModelHook):
         return module
 
 
+@compiled_around("new_forward")
 class FrontBlockHook(_BlockHook):
     """Front [Fn] blocks: always computed; the last one gates the step."""
 
@@ -255,7 +255,6 @@ class FrontBlockHook(_BlockHook):
         super().__init__(core)
         self.io, self.first, self.last = io, first, last
 
-    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.first and not self.core.unet:
             self.state.get_state().head_in = self.io.inputs(args, kwargs)[0]
@@ -269,6 +268,7 @@ class FrontBlockHook(_BlockHook):
         return out
 
 
+@compiled_around("new_forward")
 class MiddleBlockHook(_BlockHook):
     """Middle blocks: computed on full steps, replaced by the cached residual/output otherwise."""
 
@@ -276,7 +276,6 @@ class MiddleBlockHook(_BlockHook):
         super().__init__(core)
         self.io, self.index, self.first, self.last = io, index, first, last
 
-    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan = self.core.clock.plan
         st: _State = self.state.get_state()

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ..plugins.runtime import compiled_around
+
 
 _TENSOR = "tensor"
 _TUPLE = "tuple"
@@ -49,6 +51,7 @@ def unflatten(leaves: list[Any], spec: Any) -> Any:
     return pytree.tree_unflatten(leaves, spec)
 
 
+@compiled_around("update", "forecast", recursive=True)
 class TaylorFactors:
     """Taylor factors of one (possibly nested) feature. ``order`` is TaylorSeer's O (0-4).
 
@@ -77,7 +80,6 @@ class TaylorFactors:
     def available_order(self) -> int:
         return len(self.history) - 1
 
-    @torch.compiler.disable
     def update(self, value: Any, step: int) -> None:
         leaves, spec = flatten(value)
         if self.history and (spec != self.spec or not _same_shapes(leaves, self.history[-1][1])):
@@ -111,7 +113,6 @@ class TaylorFactors:
             self._factors = rows
         return self._factors
 
-    @torch.compiler.disable
     def forecast(self, step: int) -> Any:
         """Forecast the feature at ``step`` (after the last full step)."""
         k = step - self.last_step

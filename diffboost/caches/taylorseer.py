@@ -36,7 +36,7 @@ from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter
 from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_int
-from ..plugins.runtime import outside_compiled_graph, BranchStates, CallTracker, ClockState, HookSet, StepClock, StepPlan, _all_finite, logger
+from ..plugins.runtime import compiled_around, BranchStates, CallTracker, ClockState, HookSet, StepClock, StepPlan, _all_finite, logger
 from .taylor import TaylorFactors
 
 HOOK_NAME = "diffboost.taylorseer"
@@ -99,6 +99,7 @@ class _UnitState(BaseState):
         self.last: Any = None
 
 
+@compiled_around("new_forward")
 class ForecastUnitHook(ModelHook):
     """Runs the unit on full steps (recording it) and forecasts it, or returns its last output, otherwise."""
 
@@ -110,7 +111,6 @@ class ForecastUnitHook(ModelHook):
         self.forecast = forecast
         self.state = BranchStates(_UnitState, init_args=(order,))
 
-    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan: StepPlan = self.clock.plan
         st: _UnitState = self.state.get_state()
@@ -129,6 +129,7 @@ class ForecastUnitHook(ModelHook):
         return module
 
 
+@compiled_around("new_forward")
 class BlockForecastHook(ModelHook):
     """Forecasts a whole transformer block as its residual: out = in + R_hat (both streams)."""
 
@@ -140,7 +141,6 @@ class BlockForecastHook(ModelHook):
         self.io = io
         self.state = BranchStates(_UnitState, init_args=(order,))
 
-    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan: StepPlan = self.clock.plan
         st: _UnitState = self.state.get_state()
@@ -160,6 +160,7 @@ class BlockForecastHook(ModelHook):
         return module
 
 
+@compiled_around("new_forward")
 class OutputForecastClock(StepClock):
     """Lite mode: the step clock itself forecasts the whole denoiser output on forecast steps."""
 
@@ -168,7 +169,6 @@ class OutputForecastClock(StepClock):
         self.order = order
         self.outputs = BranchStates(_UnitState, init_args=(order,))
 
-    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan = self.begin()
         st: _UnitState = self.outputs.get_state()

@@ -34,6 +34,25 @@ def outside_compiled_graph(fn: Callable) -> Callable:
     return torch.compiler.disable(fn, recursive=False)
 
 
+def compiled_around(*methods: str, recursive: bool = False) -> Callable[[type], type]:
+    """Class decorator: keep the named methods out of ``torch.compile`` graphs.
+
+    ``recursive=False`` (hooks' ``new_forward``): only the method's own frame is skipped, see
+    :func:`outside_compiled_graph`. ``recursive=True`` (host-side bookkeeping such as Taylor factors
+    and cache gates): nothing they call is traced either, so Dynamo neither breaks graphs on their
+    host syncs nor recompiles them as their counters change. Applied to the class rather than as a
+    method decorator so that the methods stay plain functions (mutation testing mutates only those).
+    """
+
+    def wrap(cls: type) -> type:
+        for name in methods:
+            fn = cls.__dict__[name]
+            setattr(cls, name, torch.compiler.disable(fn, recursive=recursive))
+        return cls
+
+    return wrap
+
+
 class InstanceWrap:
     """Replace ``obj.<name>`` by ``make(original)`` on the *instance* only (never the class).
 
@@ -73,9 +92,10 @@ class CallTracker:
         self._wrap(getattr(pipe, "scheduler", None))
 
     def _wrap(self, scheduler: Any) -> None:
+        # remembered even when it cannot be wrapped, so that ensure_current does not retry every step
+        self.scheduler = scheduler
         if scheduler is None or not hasattr(scheduler, "set_timesteps"):
             return
-        self.scheduler = scheduler
 
         def make(original: Callable) -> Callable:
             def set_timesteps(*args: Any, **kwargs: Any) -> Any:
@@ -90,11 +110,21 @@ class CallTracker:
         self._patch = InstanceWrap(scheduler, "set_timesteps", make)
 
     def ensure_current(self) -> None:
-        """Follow ``pipe.scheduler = NewScheduler.from_config(...)`` done after ``apply``."""
+        """Follow ``pipe.scheduler = NewScheduler.from_config(...)`` done after ``apply``.
+
+        Called at every denoiser call. The new scheduler's ``set_timesteps`` already ran unseen at
+        the start of this call, so the call's step count is read from it and the call is started
+        here: without that, the call would keep the previous call's step count (wrong
+        ``steps_left``) and, on pipelines that diffusers does not reset at the end of a call
+        (UNets), continue the previous call's step counters and stored features.
+        """
         current = getattr(self.pipe, "scheduler", None)
         if current is not self.scheduler:
             self._unwrap()
             self._wrap(current)
+            timesteps = getattr(current, "timesteps", None)
+            self.num_steps = int(len(timesteps)) if timesteps is not None else None
+            self.new_call()
 
     def steps_left(self, branch_step: int) -> int | None:
         """Solver steps left in this call, counting the current one.
@@ -134,6 +164,14 @@ class BranchStates(StateManager):
         if state is None:
             state = self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs)
         return state
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        """Forget every branch's state, but not the branch being run: a reset can come inside the
+        pipeline's ``cache_context`` (a new call noticed at its first denoiser call, see
+        :meth:`CallTracker.ensure_current`); the pipeline clears the context itself when it exits."""
+        context = self._context
+        super().reset(*args, **kwargs)
+        self._context = context
 
     @property
     def branch(self) -> str:
@@ -311,10 +349,11 @@ class HookSet:
         registry = HookRegistry.check_if_exists_or_initialize(module)
         beneath = _BeneathAccelerate(module)
         with beneath:
+            # whether the instance had its own forward before us (beneath accelerate, its inner
+            # forward is the instance's own at this point)
             had_forward = "forward" in vars(module)
             registry.register_hook(hook, self.name)
-        # whether the instance had its own forward before us (accelerate's counts as its own)
-        hook._diffboost_had_forward = had_forward or beneath.active
+        hook._diffboost_had_forward = had_forward
         self.modules.append(module)
         self.hooks.append(hook)
         invalidate_registry_caches(self.root)

@@ -1,0 +1,171 @@
+"""Mutation testing of the method cores with mutmut: does the test suite notice a broken method?
+
+For each module below, mutmut rewrites it into many *mutants* (one small change each: ``<`` for
+``<=``, ``+`` for ``-``, a constant changed, a condition negated, ...) and runs the tests that cover
+the mutated function against each one. A mutant is *killed* when a test fails. The score of a module
+is killed / (every mutant that was run): a mutant that no test reaches counts as a survivor.
+
+Each module runs in its own scratch copy (``runs/mutation/<module>/``, with the module's own mutmut
+configuration and only its own tests selected), so runs never touch the checkout and can be resumed:
+run the same command again and mutmut only runs the mutants it has no result for yet (``--fresh``
+starts over). Not part of CI: about an hour for every module on 2 CPU cores.
+
+    python benchmarks/mutation.py                         # every module
+    python benchmarks/mutation.py --module caches/taylor.py --module caches/block_cache.py
+    python benchmarks/mutation.py --list                  # the modules and their tests
+
+Writes ``benchmarks/results/mutation/<module>.json`` (counts, score, wall time, the command) and
+``<module>-survivors.md`` (each surviving mutant's diff, for review: an equivalent mutant or a
+missing test). The reviewed survivors and the scores are in ``benchmarks/TESTING.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: module (under diffboost/) -> the tests that pin it (pytest arguments, relative to the repo root)
+MODULES: dict[str, list[str]] = {
+    "caches/taylor.py": ["tests/caches/test_taylor.py"],
+    "caches/taylorseer.py": ["tests/caches/test_taylorseer.py", "tests/caches/test_configs.py"],
+    "caches/block_cache.py": ["tests/caches/test_block_cache.py", "tests/caches/test_configs.py"],
+    "samplers/sada.py": ["tests/samplers/test_sada.py"],
+    "samplers/sada_tokens.py": ["tests/samplers/test_sada_tokens.py"],
+    "samplers/bottleneck.py": ["tests/samplers/test_bottleneck.py"],
+    "tokens/merging.py": ["tests/tokens/test_merging.py"],
+    "plugins/runtime.py": ["tests/plugins/test_runtime.py"],
+    "plugins/base.py": ["tests/plugins/test_base.py", "tests/caches/test_configs.py"],
+    "plugins/stacking.py": ["tests/plugins/test_stacking.py"],
+    "plugins/presets.py": ["tests/plugins/test_api.py"],
+}
+
+STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "skipped", "segfault", "not checked", "caught by type check")
+
+
+def slug(module: str) -> str:
+    return module.removesuffix(".py").replace("/", ".")
+
+
+def prepare(module: str, tests: list[str], work: Path, fresh: bool) -> None:
+    """A scratch copy of the package and the tests, with a mutmut configuration for this module only."""
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("diffboost", "tests"):
+        target = work / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    assets = work / "assets"
+    if not assets.exists() and (ROOT / "assets").exists():
+        assets.symlink_to(ROOT / "assets")
+    existing = [t for t in tests if (ROOT / t.split("::")[0]).exists()]
+    if not existing:
+        raise SystemExit(f"{module}: none of its test files exist: {tests}")
+    toml_list = lambda items: "[" + ", ".join(json.dumps(i) for i in items) + "]"  # noqa: E731
+    (work / "pyproject.toml").write_text(
+        "[tool.mutmut]\n"
+        'source_paths = ["diffboost"]\n'
+        f"only_mutate = {toml_list(['diffboost/' + module])}\n"
+        f"pytest_add_cli_args_test_selection = {toml_list(existing)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-W", "ignore::DeprecationWarning"]\n'
+        'process_isolation = "forkserver"\n'
+        "timeout_multiplier = 5.0\n"
+        "timeout_constant = 30.0\n"
+        "\n[tool.pytest.ini_options]\n"
+        'testpaths = ["tests"]\n'
+        'markers = ["gpu: needs a CUDA device", "slow: long-running test"]\n'
+    )
+
+
+def results(work: Path, env: dict[str, str]) -> dict[str, str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+        cwd=work, env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    status = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m and m.group(2).strip() in STATUSES:
+            status[m.group(1)] = m.group(2).strip()
+    return status
+
+
+def show(work: Path, env: dict[str, str], name: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, env=env, capture_output=True, text=True).stdout
+    return "\n".join(l for l in out.splitlines() if l[:1] in "+-@" and not l.startswith(("+++", "---")))
+
+
+def run_module(module: str, args: argparse.Namespace) -> dict:
+    tests = MODULES[module]
+    work = ROOT / "runs" / "mutation" / slug(module)
+    prepare(module, tests, work, args.fresh)
+    env = dict(os.environ)
+    # one thread per worker: mutmut forks its workers, and OpenMP thread pools do not survive a fork
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+    start = time.monotonic()
+    with open(work / "mutmut-run.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{module}: mutmut run failed (exit {proc.returncode}); see {work / 'mutmut-run.log'}")
+    status = results(work, env)
+    counts = {s: sum(v == s for v in status.values()) for s in STATUSES if any(v == s for v in status.values())}
+    considered = len(status) - counts.get("skipped", 0) - counts.get("not checked", 0)
+    detected = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("caught by type check", 0) + counts.get("segfault", 0)
+    survivors = sorted(n for n, s in status.items() if s in ("survived", "no tests", "suspicious"))
+    summary = {
+        "module": f"diffboost/{module}",
+        "tests": tests,
+        "mutants": len(status),
+        "counts": counts,
+        "score": round(detected / considered, 4) if considered else None,
+        "wall_s_this_run": round(wall, 1),
+        "command": f"python benchmarks/mutation.py --module {module}",
+        "survivors": survivors,
+    }
+    out = ROOT / "benchmarks" / "results" / "mutation"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{slug(module)}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [f"# Surviving mutants of diffboost/{module}", "", f"{len(survivors)} of {len(status)} mutants; tests: {', '.join(tests)}", ""]
+    for name in survivors:
+        lines += [f"## {name} ({status[name]})", "", "```diff", show(work, env, name), "```", ""]
+    (out / f"{slug(module)}-survivors.md").write_text("\n".join(lines))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--module", action="append", choices=sorted(MODULES), help="module under diffboost/ (repeatable; default: all)")
+    parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2, one per core)")
+    parser.add_argument("--fresh", action="store_true", help="discard earlier results of these modules and start over")
+    parser.add_argument("--list", action="store_true", help="list the modules and their tests, then exit")
+    args = parser.parse_args(argv)
+    if args.max_children < 1:
+        parser.error(f"--max-children must be >= 1, got {args.max_children}")
+    if args.list:
+        for module, tests in MODULES.items():
+            print(f"diffboost/{module}: {' '.join(tests)}")
+        return 0
+    try:
+        import mutmut  # noqa: F401
+    except ImportError:
+        parser.error("mutmut is not installed: pip install 'mutmut==3.8.1'")
+    for module in args.module or list(MODULES):
+        s = run_module(module, args)
+        print(f"{s['module']}: {s['score']:.1%} killed ({s['counts']}), {s['wall_s_this_run']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
