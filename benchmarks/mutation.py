@@ -78,6 +78,9 @@ def prepare(module: str, tests: list[str], work: Path, fresh: bool) -> None:
         f"only_mutate = {toml_list(['diffboost/' + module])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(existing)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-W", "ignore::DeprecationWarning"]\n'
+        # error messages and log lines are not the method: their statements are not mutated (the
+        # conditions that raise or log are)
+        "do_not_mutate_patterns = [\"^\\\\s*raise \", \"^\\\\s*logger\\\\.\"]\n"
         'process_isolation = "forkserver"\n'
         "timeout_multiplier = 5.0\n"
         "timeout_constant = 30.0\n"

@@ -68,7 +68,8 @@ def test_sd_reference_sada_exact_when_off_and_close_when_on(sd, scheduler):
             with diffboost.accelerated(pipe, never):
                 assert torch.equal(_run(pipe, kwargs), base), (scheduler, never)
         # 12 steps are few: skipping runs of early steps costs ~20-25 dB here (see RESULTS.md), single
-        # skips from step 4 on keep ~48 dB with DDIM/Euler; with DPM++ the criterion does not fire
+        # skips from step 4 on keep ~55 dB with DDIM/Euler; with DPM++ the sign criterion does not fire
+        # on this model (tests/samplers/test_sada.py makes it fire on a constructed trajectory)
         with diffboost.accelerated(pipe, SADA(acc_range=(4, 11), max_interval=1, lagrange_term=0)):
             fast = _run(pipe, kwargs)
             stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]
@@ -76,18 +77,31 @@ def test_sd_reference_sada_exact_when_off_and_close_when_on(sd, scheduler):
     finally:
         pipe.scheduler = original
     assert fast.shape == base.shape and torch.isfinite(fast).all()
-    if stats["skipped"]:
-        assert float(psnr(fast, base)) > 30.0, (scheduler, stats["skipped_steps"])
+    assert stats["skipped_steps"] == {"ddim": [4, 7, 10], "euler": [4, 7, 10], "dpm": []}[scheduler], stats
+    assert stats["denoiser_calls_saved"] == stats["skipped"]
+    if scheduler == "dpm":
+        assert torch.equal(fast, base)
+    else:
+        assert float(psnr(fast, base)) > 45.0, (scheduler, stats["skipped_steps"])  # measured 55.5 dB
 
 
 def test_sd_reference_token_reduction_stays_close(sd):
     pipe, kwargs = sd
     base = _run(pipe, kwargs)
-    for plugin in (TokenMerging(ratio=0.5), TokenDownsampling(factor=2), SADA(acc_range=(3, 11), token_sparsity=True)):
+    for plugin in (TokenMerging(ratio=0.5), TokenDownsampling(factor=2)):
         with diffboost.accelerated(pipe, plugin):
             out = _run(pipe, kwargs)
         assert out.shape == base.shape and torch.isfinite(out).all()
         assert float(psnr(out, base)) > 20.0, plugin
+    # SADA's token sparsity alone (schedule=(): no step skipped). Together with step skipping the sign
+    # criterion skips most steps of acc_range on this model, and a step right after a full refresh
+    # had every token unstable: nothing was pruned and the floor measured step skipping.
+    with diffboost.accelerated(pipe, SADA(acc_range=(3, 11), token_sparsity=True, schedule=())):
+        out = _run(pipe, kwargs)
+        stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]
+    assert stats["skipped"] == 0 and stats["token_pruned_steps"] == [3, 4, 5, 7, 8, 9], stats
+    assert stats["token_pruned_calls"] > 0 and stats["token_kept_share"] < 0.9, stats  # measured 18, 0.81
+    assert float(psnr(out, base)) > 40.0  # measured 51.3 dB
     assert torch.equal(_run(pipe, kwargs), base)
 
 
@@ -97,9 +111,12 @@ def test_flux_reference_sada_bottleneck_taylorseer(flux):
     for never in (SADA(acc_range=(0, 0)), BottleneckSampling(stages=[(1.0, 1.0)]), TaylorSeer(interval=1)):
         with diffboost.accelerated(pipe, never):
             assert torch.equal(_run(pipe, kwargs), base), never
-    with diffboost.accelerated(pipe, SADA(acc_range=(3, 11))):
+    # single skips (max_interval=1): runs of skips at 12 steps cost 17-30 dB on this model
+    with diffboost.accelerated(pipe, SADA(acc_range=(3, 11), max_interval=1)):
         sada = _run(pipe, kwargs)
-    assert float(psnr(sada, base)) > 30.0
+        stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]
+    assert stats["skipped_steps"] == [3, 5, 8, 10] and stats["denoiser_calls_saved"] == 8, stats  # true CFG: 2 calls
+    assert float(psnr(sada, base)) > 40.0  # measured 47.6 dB
     stack = (BottleneckSampling(), SADA(acc_range=(2, 12)), TaylorSeer(interval=2, warmup=2))
     with diffboost.accelerated(pipe, *stack):
         combined = _run(pipe, kwargs)

@@ -68,7 +68,7 @@ from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
 from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_float, check_int
-from ..plugins.runtime import BranchStates, CallTracker, HookSet, InstanceWrap, outside_compiled_graph
+from ..plugins.runtime import BranchStates, CallTracker, HookSet, InstanceWrap, compiled_around
 from .sada_tokens import TokenSparsity, install_tokens
 
 HOOK_NAME = "diffboost.sada"
@@ -612,6 +612,7 @@ class _LastOutput(BaseState):
         self.output: Any = None
 
 
+@compiled_around("new_forward")
 class SkipHook(ModelHook):
     """On a skipped step, return the branch's last real output instead of running the denoiser."""
 
@@ -623,7 +624,6 @@ class SkipHook(ModelHook):
         self.denoiser = denoiser
         self.last = BranchStates(_LastOutput)
 
-    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         rt = self.runtime
         rt.tracker.ensure_current()
