@@ -42,10 +42,47 @@ def pipes():
     return get
 
 
+EXPECTED_FAMILIES = {"flux", "sd3", "pixart_sigma", "sana", "wan", "cogvideox", "hunyuan_video", "sd", "sdxl"}
+#: tests of this module that run on a deliberate subset of the families
+SUBSET_TESTS = {"test_true_cfg_two_passes", "test_decoded_output"}
+
+
+def _fixture_params(fixture) -> tuple:
+    marker = getattr(fixture, "_fixture_function_marker", None) or getattr(fixture, "_pytestfixturefunction", None)
+    assert marker is not None, "cannot read the fixture's params with this pytest version"
+    return tuple(marker.params)
+
+
 def test_registry_complete():
-    expected = {"flux", "sd3", "pixart_sigma", "sana", "wan", "cogvideox", "hunyuan_video", "sd", "sdxl"}
-    assert set(FAMILIES) <= expected
-    assert {"flux", "sd3", "sd", "sdxl"} <= set(FAMILIES)
+    """A family missing from FAMILIES would silently vanish from every per-family test: the registry is
+    exactly the families diffboost supports (and its video families), and every per-family
+    parametrisation (here and in tests/plugins/test_families.py) runs on all of them."""
+    import importlib.util
+    import pathlib
+
+    from diffboost import supported_families
+    from diffboost.plugins.adapters import FAMILIES as SPECS
+
+    assert set(FAMILIES) == EXPECTED_FAMILIES
+    aliases = {"pixart": "pixart_sigma"}  # adapter family name -> factory name
+    assert {aliases.get(f, f) for f in supported_families()} == EXPECTED_FAMILIES
+    assert set(VIDEO_FAMILIES) == {aliases.get(s.name, s.name) for s in SPECS if s.video} == {
+        "wan", "cogvideox", "hunyuan_video"
+    }
+    assert set(CFG_LAYOUT) == EXPECTED_FAMILIES
+    per_family = [
+        fn for name, fn in globals().items()
+        if name.startswith("test_") and name not in SUBSET_TESTS and getattr(fn, "pytestmark", None)
+    ]
+    assert len(per_family) == 6
+    for fn in per_family:
+        (mark,) = [m for m in fn.pytestmark if m.name == "parametrize"]
+        assert mark.args[0] == "family" and sorted(mark.args[1]) == sorted(EXPECTED_FAMILIES), fn.__name__
+    path = pathlib.Path(__file__).parent / "plugins" / "test_families.py"
+    spec = importlib.util.spec_from_file_location("_registry_check_test_families", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert sorted(_fixture_params(module.family_pipe)) == sorted(EXPECTED_FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

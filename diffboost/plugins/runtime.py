@@ -212,6 +212,7 @@ class ClockState(BaseState):
 Policy = Callable[[ClockState, int, "int | None"], bool]
 
 
+@compiled_around("new_forward")
 class StepClock(ModelHook):
     """Denoiser-level hook: counts steps per branch and sets the plan read by unit hooks.
 
@@ -254,7 +255,6 @@ class StepClock(ModelHook):
             st.forecast_steps.append(st.step)
         st.step += 1
 
-    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan = self.begin()
         output = self.fn_ref.original_forward(*args, **kwargs)
@@ -346,7 +346,11 @@ class HookSet:
         self.hooks: list[ModelHook] = []
 
     def add(self, module: torch.nn.Module, hook: ModelHook) -> ModelHook:
+        existed = hasattr(module, "_diffusers_hook")
         registry = HookRegistry.check_if_exists_or_initialize(module)
+        if not existed:
+            # ours to delete once empty; one made before us (e.g. by the pipeline's cache_context) stays
+            registry._diffboost_created = True
         beneath = _BeneathAccelerate(module)
         with beneath:
             # whether the instance had its own forward before us (beneath accelerate, its inner
@@ -371,10 +375,12 @@ class HookSet:
             with _BeneathAccelerate(module):
                 registry.remove_hook(self.name, recurse=False)
             if not registry.hooks:
-                # leave the module exactly as it was: no registry, no instance-level forward
+                # leave the module exactly as it was: no instance-level forward, and no registry unless
+                # it had one before
                 if not hook._diffboost_had_forward and not hasattr(module, "_hf_hook"):
                     module.__dict__.pop("forward", None)
-                del module._diffusers_hook
+                if getattr(registry, "_diffboost_created", False):
+                    del module._diffusers_hook
         self.modules.clear()
         self.hooks.clear()
         invalidate_registry_caches(self.root)

@@ -273,3 +273,163 @@ def test_final_full_steps_follow_the_schedule_across_experts():
     low = stats["transformer_2"]
     assert low["full_steps"][-2:] == [low["steps"] - 2, low["steps"] - 1]
     assert stats["transformer"]["full_steps"] == [0]
+
+
+# ----------------------------------------------------------------------------------------------
+# apply / remove / describe with recording plugins (no model surgery: what the API itself does)
+# ----------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+
+from diffboost.plugins.api import _as_plugins  # noqa: E402
+from diffboost.plugins.base import Installed, Plugin, PluginKind  # noqa: E402
+
+
+class Item(Installed):
+    def __init__(self, label, log):
+        self.label, self.log = label, log
+
+    def reset(self):
+        self.log.append(("reset", self.label))
+
+    def remove(self):
+        self.log.append(("remove", self.label))
+
+    def stats(self):
+        return {"item": self.label}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rec(Plugin):
+    """Installs recording items; optionally fails half-way."""
+
+    label: str = "rec"
+    what: PluginKind = PluginKind.CACHE
+    log: list = dataclasses.field(default_factory=list, compare=False, repr=False)
+    fail: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", self.what)
+
+    def install(self, adapter, tracker):
+        self.log.append(("install", self.label, adapter.family, tracker.pipe is adapter.pipe))
+        if self.fail:
+            raise RuntimeError(f"{self.label} cannot install")
+        return [Item(self.label + "1", self.log), Item(self.label + "2", self.log)]
+
+
+def test_as_plugins_flattens_lists_and_presets():
+    a, b = TaylorSeer(interval=2), AdaptiveBlockCache()
+    assert _as_plugins(("safe", (a,), [[b, "turbo"]], [])) == [
+        TaylorSeer(interval=3, order=1, warmup=6), a, b, TaylorSeer(interval=5, order=1, warmup=6)
+    ]
+    with pytest.raises(TypeError) as err:
+        _as_plugins(([a, 42],))
+    assert str(err.value) == (
+        "diffboost.apply takes plugin configs (e.g. diffboost.TaylorSeer()) or preset names, got int: 42"
+    )
+
+
+def test_apply_installs_in_stack_order_and_remove_undoes_in_reverse(flux):
+    log = []
+    outer, inner = Rec("cache", PluginKind.CACHE, log), Rec("tokens", PluginKind.TOKENS, log)
+    handle = diffboost.apply(flux, [outer], inner)
+    try:
+        assert flux._diffboost_handle is handle and handle.plugins == [inner, outer]
+        assert log == [("install", "tokens", "flux", True), ("install", "cache", "flux", True)]
+        assert [i.label for i in handle.installed] == ["tokens1", "tokens2", "cache1", "cache2"]
+        assert handle.tracker.installed is handle.installed and handle.tracker.listeners == [handle.reset]
+        assert repr(handle) == f"Acceleration(FluxPipeline, plugins={[inner, outer]})"
+        del log[:]
+        run(flux, "flux", num_inference_steps=2)  # every call starts with a reset of everything installed
+        assert log == [("reset", "tokens1"), ("reset", "tokens2"), ("reset", "cache1"), ("reset", "cache2")]
+    finally:
+        del log[:]
+        diffboost.remove(flux)
+    assert log == [("remove", "cache2"), ("remove", "cache1"), ("remove", "tokens2"), ("remove", "tokens1")]
+    assert handle.installed == [] and not hasattr(flux, "_diffboost_handle")
+    assert "set_timesteps" not in vars(flux.scheduler)
+    del log[:]
+    handle.remove()  # a second remove finds nothing to undo
+    assert log == []
+
+
+def test_failed_install_takes_off_what_was_installed(flux):
+    log = []
+    before = {name: sorted(vars(m)) for name, m in flux.transformer.named_modules()}
+    with pytest.raises(RuntimeError, match="^step cannot install$"):
+        diffboost.apply(flux, Rec("step", PluginKind.STEP, log, fail=True), Rec("cache", PluginKind.CACHE, log))
+    assert log == [
+        ("install", "cache", "flux", True),
+        ("install", "step", "flux", True),
+        ("remove", "cache2"),
+        ("remove", "cache1"),
+    ]
+    assert not hasattr(flux, "_diffboost_handle") and "set_timesteps" not in vars(flux.scheduler)
+    assert {name: sorted(vars(m)) for name, m in flux.transformer.named_modules()} == before
+    # a real cache that installed its hooks before a later plugin failed is taken off too
+    with pytest.raises(RuntimeError):
+        diffboost.apply(flux, TaylorSeer(), Rec("step", PluginKind.STEP, log, fail=True))
+    assert {name: sorted(vars(m)) for name, m in flux.transformer.named_modules()} == before
+
+
+def test_removing_a_stale_handle_leaves_the_current_one(flux):
+    old = diffboost.apply(flux, Rec("a"))
+    old.remove()
+    new = diffboost.apply(flux, Rec("b"))
+    try:
+        old.remove()
+        assert flux._diffboost_handle is new
+    finally:
+        diffboost.remove(flux)
+    assert not hasattr(flux, "_diffboost_handle")
+
+
+def test_describe_reports_the_pipeline_the_plugins_and_the_calls(flux):
+    plugin = Rec("c")
+    with diffboost.accelerated(flux, plugin) as handle:
+        assert flux._diffboost_handle is handle
+        first = diffboost.describe(flux)
+        run(flux, "flux", num_inference_steps=2)
+        run(flux, "flux", num_inference_steps=2)
+        second = diffboost.describe(flux)
+    assert first == {
+        "accelerated": True,
+        "pipeline": "FluxPipeline",
+        "family": "flux",
+        "denoisers": {"transformer": "FluxTransformer2DModel (4 blocks)"},
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+        "flow_matching": True,
+        "cfg": "context",
+        "plugins": [repr(plugin)],
+        "calls": 0,
+        "last_call": [{"item": "c1"}, {"item": "c2"}],
+    }
+    assert second == {**first, "calls": 2}
+    assert diffboost.describe(flux) == {"pipeline": "FluxPipeline", "accelerated": False}
+
+
+def test_accelerated_removes_on_error(flux):
+    log = []
+    with pytest.raises(KeyError):
+        with diffboost.accelerated(flux, Rec("c", log=log)):
+            raise KeyError("boom")
+    assert log[-2:] == [("remove", "c2"), ("remove", "c1")] and not hasattr(flux, "_diffboost_handle")
+
+
+def test_scheduler_swapped_between_calls_starts_a_fresh_call():
+    """Regression: a swapped scheduler's set_timesteps runs before diffboost can wrap it. The call used
+    to keep the previous call's step count (final steps wrong) and, on a UNet (not reset by diffusers at
+    the end of a call), continue the previous call's step counter and stored features."""
+    from diffusers import DDIMScheduler
+
+    pipe = make_sd()
+    with diffboost.accelerated(pipe, TaylorSeer(interval=100, warmup=1, final_full_steps=2)):
+        run(pipe, "sd", num_inference_steps=2)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        first = run(pipe, "sd", num_inference_steps=4)
+        info = diffboost.describe(pipe)
+        second = run(pipe, "sd", num_inference_steps=4)
+    assert info["calls"] == 2
+    assert info["last_call"][0]["branches"]["default"]["full_steps"] == [0, 2, 3]
+    assert torch.equal(first, second)

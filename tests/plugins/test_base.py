@@ -1,0 +1,149 @@
+"""diffboost/plugins/base.py: the validation helpers' exact boundaries and messages, the Plugin and
+Installed defaults, the plugin kinds."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from diffboost.plugins.base import Installed, Plugin, PluginKind, _range, check_choice, check_float, check_int
+
+
+@dataclasses.dataclass
+class Cfg:
+    value: object = 0
+
+
+def ok(check, value, *args, **kwargs) -> bool:
+    check(Cfg(value), "value", *args, **kwargs)
+    return True
+
+
+def message(check, value, *args, **kwargs) -> str:
+    with pytest.raises((ValueError, TypeError)) as err:
+        check(Cfg(value), "value", *args, **kwargs)
+    return f"{err.type.__name__}: {err.value}"
+
+
+# ----------------------------------------------------------------------------------------------
+# check_int
+# ----------------------------------------------------------------------------------------------
+
+
+def test_check_int_bounds_are_inclusive():
+    assert ok(check_int, 1, 1, 4) and ok(check_int, 4, 1, 4) and ok(check_int, 2, 1, 4)
+    assert message(check_int, 0, 1, 4) == "ValueError: Cfg.value=0 is out of range; allowed: >= 1 and <= 4"
+    assert message(check_int, 5, 1, 4) == "ValueError: Cfg.value=5 is out of range; allowed: >= 1 and <= 4"
+
+
+def test_check_int_one_sided_and_open_ranges():
+    assert ok(check_int, -(10**9), None, 4) and ok(check_int, 10**9, 1) and ok(check_int, -7)
+    assert message(check_int, 0, 1) == "ValueError: Cfg.value=0 is out of range; allowed: >= 1"
+    assert message(check_int, 5, None, 4) == "ValueError: Cfg.value=5 is out of range; allowed: <= 4"
+    assert message(check_int, -1, 0, None) == "ValueError: Cfg.value=-1 is out of range; allowed: >= 0"
+
+
+def test_check_int_rejects_bools_floats_and_strings():
+    assert message(check_int, True, 0, 4) == "TypeError: Cfg.value must be an int, got bool (True)"
+    assert message(check_int, False) == "TypeError: Cfg.value must be an int, got bool (False)"
+    assert message(check_int, 2.0, 0, 4) == "TypeError: Cfg.value must be an int, got float (2.0)"
+    assert message(check_int, "3") == "TypeError: Cfg.value must be an int, got str ('3')"
+
+
+# ----------------------------------------------------------------------------------------------
+# check_float
+# ----------------------------------------------------------------------------------------------
+
+
+def test_check_float_bounds_are_inclusive_unless_lo_open():
+    assert ok(check_float, 0.0, 0.0, 1.0) and ok(check_float, 1.0, 0.0, 1.0) and ok(check_float, 0.5, 0.0, 1.0)
+    assert message(check_float, -0.001, 0.0, 1.0) == (
+        "ValueError: Cfg.value=-0.001 is out of range; allowed: >= 0.0 and <= 1.0"
+    )
+    assert message(check_float, 1.001, 0.0, 1.0) == (
+        "ValueError: Cfg.value=1.001 is out of range; allowed: >= 0.0 and <= 1.0"
+    )
+    assert ok(check_float, 1e-9, 0.0, 1.0, lo_open=True) and ok(check_float, 1.0, 0.0, 1.0, lo_open=True)
+    assert message(check_float, 0.0, 0.0, 1.0, lo_open=True) == (
+        "ValueError: Cfg.value=0.0 is out of range; allowed: > 0.0 and <= 1.0"
+    )
+    assert message(check_float, -1.0, 0.0, None, lo_open=True) == (
+        "ValueError: Cfg.value=-1.0 is out of range; allowed: > 0.0"
+    )
+
+
+def test_check_float_one_sided_and_open_ranges():
+    assert ok(check_float, -1e30) and ok(check_float, 1e30, 0.0) and ok(check_float, -1e30, None, 2.5)
+    assert message(check_float, 2.6, None, 2.5) == "ValueError: Cfg.value=2.6 is out of range; allowed: <= 2.5"
+    assert message(check_float, -0.5, 0) == "ValueError: Cfg.value=-0.5 is out of range; allowed: >= 0"
+    # lo_open without lo: no lower bound at all
+    assert ok(check_float, -5.0, None, 1.0, lo_open=True)
+
+
+def test_check_float_accepts_ints_and_rejects_bools_strings_and_non_finite():
+    assert ok(check_float, 3, 0.0, 4.0)
+    assert message(check_float, True, 0.0, 4.0) == "TypeError: Cfg.value must be a number, got bool (True)"
+    assert message(check_float, "0.1") == "TypeError: Cfg.value must be a number, got str ('0.1')"
+    assert message(check_float, None) == "TypeError: Cfg.value must be a number, got NoneType (None)"
+    assert message(check_float, math.nan) == "ValueError: Cfg.value must be finite, got nan"
+    assert message(check_float, math.inf, 0.0) == "ValueError: Cfg.value must be finite, got inf"
+    assert message(check_float, -math.inf, None, 1.0) == "ValueError: Cfg.value must be finite, got -inf"
+
+
+# ----------------------------------------------------------------------------------------------
+# check_choice, _range
+# ----------------------------------------------------------------------------------------------
+
+
+def test_check_choice():
+    assert ok(check_choice, "a", ("a", "b")) and ok(check_choice, "b", iter(["a", "b"]))
+    assert message(check_choice, "c", ("a", "b")) == "ValueError: Cfg.value='c' is not supported; choose one of ('a', 'b')"
+    # a generator is read once, and the message still lists it
+    assert message(check_choice, 3, (n for n in (1, 2))) == "ValueError: Cfg.value=3 is not supported; choose one of (1, 2)"
+
+
+def test_range_text():
+    assert _range(None, None) == "any"
+    assert _range(1, None) == ">= 1" and _range(None, 2) == "<= 2" and _range(1, 2) == ">= 1 and <= 2"
+    assert _range(0, 1, "> 0") == "> 0 and <= 1" and _range(None, None, "> 0") == "> 0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Plugin, Installed, PluginKind
+# ----------------------------------------------------------------------------------------------
+
+
+def test_plugin_defaults():
+    @dataclasses.dataclass(frozen=True)
+    class MyPlugin(Plugin):
+        x: int = 1
+
+    p = MyPlugin(2)
+    assert p.name == "MyPlugin" and p.kind is PluginKind.CACHE and p.never_skips() is False
+    assert repr(p) == "test_plugin_defaults.<locals>.MyPlugin(x=2)"  # kind is not in the repr
+    assert "kind" not in {f.name for f in dataclasses.fields(p) if f.init}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.x = 3
+    with pytest.raises(NotImplementedError):
+        Plugin().install(None, None)
+
+
+def test_installed_defaults():
+    item = Installed()
+    assert item.reset() is None and item.stats() == {}
+    with pytest.raises(NotImplementedError):
+        item.remove()
+
+
+def test_plugin_kinds():
+    assert {k.name: k.value for k in PluginKind} == {
+        "ATTENTION": "attention",
+        "TOKENS": "tokens",
+        "CACHE": "cache",
+        "STEP": "step",
+        "SAMPLER": "sampler",
+        "VLM": "vlm",
+    }
+    assert PluginKind("cache") is PluginKind.CACHE and PluginKind.CACHE == "cache"
