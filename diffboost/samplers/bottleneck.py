@@ -61,7 +61,7 @@ from diffusers.hooks import ModelHook
 
 from ..plugins.adapters import PipelineAdapter, UnsupportedPipelineError
 from ..plugins.base import Installed, Plugin, PluginKind, check_int
-from ..plugins.runtime import CallTracker, HookSet, InstanceWrap, outside_compiled_graph
+from ..plugins.runtime import CallTracker, HookSet, InstanceWrap, compiled_around
 
 HOOK_NAME = "diffboost.bottleneck"
 
@@ -486,6 +486,7 @@ class _Bottleneck(Installed):
         }
 
 
+@compiled_around("pre_forward")
 class _StageInputsHook(ModelHook):
     """Pre-forward hook on the denoiser: stage timestep and (Flux) token positions."""
 
@@ -493,7 +494,6 @@ class _StageInputsHook(ModelHook):
         super().__init__()
         self.owner = owner
 
-    @outside_compiled_graph
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         return args, self.owner.stage_inputs(kwargs)
 

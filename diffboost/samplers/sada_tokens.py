@@ -45,7 +45,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import PipelineAdapter, UnsupportedPipelineError
-from ..plugins.runtime import BranchStates, HookSet, outside_compiled_graph
+from ..plugins.runtime import BranchStates, HookSet, compiled_around
 from ..tokens.merging import _Grid, _GridHook, _transformer_blocks
 
 if TYPE_CHECKING:
@@ -67,9 +67,10 @@ def kept_tokens(unstable: torch.Tensor, sx: int, sy: int, phase: int) -> torch.T
     oy, ox = divmod(phase % (sx * sy), sx)
     rows = torch.arange(h)
     cols = torch.arange(w)
-    # the row / column each window keeps: window start + offset, clamped to the window's last index
-    keep_row = torch.minimum(rows // sy * sy + oy, torch.clamp(rows // sy * sy + sy - 1, max=h - 1))
-    keep_col = torch.minimum(cols // sx * sx + ox, torch.clamp(cols // sx * sx + sx - 1, max=w - 1))
+    # the row / column each window keeps: window start + offset (offset < window size, so only a
+    # partial window at the bottom / right edge can overflow: clamped to the grid's last index)
+    keep_row = torch.clamp(rows // sy * sy + oy, max=h - 1)
+    keep_col = torch.clamp(cols // sx * sx + ox, max=w - 1)
     grid_keep = (rows == keep_row).unsqueeze(1) & (cols == keep_col).unsqueeze(0)
     return (grid_keep | unstable.cpu()).flatten().nonzero().squeeze(1)
 
@@ -89,14 +90,12 @@ class TokenSparsity:
         self.runtime = runtime
         self.cfg = runtime.cfg
         self.hooks: list[HookSet] = []
-        self.grids: list[_Grid] = []
         self.blocks = 0
         self.reset()
 
     def reset(self) -> None:
         self._kept: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self.pruned_calls = 0
-        self.full_calls = 0
         self.tokens_in = 0
         self.tokens_out = 0
 
@@ -113,8 +112,8 @@ class TokenSparsity:
         d, h, w = level
         key = (st.step, d, h, w)
         if key not in self._kept:
-            m = st.token_map.unsqueeze(0).unsqueeze(0)  # (1, 1, H, W)
-            pooled = F.max_pool2d(m, d, d, ceil_mode=True)[0, 0] if d > 1 else m[0, 0]
+            # a block token is unstable when any latent token of its d x d cell is (d = 1: the map itself)
+            pooled = F.max_pool2d(st.token_map[None, None], d, ceil_mode=True)[0, 0]
             if tuple(pooled.shape) != (h, w):
                 self._kept[key] = None  # type: ignore[assignment]
             else:
@@ -136,6 +135,7 @@ class TokenSparsity:
         self.hooks.clear()
 
 
+@compiled_around("new_forward")
 class PrunedBlock(ModelHook):
     """Hook on a ``BasicTransformerBlock``: runs it on the kept tokens, fills the rest from its cache."""
 
@@ -146,7 +146,6 @@ class PrunedBlock(ModelHook):
         self.tokens, self.grid = tokens, grid
         self.cache = BranchStates(_BlockCache)
 
-    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
         st: _BlockCache = self.cache.get_state()

@@ -51,7 +51,7 @@ from diffusers.hooks import ModelHook
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
 from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_float, check_int
-from ..plugins.runtime import CallTracker, HookSet, logger, outside_compiled_graph
+from ..plugins.runtime import CallTracker, HookSet, logger, compiled_around
 
 HOOK_NAME = "diffboost.tokens"
 #: families whose transformer blocks are ``BasicTransformerBlock`` with a plain self-attention
@@ -187,6 +187,7 @@ class _Grid:
         return self._levels[key]
 
 
+@compiled_around("pre_forward")
 class _GridHook(ModelHook):
     """Pre-forward hook on the denoiser: records the latent grid of every call (no other effect)."""
 
@@ -194,7 +195,6 @@ class _GridHook(ModelHook):
         super().__init__()
         self.grid, self.arg, self.patch = grid, arg, patch
 
-    @outside_compiled_graph
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         x = kwargs[self.arg] if self.arg in kwargs else (args[0] if args else None)
         if isinstance(x, torch.Tensor) and x.ndim == 4:
@@ -379,6 +379,7 @@ class _MergeCrossAttention(_ProcessorWrapper):
         return m.unmerge(self.inner(attn, m.merge(hidden_states), *args, **kwargs))
 
 
+@compiled_around("new_forward")
 class _MergeMlp(ModelHook):
     """Hook on the block's ``ff``: the feed-forward runs on the merged tokens."""
 
@@ -386,7 +387,6 @@ class _MergeMlp(ModelHook):
         super().__init__()
         self.site = site
 
-    @outside_compiled_graph
     def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         m = self.site.take(last=True)
         if m is None or not m.fits(hidden_states):  # e.g. chunked feed-forward: leave it alone
