@@ -317,3 +317,85 @@ def test_unet_reused_steps_return_the_cached_deep_features():
             h.remove()
     assert branch["full_steps"] == [0, 1, 3, 5]
     assert len(front_runs) == 6 and len(deep_runs) == 4
+
+
+def test_reused_steps_add_the_cached_text_stream_residual_too():
+    pipe = make_flux()
+    den = pipe.transformer
+    first_mid, last_mid = den.transformer_blocks[1], den.single_transformer_blocks[0]
+    enc_in, enc_out = [], []
+    handles = [
+        first_mid.register_forward_pre_hook(lambda m, a, kw: enc_in.append(kw["encoder_hidden_states"].clone()), with_kwargs=True),
+        last_mid.register_forward_hook(lambda m, a, kw, out: enc_out.append(out[0].clone()), with_kwargs=True),
+    ]
+    try:
+        with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1)):
+            run(pipe, "flux", num_inference_steps=6)
+    finally:
+        for h in handles:
+            h.remove()
+    res = [o - i for i, o in zip(enc_in, enc_out)]
+    # full steps 0, 1, 4; reused steps 2, 3, 5 add the text-stream residual of the last full step
+    for step, ref in ((2, 1), (3, 1), (5, 4)):
+        torch.testing.assert_close(res[step], res[ref], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(res[1], res[4], atol=1e-4)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(AdaptiveBlockCache, dict(threshold=10)), (ErrorControlledCache, dict(tolerance=10, final_full_steps=0))])
+def test_nan_on_a_reused_step_falls_back_and_is_reported_once(cls, kwargs, caplog, monkeypatch):
+    import logging
+
+    pipe = make_flux()
+    base = run(pipe, "flux", num_inference_steps=5)
+    latest, forecast = TaylorFactors.latest, TaylorFactors.forecast
+
+    def poison(value):  # only the middle residual (a tuple); the probe's own forecast stays as it is
+        return tuple(v * float("nan") if v is not None else v for v in value) if isinstance(value, tuple) else value
+
+    monkeypatch.setattr(TaylorFactors, "latest", lambda self: poison(latest(self)))
+    monkeypatch.setattr(TaylorFactors, "forecast", lambda self, step: poison(forecast(self, step)))
+    plugin = cls(warmup=1, **kwargs)
+    with caplog.at_level(logging.WARNING, logger="diffboost"):
+        with diffboost.accelerated(pipe, plugin):
+            out = run(pipe, "flux", num_inference_steps=5)
+            branch = diffboost.describe(pipe)["last_call"][0]["branches"]["cond"]
+    # every reuse was poisoned and recomputed: the result is the plain pipeline's
+    assert torch.equal(out, base)
+    assert branch["full_steps"] == [0, 1, 2, 3, 4] and branch["nan_fallbacks"] == 4
+    warnings = [r.message for r in caplog.records if "NaN/Inf" in r.message]
+    assert len(warnings) == 1 and warnings[0].startswith(cls.__name__)
+    # without the check the NaN goes through
+    with diffboost.accelerated(pipe, cls(warmup=1, check_finite=False, **kwargs)):
+        assert torch.isnan(run(pipe, "flux", num_inference_steps=5)).any()
+        assert diffboost.describe(pipe)["last_call"][0]["branches"]["cond"]["nan_fallbacks"] == 0
+
+
+def test_blocks_left_for_the_middle_and_the_roles_in_describe():
+    pipe = make_flux()  # 4 cacheable blocks
+    for front, back in ((2, 2), (3, 1), (1, 3), (4, 0)):
+        with pytest.raises(ValueError, match=rf"front/probe blocks \({front}\) \+ back blocks \({back}\) must leave at least one middle block, but FluxTransformer2DModel has 4 cacheable blocks"):
+            diffboost.apply(pipe, AdaptiveBlockCache(front_blocks=front, back_blocks=back))
+        assert not hasattr(pipe.transformer.transformer_blocks[0], "_diffusers_hook")
+    with pytest.raises(ValueError, match=r"ErrorControlledCache: front/probe blocks \(4\)"):
+        diffboost.apply(pipe, ErrorControlledCache(probe_blocks=4))
+    plugin = AdaptiveBlockCache(front_blocks=2, back_blocks=1)
+    with diffboost.accelerated(pipe, plugin):
+        assert pipe.transformer.transformer_blocks[0]._diffusers_hook.get_hook("diffboost.block_cache") is not None
+        run(pipe, "flux", num_inference_steps=2)
+        stats = diffboost.describe(pipe)["last_call"][0]
+    assert stats["plugin"] == repr(plugin)
+    assert stats["modules"] == {
+        "computed every step (front)": ["transformer_blocks.0", "transformer_blocks.1"],
+        "reused on cached steps (middle)": ["single_transformer_blocks.0"],
+        "computed every step (back)": ["single_transformer_blocks.1"],
+    }
+    with diffboost.accelerated(pipe, ErrorControlledCache(probe_blocks=3)):
+        run(pipe, "flux", num_inference_steps=2)
+        modules = diffboost.describe(pipe)["last_call"][0]["modules"]
+    assert modules["reused on cached steps (middle)"] == ["single_transformer_blocks.1"]
+    assert modules["computed every step (back)"] == []
+
+
+def test_rel_l1_of_identical_zero_tensors_is_infinite_not_nan():
+    z = torch.zeros(3)
+    assert _rel_l1(z, z, z) == float("inf")
