@@ -331,7 +331,7 @@ class _Tokens:
         return {}
 
 
-def _drive(scheduler, plugin, drift, steps=10, sigmas=None, shape=(1, 1, 1, 1), start=1.0, tokens=False):
+def _drive(scheduler, plugin, drift, steps=10, sigmas=None, shape=(1, 1, 1, 1), start=1.0, tokens=False, keywords=False):
     """One pipeline call of ``scheduler`` under SADA's step wrapper. At step n the 'denoiser' returns
     ``drift(n)`` (a number or a tensor: the velocity for flow matching, eps otherwise).
 
@@ -361,7 +361,10 @@ def _drive(scheduler, plugin, drift, steps=10, sigmas=None, shape=(1, 1, 1, 1), 
     for n, t in enumerate(scheduler.timesteps):
         out = drift(n)
         out = out if isinstance(out, torch.Tensor) else torch.full(shape, float(out))
-        x = scheduler.step(out, t, x, return_dict=False)[0]
+        if keywords:  # pipelines may pass everything by keyword
+            x = scheduler.step(model_output=out, timestep=t, sample=x, return_dict=False)[0]
+        else:
+            x = scheduler.step(out, t, x, return_dict=False)[0]
         st = rt.state
         token_map = None if st.token_map is None else st.token_map.clone()
         log.append((st.skip_current, st.last_m, st.kappa, st.token_pruned, token_map))
@@ -805,3 +808,47 @@ def test_config_boundaries():
 )
 def test_never_skips(kwargs, never):
     assert SADA(**kwargs).never_skips() is never
+
+
+def test_step_wrapper_takes_keyword_arguments_too():
+    plugin = SADA(acc_range=(3, 10), max_interval=2)
+    rt_pos, used_pos, _, _ = _drive(_flow(), plugin, lambda n: n * n, sigmas=DYADIC)
+    rt_kw, used_kw, _, _ = _drive(_flow(), plugin, lambda n: n * n, sigmas=DYADIC, keywords=True)
+    assert rt_kw.stats()["skipped_steps"] == rt_pos.stats()["skipped_steps"] == [3, 4, 6, 7]
+    assert _vals(used_kw) == _vals(used_pos)
+
+
+def test_read_step_carries_the_prediction_type():
+    for scheduler, kind in (
+        (EulerDiscreteScheduler(prediction_type="v_prediction"), "ve"),
+        (DPMSolverMultistepScheduler(prediction_type="v_prediction"), "vp"),
+        (DDIMScheduler(prediction_type="sample"), "vp"),
+    ):
+        scheduler.set_timesteps(10)
+        c = read_step(scheduler, scheduler.timesteps[1])
+        assert (c.kind, c.prediction) == (kind, scheduler.config.prediction_type)
+    dflow = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    dflow.set_timesteps(10)
+    assert read_step(dflow, dflow.timesteps[0]).prediction == "flow_prediction"
+
+
+def test_kappa_eps_known_value():
+    # p2, p1, p0 at s = 1, 3/4, 1/2; f_hat = 2 f1 - f2 = 2; y_hat = 2 + (1/2 - 3/4)(5/8 * 2 + 3/4 * 1) = 3/2;
+    # x0_hat = y_hat - s0 f1 = 1; f implied = (3 - 1) / (1/2) = 4, f0 = 3: error 1; x0 = 3 - 3/2; |ds| = 1/4
+    pts = [
+        Point(0, torch.tensor([[1.0]]), 1.0, torch.tensor([[0.0]])),
+        Point(1, torch.tensor([[2.0]]), 0.75, torch.tensor([[1.0]])),
+        Point(2, torch.tensor([[3.0]]), 0.5, torch.tensor([[3.0]])),
+    ]
+    assert _kappa(pts, False) == pytest.approx(0.25 * 1 / 1.5)
+
+
+def test_lagrange_anchors_are_at_least_lagrange_int_steps_apart():
+    plugin = SADA(acc_range=(3, 10), max_interval=1, lagrange_int=3, lagrange_term=2, lagrange_step=3)
+    rt, *_ = _drive(_flow(), plugin, lambda n: n * n, sigmas=DYADIC)
+    real = [n for n in range(10) if n not in rt.stats()["skipped_steps"]]
+    expected, last = [], None
+    for n in real:  # an anchor every real step at least 3 steps after the previous anchor
+        if last is None or n - last >= 3:
+            expected, last = (expected + [n])[-2:], n
+    assert [n for n, _ in rt.state.anchors] == expected and len(expected) == 2
