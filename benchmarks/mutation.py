@@ -8,7 +8,8 @@ is killed / (every mutant that was run): a mutant that no test reaches counts as
 Each module runs in its own scratch copy (``runs/mutation/<module>/``, with the module's own mutmut
 configuration and only its own tests selected), so runs never touch the checkout and can be resumed:
 run the same command again and mutmut only runs the mutants it has no result for yet (``--fresh``
-starts over). Not part of CI: about an hour for every module on 2 CPU cores.
+starts over; ``--survivors`` re-runs only the last survivors, after tests were added for them). Not
+part of CI: about an hour for every module on 2 CPU cores.
 
     python benchmarks/mutation.py                         # every module
     python benchmarks/mutation.py --module caches/taylor.py --module caches/block_cache.py
@@ -47,9 +48,23 @@ MODULES: dict[str, list[str]] = {
         "not (never_firing or skipping_in_range or test_curvature_criterion or fixed_schedule or calls_steps"
         " or stacks_with or flux_true_cfg or zero_terminal)",
     ],
-    "samplers/sada_tokens.py": ["tests/samplers/test_sada_tokens.py"],
-    "samplers/bottleneck.py": ["tests/samplers/test_bottleneck.py"],
-    "tokens/merging.py": ["tests/tokens/test_merging.py"],
+    "samplers/sada_tokens.py": [
+        "tests/samplers/test_sada_tokens.py",
+        "-k",
+        "not (bit_identical or blocks_see_fewer or batch2_cfg or step_after_a_skip)",
+    ],
+    "samplers/bottleneck.py": [
+        "tests/samplers/test_bottleneck.py",
+        "-k",
+        "not (bit_identical or multi_stage_keeps or batch_of_two or stacks_with or sizes_not_divisible"
+        " or flux_true_cfg or wan_two_experts)",
+    ],
+    "tokens/merging.py": [
+        "tests/tokens/test_merging.py",
+        "-k",
+        "not (bit_identical or changes_output or attention_sees or max_downsample_1 or resolution_changes"
+        " or stacks_with or pixart)",
+    ],
     "plugins/runtime.py": ["tests/plugins/test_runtime.py"],
     "plugins/base.py": ["tests/plugins/test_base.py", "tests/caches/test_configs.py"],
     "plugins/stacking.py": ["tests/plugins/test_stacking.py"],
@@ -73,6 +88,9 @@ def prepare(module: str, tests: list[str], work: Path, fresh: bool) -> None:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # the tests (or the module) may have changed since the last run: make mutmut record afresh which
+    # tests reach which function (earlier results of unchanged mutants are kept)
+    (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     assets = work / "assets"
     if not assets.exists() and (ROOT / "assets").exists():
         assets.symlink_to(ROOT / "assets")
@@ -124,6 +142,12 @@ def run_module(module: str, args: argparse.Namespace) -> dict:
     # one thread per worker: mutmut forks its workers, and OpenMP thread pools do not survive a fork
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+    if args.survivors:
+        # re-run only the mutants that survived last time (after tests were added for them)
+        previous = json.loads((ROOT / "benchmarks" / "results" / "mutation" / f"{slug(module)}.json").read_text())
+        if not previous["survivors"]:
+            return previous
+        cmd += previous["survivors"]
     start = time.monotonic()
     with open(work / "mutmut-run.log", "w") as log:
         proc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -155,15 +179,38 @@ def run_module(module: str, args: argparse.Namespace) -> dict:
     return summary
 
 
+def table() -> str:
+    """Markdown table of every recorded module result (benchmarks/results/mutation/*.json)."""
+    rows = ["| module | mutants | killed | survived | no tests | timeout | score | tests (selection) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for module in MODULES:
+        path = ROOT / "benchmarks" / "results" / "mutation" / f"{slug(module)}.json"
+        if not path.exists():
+            rows.append(f"| diffboost/{module} | not run | | | | | | |")
+            continue
+        r = json.loads(path.read_text())
+        c = r["counts"]
+        sel = " ".join(r["tests"]).replace("|", "\\|")
+        rows.append(
+            f"| {r['module']} | {r['mutants']} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
+            f"{c.get('timeout', 0)} | {r['score']:.1%} | {sel} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", choices=sorted(MODULES), help="module under diffboost/ (repeatable; default: all)")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2, one per core)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier results of these modules and start over")
+    parser.add_argument("--survivors", action="store_true", help="re-run only the last run's survivors (e.g. after adding tests)")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the recorded results, then exit")
     parser.add_argument("--list", action="store_true", help="list the modules and their tests, then exit")
     args = parser.parse_args(argv)
     if args.max_children < 1:
         parser.error(f"--max-children must be >= 1, got {args.max_children}")
+    if args.table:
+        print(table())
+        return 0
     if args.list:
         for module, tests in MODULES.items():
             print(f"diffboost/{module}: {' '.join(tests)}")
