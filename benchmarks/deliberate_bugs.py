@@ -46,7 +46,9 @@ BUGS: dict[str, tuple[str, str, str, str, list[str]]] = {
         "return st.last_m <= 0.0",
         "return st.last_m >= 0.0",
         "SADA sign criterion flipped (m <= 0 -> m >= 0)",
-        ["tests/samplers/test_sada.py"],
+        # the constructed-trajectory tests (seconds; flow Euler is Flux's and SD3's scheduler), not the
+        # per-family pipeline cases (minutes)
+        ["tests/samplers/test_sada.py", "-k", "sign_rule or decide_boundaries"],
     ),
     "tome-least-similar": (
         "diffboost/tokens/merging.py",
