@@ -250,3 +250,50 @@ def test_defaults_are_the_documented_ones():
     p = TaylorSeer()
     assert (p.interval, p.order, p.warmup, p.final_full_steps, p.lite, p.granularity, p.check_finite) == (
         5, 1, 3, 0, False, "module", True)
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart_sigma"])
+def test_block_granularity_on_blocks_without_a_text_stream_output(family):
+    """SD3's last block drops the text stream (returns None for it); PixArt's blocks return the image
+    stream only: forecast steps keep those layouts."""
+    from factories import make_pixart_sigma, make_sd3
+
+    pipe = (make_sd3 if family == "sd3" else make_pixart_sigma)()
+    last = pipe.transformer.transformer_blocks[-1]
+    outs: list = []
+    handles = _record(last, outs)
+    try:
+        with diffboost.accelerated(pipe, TaylorSeer(interval=2, order=1, warmup=1, granularity="block")):
+            out = run(pipe, family, num_inference_steps=5)
+            branch = next(iter(diffboost.describe(pipe)["last_call"][0]["branches"].values()))
+    finally:
+        for h in handles:
+            h.remove()
+    assert branch["full_steps"] == [0, 2, 4] and torch.isfinite(out).all()
+    for o in outs:  # forecast steps return what the block itself returns
+        if family == "sd3":
+            assert isinstance(o, tuple) and o[0] is None and isinstance(o[1], torch.Tensor)
+        else:
+            assert isinstance(o, torch.Tensor)
+
+
+def test_transformer_units_of_each_block_layout():
+    from diffboost.caches.taylorseer import _transformer_units
+
+    lin = lambda: torch.nn.Linear(2, 2)  # noqa: E731
+
+    class Single(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_mlp, self.proj_out, self.attn = lin(), lin(), lin()
+
+    class Dual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.ff, self.ff_context, self.proj_out = lin(), lin(), lin(), lin()
+
+    s, d = Single(), Dual()
+    assert _transformer_units(s) == [(s.proj_out, True), (s.proj_mlp, False), (s.attn, False)]
+    # a block with an output projection but no fused MLP is not single-stream: attention and
+    # feed-forward are forecast, in the documented order
+    assert _transformer_units(d) == [(d.attn, True), (d.ff, True), (d.ff_context, True)]
