@@ -297,3 +297,48 @@ def test_transformer_units_of_each_block_layout():
     # a block with an output projection but no fused MLP is not single-stream: attention and
     # feed-forward are forecast, in the documented order
     assert _transformer_units(d) == [(d.attn, True), (d.ff, True), (d.ff_context, True)]
+
+
+@pytest.mark.parametrize("lite", [False, True])
+def test_describe_reports_the_call_exactly(flux, lite):
+    plugin = TaylorSeer(interval=3, warmup=2, lite=lite)
+    with diffboost.accelerated(flux, plugin):
+        run(flux, "flux", num_inference_steps=8)
+        entry = diffboost.describe(flux)["last_call"][0]
+    den = flux.transformer
+    total = sum(p.numel() for p in den.parameters())
+    if lite:
+        units = [den]
+        modules = {"forecast": ["<denoiser>"]}
+    else:
+        units = [m for b in den.transformer_blocks for m in (b.attn, b.ff, b.ff_context)]
+        units += [m for b in den.single_transformer_blocks for m in (b.proj_out, b.proj_mlp, b.attn)]
+        modules = entry["modules"]
+        assert len(modules["forecast"]) == 8 and len(modules["skipped (output unused on forecast steps)"]) == 4
+    skipped = sum(p.numel() for m in units for p in m.parameters())
+    branch = entry["branches"]["cond"]
+    assert branch["full_steps"] == [0, 1, 4, 7]
+    assert entry == {
+        "denoiser": "transformer",
+        "plugin": repr(plugin),
+        "branches": {"cond": {"steps": 8, "full": 4, "forecast": 4, "full_steps": [0, 1, 4, 7], "nan_fallbacks": 0}},
+        "hooked_modules": 1 + (0 if lite else 12),
+        "modules": modules,
+        "flops_saved_est": round(skipped / total * 4 / 8, 4),
+    }
+    assert 0 < entry["flops_saved_est"] <= 0.5  # at most the share of forecast steps
+
+
+def test_module_nan_forecast_is_recomputed_and_names_taylorseer(flux, caplog, monkeypatch):
+    base = run(flux, "flux", num_inference_steps=4)
+    original = TaylorFactors.forecast
+    monkeypatch.setattr(TaylorFactors, "forecast", lambda self, step: pytree.tree_map(
+        lambda t: t * float("nan") if isinstance(t, torch.Tensor) else t, original(self, step)))
+    with caplog.at_level(logging.WARNING, logger="diffboost"):
+        with diffboost.accelerated(flux, TaylorSeer(interval=2, warmup=1)):
+            assert torch.equal(run(flux, "flux", num_inference_steps=4), base)
+            assert diffboost.describe(flux)["last_call"][0]["branches"]["cond"]["nan_fallbacks"] == 3
+    (message,) = [r.getMessage() for r in caplog.records if "NaN/Inf" in r.getMessage()]
+    assert message.startswith("TaylorSeer: a forecast step (step 1)")
+    with diffboost.accelerated(flux, TaylorSeer(interval=2, warmup=1, check_finite=False)):
+        assert torch.isnan(run(flux, "flux", num_inference_steps=4)).all()
