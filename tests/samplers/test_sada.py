@@ -852,3 +852,18 @@ def test_lagrange_anchors_are_at_least_lagrange_int_steps_apart():
         if last is None or n - last >= 3:
             expected, last = (expected + [n])[-2:], n
     assert [n for n, _ in rt.state.anchors] == expected and len(expected) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sx=0, sy=4), "SADA.sx=0 is out of range; allowed: >= 1 and <= 64"),
+        (dict(sy=0, sx=4), "SADA.sy=0 is out of range; allowed: >= 1 and <= 64"),
+        (dict(sy=65), "SADA.sy=65 is out of range; allowed: >= 1 and <= 64"),
+        (dict(lagrange_term=-1), "SADA.lagrange_term=-1 is out of range; allowed: >= 0 and <= 8"),
+    ],
+)
+def test_window_and_lagrange_bounds_name_the_field(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        SADA(**kwargs)
+    assert str(err.value) == message
