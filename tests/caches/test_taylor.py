@@ -177,3 +177,13 @@ def test_forecast_returns_fresh_tensors():
     out = f.forecast(1)
     out.add_(1)
     assert torch.equal(f.forecast(1), torch.ones(2))
+
+
+def test_an_optional_leaf_that_appears_keeps_the_series():
+    # a flat tuple whose second entry is None at first and a tensor later has the same structure;
+    # only tensor pairs are compared by shape
+    f = TaylorFactors(1)
+    f.update((torch.ones(2), None), 0)
+    f.update((3 * torch.ones(2), torch.zeros(1)), 1)
+    assert f.available_order() == 1
+    assert torch.equal(f.forecast(2)[0], 5 * torch.ones(2))
