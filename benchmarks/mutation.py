@@ -166,6 +166,7 @@ def run_module(module: str, args: argparse.Namespace) -> dict:
         "counts": counts,
         "score": round(detected / considered, 4) if considered else None,
         "wall_s_this_run": round(wall, 1),
+        "this_run": "the previous run's survivors only" if args.survivors else "every mutant without a result",
         "command": f"python benchmarks/mutation.py --module {module}",
         "survivors": survivors,
     }
