@@ -137,8 +137,10 @@ def show(work: Path, env: dict[str, str], name: str) -> str:
 def run_module(module: str, args: argparse.Namespace) -> dict:
     tests = MODULES[module]
     work = ROOT / "runs" / "mutation" / slug(module)
-    prepare(module, tests, work, args.fresh)
     env = dict(os.environ)
+    if args.collect:  # an interrupted run: report what it checked so far
+        return summarise(module, tests, work, env, 0.0, "interrupted: the mutants checked so far")
+    prepare(module, tests, work, args.fresh)
     # one thread per worker: mutmut forks its workers, and OpenMP thread pools do not survive a fork
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
@@ -154,6 +156,11 @@ def run_module(module: str, args: argparse.Namespace) -> dict:
     wall = time.monotonic() - start
     if proc.returncode != 0:
         raise SystemExit(f"{module}: mutmut run failed (exit {proc.returncode}); see {work / 'mutmut-run.log'}")
+    this_run = "the previous run's survivors only" if args.survivors else "every mutant without a result"
+    return summarise(module, tests, work, env, wall, this_run)
+
+
+def summarise(module: str, tests: list[str], work: Path, env: dict[str, str], wall: float, this_run: str) -> dict:
     status = results(work, env)
     counts = {s: sum(v == s for v in status.values()) for s in STATUSES if any(v == s for v in status.values())}
     considered = len(status) - counts.get("skipped", 0) - counts.get("not checked", 0)
@@ -166,7 +173,7 @@ def run_module(module: str, args: argparse.Namespace) -> dict:
         "counts": counts,
         "score": round(detected / considered, 4) if considered else None,
         "wall_s_this_run": round(wall, 1),
-        "this_run": "the previous run's survivors only" if args.survivors else "every mutant without a result",
+        "this_run": this_run,
         "command": f"python benchmarks/mutation.py --module {module}",
         "survivors": survivors,
     }
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2, one per core)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier results of these modules and start over")
     parser.add_argument("--survivors", action="store_true", help="re-run only the last run's survivors (e.g. after adding tests)")
+    parser.add_argument("--collect", action="store_true", help="only collect the results of an interrupted run (not-checked mutants excluded)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the recorded results, then exit")
     parser.add_argument("--list", action="store_true", help="list the modules and their tests, then exit")
     args = parser.parse_args(argv)
