@@ -198,8 +198,9 @@ def table() -> str:
         r = json.loads(path.read_text())
         c = r["counts"]
         sel = " ".join(r["tests"]).replace("|", "\\|")
+        partial = f" ({c['not checked']} not checked yet)" if c.get("not checked") else ""
         rows.append(
-            f"| {r['module']} | {r['mutants']} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
+            f"| {r['module']}{partial} | {r['mutants']} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
             f"{c.get('timeout', 0)} | {r['score']:.1%} | {sel} |"
         )
     return "\n".join(rows)

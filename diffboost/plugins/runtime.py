@@ -24,21 +24,13 @@ from diffusers.hooks.hooks import BaseState, StateManager
 logger = logging.getLogger("diffboost")
 
 
-def outside_compiled_graph(fn: Callable) -> Callable:
-    """Keep a hook's bookkeeping out of ``torch.compile`` graphs.
-
-    Only the hook's own frame is skipped (``recursive=False``): the module forward it calls is still
-    compiled, so regional compilation of blocks (``block.compile()``,
-    ``transformer.compile_repeated_blocks()``) keeps whole-block graphs when the hook sits on the block.
-    """
-    return torch.compiler.disable(fn, recursive=False)
-
-
 def compiled_around(*methods: str, recursive: bool = False) -> Callable[[type], type]:
     """Class decorator: keep the named methods out of ``torch.compile`` graphs.
 
-    ``recursive=False`` (hooks' ``new_forward``): only the method's own frame is skipped, see
-    :func:`outside_compiled_graph`. ``recursive=True`` (host-side bookkeeping such as Taylor factors
+    ``recursive=False`` (hooks' ``new_forward``): only the method's own frame is skipped; the module
+    forward it calls is still compiled, so regional compilation of blocks (``block.compile()``,
+    ``transformer.compile_repeated_blocks()``) keeps whole-block graphs when the hook sits on the
+    block. ``recursive=True`` (host-side bookkeeping such as Taylor factors
     and cache gates): nothing they call is traced either, so Dynamo neither breaks graphs on their
     host syncs nor recompiles them as their counters change. Applied to the class rather than as a
     method decorator so that the methods stay plain functions (mutation testing mutates only those).
