@@ -8,8 +8,8 @@ is killed / (every mutant that was run): a mutant that no test reaches counts as
 Each module runs in its own scratch copy (``runs/mutation/<module>/``, with the module's own mutmut
 configuration and only its own tests selected), so runs never touch the checkout and can be resumed:
 run the same command again and mutmut only runs the mutants it has no result for yet (``--fresh``
-starts over; ``--survivors`` re-runs only the last survivors, after tests were added for them). Not
-part of CI: about an hour for every module on 2 CPU cores.
+starts over, and is what re-measures a module after tests were added: mutmut keeps the result of an
+unchanged mutant). Not part of CI.
 
     python benchmarks/mutation.py                         # every module
     python benchmarks/mutation.py --module caches/taylor.py --module caches/block_cache.py
@@ -144,19 +144,13 @@ def run_module(module: str, args: argparse.Namespace) -> dict:
     # one thread per worker: mutmut forks its workers, and OpenMP thread pools do not survive a fork
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-    if args.survivors:
-        # re-run only the mutants that survived last time (after tests were added for them)
-        previous = json.loads((ROOT / "benchmarks" / "results" / "mutation" / f"{slug(module)}.json").read_text())
-        if not previous["survivors"]:
-            return previous
-        cmd += previous["survivors"]
     start = time.monotonic()
     with open(work / "mutmut-run.log", "w") as log:
         proc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.monotonic() - start
     if proc.returncode != 0:
         raise SystemExit(f"{module}: mutmut run failed (exit {proc.returncode}); see {work / 'mutmut-run.log'}")
-    this_run = "the previous run's survivors only" if args.survivors else "every mutant without a result"
+    this_run = "every mutant without a result"
     return summarise(module, tests, work, env, wall, this_run)
 
 
@@ -211,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", action="append", choices=sorted(MODULES), help="module under diffboost/ (repeatable; default: all)")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2, one per core)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier results of these modules and start over")
-    parser.add_argument("--survivors", action="store_true", help="re-run only the last run's survivors (e.g. after adding tests)")
     parser.add_argument("--collect", action="store_true", help="only collect the results of an interrupted run (not-checked mutants excluded)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the recorded results, then exit")
     parser.add_argument("--list", action="store_true", help="list the modules and their tests, then exit")
