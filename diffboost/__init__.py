@@ -13,6 +13,7 @@ from .plugins.adapters import UnsupportedPipelineError, supported_families
 from .plugins.api import Acceleration, accelerated, apply, describe, remove
 from .plugins.base import Plugin, PluginKind
 from .plugins.presets import PRESETS
+from .plugins.runtime import ConcurrentCallError
 from .plugins.stacking import IncompatiblePluginsError
 from .samplers.sada import SADA
 from .samplers.bottleneck import BottleneckSampling
@@ -24,6 +25,7 @@ __all__ = [
     "Acceleration",
     "AdaptiveBlockCache",
     "BottleneckSampling",
+    "ConcurrentCallError",
     "ErrorControlledCache",
     "IncompatiblePluginsError",
     "PRESETS",

@@ -17,11 +17,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from .limits import InputError, check_seed, check_steps
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +57,38 @@ class BatchJob:
         return f"{self.index:05d}_{self.job_id}.png"
 
 
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file; a line that is not UTF-8 is an error naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"prompt file {path}: cannot read it ({err.strerror or err})") from None
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                "save the prompt file as UTF-8"
+            ) from None
+        lines.append((number, text.lstrip("\ufeff") if number == 1 else text))
+    return lines
+
+
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Prompt entries of a text or ``.jsonl`` file: ``[{"prompt": ..., optional "seed"/"steps"}]``."""
+    """Prompt entries of a text or ``.jsonl`` file: ``[{"prompt": ..., optional "seed"/"steps"}]``.
+
+    Every line is checked before any work (``path:line: what is wrong``): UTF-8, valid JSON, known
+    keys, ``0 <= seed < 2**63``, ``1 <= steps <= 1000``.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"prompt file {path} is a folder; give a .txt or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     entries: list[dict[str, Any]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in _lines(path):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -68,21 +96,21 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
             try:
                 entry = json.loads(text)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: each JSON line needs a string 'prompt' key")
+                raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+                raise InputError(f"{path}:{number}: each JSON line needs a non-empty string 'prompt' key")
             unknown = set(entry) - {"prompt", "seed", "steps"}
             if unknown:
-                raise ValueError(f"{path}:{number}: unknown keys {sorted(unknown)}; supported: prompt, seed, steps")
-            for key in ("seed", "steps"):
-                value = entry.get(key, 1)
-                if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "steps" else 0):
-                    raise ValueError(f"{path}:{number}: '{key}' must be a {'positive' if key == 'steps' else 'non-negative'} integer")
+                raise InputError(f"{path}:{number}: unknown keys {sorted(unknown)}; supported: prompt, seed, steps")
+            if "seed" in entry:
+                check_seed(entry["seed"], what=f"{path}:{number}: 'seed'")
+            if "steps" in entry:
+                check_steps(entry["steps"], what=f"{path}:{number}: 'steps'")
             entries.append(entry)
         else:
             entries.append({"prompt": text})
     if not entries:
-        raise ValueError(f"prompt file {path} holds no prompts (one per line, or JSON Lines with a 'prompt' key)")
+        raise InputError(f"prompt file {path} holds no prompts (one per line, or JSON Lines with a 'prompt' key)")
     return entries
 
 
@@ -97,17 +125,129 @@ def make_jobs(entries: list[dict[str, Any]], seeds: list[int], steps: int, **set
     return jobs
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: temporary files end with this suffix, so that globs for images never pick up a half-written one
+PARTIAL_SUFFIX = ".tmp"
+
+
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``:
-    a crash never leaves a truncated ``path`` behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
+    a crash never leaves a truncated ``path`` behind. The temporary file is ``.NAME.XXXX.tmp`` (hidden,
+    and no image suffix); the result gets the usual permissions (``0o666`` less the umask), not the
+    temporary file's private ``0o600``. ``write`` must not infer the format from the file name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_image(image: Any, path: str | Path) -> dict[str, Any]:
+    """Write ``image`` atomically in the format its suffix names; returns its size and SHA-256."""
+    from .limits import image_format
+
+    path = Path(path)
+    fmt = image_format(path)
+    write_atomic(path, lambda tmp: image.save(tmp, format=fmt))
+    return file_digest(path)
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    data = Path(path).read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class FolderLock:
+    """Two ``batch`` runs on one folder, in one or several processes, never lose or redo work.
+
+    POSIX record locks on ``DIR/.diffboost.lock`` (released by the kernel when a process dies, so a
+    killed run leaves no stale lock): byte 0 guards the manifest (read, merge, rewrite), and one byte
+    per job id claims the job while it is being made, so a second run skips it instead of making it
+    twice. Where ``fcntl`` is missing (Windows) the manifest lock uses ``msvcrt`` and claims always
+    succeed (two runs may then make the same image twice, but lose nothing).
+    """
+
+    FILE = ".diffboost.lock"
+
+    def __init__(self, out_dir: Path):
+        self.fd = os.open(out_dir / self.FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            import fcntl
+
+            self._fcntl: Any = fcntl
+        except ImportError:  # pragma: no cover - Windows
+            self._fcntl = None
+
+    @staticmethod
+    def _offset(job_id: str) -> int:
+        return 1 + int(job_id, 16)
+
+    def _lock(self, offset: int, blocking: bool) -> bool:
+        if self._fcntl is None:  # pragma: no cover - Windows
+            if offset:
+                return True
+            import msvcrt
+
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            msvcrt.locking(self.fd, msvcrt.LK_LOCK, 1)
+            return True
+        flags = self._fcntl.LOCK_EX | (0 if blocking else self._fcntl.LOCK_NB)
+        try:
+            self._fcntl.lockf(self.fd, flags, 1, offset, os.SEEK_SET)
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def _unlock(self, offset: int) -> None:
+        if self._fcntl is None:  # pragma: no cover - Windows
+            if not offset:
+                import msvcrt
+
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+            return
+        self._fcntl.lockf(self.fd, self._fcntl.LOCK_UN, 1, offset, os.SEEK_SET)
+
+    def manifest(self) -> Any:
+        """Context manager: exclusive use of the manifest (blocks while another run writes it)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def held() -> Iterator[None]:
+            self._lock(0, blocking=True)
+            try:
+                yield
+            finally:
+                self._unlock(0)
+
+        return held()
+
+    def claim(self, job_id: str) -> bool:
+        """Claim a job; False when another live run is making it now."""
+        return self._lock(self._offset(job_id), blocking=False)
+
+    def release(self, job_id: str) -> None:
+        self._unlock(self._offset(job_id))
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def load_manifest(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -115,7 +255,7 @@ def load_manifest(out_dir: Path) -> dict[str, dict[str, Any]]:
     path = out_dir / MANIFEST
     done: dict[str, dict[str, Any]] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
                 done[record["file"]] = record
@@ -129,9 +269,60 @@ def save_manifest(out_dir: Path, records: dict[str, dict[str, Any]]) -> None:
     write_atomic(out_dir / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def is_done(job: BatchJob, out_dir: Path, records: dict[str, dict[str, Any]]) -> bool:
+    """The job's image exists, has a manifest entry and is intact: the size and SHA-256 the manifest
+    recorded, or, for entries written before they were recorded, an image PIL can decode."""
+    record = records.get(job.filename)
+    path = out_dir / job.filename
+    if record is None or not path.is_file():
+        return False
+    if "sha256" in record:
+        if path.stat().st_size != record.get("bytes"):
+            return False
+        return file_digest(path)["sha256"] == record["sha256"]
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception:  # truncated or not an image: make it again
+        return False
+    return True
+
+
 def pending_jobs(jobs: list[BatchJob], out_dir: Path, records: dict[str, dict[str, Any]]) -> list[BatchJob]:
-    """Jobs without both an image file and a manifest entry."""
-    return [j for j in jobs if not (j.filename in records and (out_dir / j.filename).is_file())]
+    """Jobs without an intact image and a manifest entry (see :func:`is_done`)."""
+    return [j for j in jobs if not is_done(j, out_dir, records)]
+
+
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
+_JOB_FILE = re.compile(r"^\d{5,}_(?P<id>[0-9a-f]{10})\.png$")
+
+
+def remove_partial_files(out_dir: Path, lock: FolderLock) -> int:
+    """Delete temporary files left by killed writes; never one that a live run is writing (its job,
+    or the manifest, is locked). Returns how many were deleted."""
+    removed = 0
+    for tmp in out_dir.glob(".*" + PARTIAL_SUFFIX):
+        match = _PARTIAL.match(tmp.name)
+        if not match:
+            continue
+        name = match["name"]
+        if name == MANIFEST:
+            with lock.manifest():
+                tmp.unlink(missing_ok=True)
+                removed += 1
+            continue
+        job = _JOB_FILE.match(name)
+        if job and lock.claim(job["id"]):
+            try:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+            finally:
+                lock.release(job["id"])
+    if removed:
+        logger.info("removed %d partial file(s) left by an interrupted run in %s", removed, out_dir)
+    return removed
 
 
 def run_batch(
@@ -143,23 +334,47 @@ def run_batch(
     """Make every pending job with ``generate(job) -> (PIL image, seconds)``; returns a summary.
 
     The image is renamed into place before its manifest entry is written, so a crash between the two
-    only costs that image being made again.
+    only costs that image being made again. Safe with several runs on one folder (:class:`FolderLock`):
+    the manifest is merged under a lock, and a job another run is making is left to it (counted as
+    ``busy``).
     """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = load_manifest(out_dir)
-    todo = pending_jobs(jobs, out_dir, records)
-    skipped = len(jobs) - len(todo)
-    if skipped:
-        logger.info("resuming: %d of %d images already in %s", skipped, len(jobs), out_dir)
-    seconds = 0.0
-    for job in tqdm(todo, desc="batch", disable=not progress):
-        image, took = generate(job)
-        write_atomic(out_dir / job.filename, image.save)
-        records[job.filename] = {**asdict(job), "file": job.filename, "id": job.job_id, "seconds": round(took, 4),
-                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        save_manifest(out_dir, records)
-        seconds += took
-    return {"made": len(todo), "skipped": skipped, "total": len(jobs), "seconds": seconds}
+    lock = FolderLock(out_dir)
+    try:
+        remove_partial_files(out_dir, lock)
+        with lock.manifest():
+            todo = pending_jobs(jobs, out_dir, load_manifest(out_dir))
+        skipped = len(jobs) - len(todo)
+        if skipped:
+            logger.info("resuming: %d of %d images already in %s", skipped, len(jobs), out_dir)
+        seconds, made, busy = 0.0, 0, 0
+        for job in tqdm(todo, desc="batch", disable=not progress):
+            if not lock.claim(job.job_id):
+                busy += 1
+                continue
+            try:
+                with lock.manifest():
+                    finished = is_done(job, out_dir, load_manifest(out_dir))
+                if finished:  # another run made it since we looked
+                    skipped += 1
+                    continue
+                image, took = generate(job)
+                digest = save_image(image, out_dir / job.filename)
+                record = {**asdict(job), "file": job.filename, "id": job.job_id, "seconds": round(took, 4),
+                          **digest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                with lock.manifest():
+                    records = load_manifest(out_dir)
+                    records[job.filename] = record
+                    save_manifest(out_dir, records)
+                seconds += took
+                made += 1
+            finally:
+                lock.release(job.job_id)
+    finally:
+        lock.close()
+    if busy:
+        logger.info("%d image(s) were being made by another run on %s and were left to it", busy, out_dir)
+    return {"made": made, "skipped": skipped, "busy": busy, "total": len(jobs), "seconds": seconds}

@@ -18,16 +18,73 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .limits import (
+    check_guidance,
+    check_output_dir,
+    check_output_file,
+    check_seed,
+    check_seed_range,
+    check_size,
+    check_steps,
+)
+
 logger = logging.getLogger("diffboost")
 
 DEFAULT_PROMPT = "a large red circle at the left on a white background"
 
 
-def default_model_path() -> Path:
-    """The embedded reference model: ``$DIFFBOOST_ASSETS/flux-shapes`` or ``<repo>/assets/flux-shapes``."""
+DEFAULT_MODEL = "flux-shapes"
+
+
+def default_model_candidates() -> list[Path]:
+    """Where the embedded default model is looked for, in order: ``$DIFFBOOST_ASSETS/flux-shapes``
+    (when set), ``diffboost/assets/flux-shapes`` inside an installed wheel (``pip install .``), and
+    ``<repository>/assets/flux-shapes`` in a source checkout (``pip install -e .``)."""
+    here = Path(__file__).resolve().parent
+    found = [here / "assets" / DEFAULT_MODEL, here.parent / "assets" / DEFAULT_MODEL]
     root = os.environ.get("DIFFBOOST_ASSETS")
-    base = Path(root) if root else Path(__file__).resolve().parents[1] / "assets"
-    return base / "flux-shapes"
+    return ([Path(root) / DEFAULT_MODEL] if root else []) + found
+
+
+def default_model_path() -> Path:
+    """The embedded reference model (see :func:`default_model_candidates`); raises a clear error
+    naming the places looked at and the fix when none holds it."""
+    candidates = default_model_candidates()
+    if os.environ.get("DIFFBOOST_ASSETS"):  # an explicit setting is used as it is, or refused
+        candidates = candidates[:1]
+    for path in candidates:
+        if (path / "model_index.json").is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(
+        f"the embedded default model ({DEFAULT_MODEL}) is not installed (looked in: {looked}). Reinstall diffboost "
+        "(pip install . or pip install -e . from the repository; the wheel ships it), set DIFFBOOST_ASSETS to the "
+        "folder that holds flux-shapes/, or pass --model PATH to a Diffusers pipeline folder"
+    )
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """A local Diffusers pipeline folder diffboost can load: ``model_index.json`` and, for every
+    component folder with weights, safetensors files (pickled ``.bin``/``.pt``/``.ckpt`` weights are
+    refused: loading them can run arbitrary code). Cheap: reads file names only."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist; pass --model PATH to a Diffusers pipeline folder")
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Diffusers pipeline folder (no model_index.json); pass --model PATH to a folder "
+            "saved with save_pretrained"
+        )
+    for part in sorted(p for p in path.iterdir() if p.is_dir()):
+        files = [f.name for f in part.iterdir() if f.is_file()]
+        pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        if pickled and not any(f.endswith(".safetensors") for f in files):
+            raise ValueError(
+                f"{part} holds only pickled weights ({', '.join(sorted(pickled))}); diffboost loads safetensors only. "
+                "Convert the folder once: load it with DiffusionPipeline.from_pretrained(path) in a trusted "
+                "environment and save it with save_pretrained(path, safe_serialization=True)"
+            )
+    return path
 
 
 def load_pipeline(path: str | Path, dtype: str = "float32", device: str | None = None) -> Any:
@@ -35,16 +92,14 @@ def load_pipeline(path: str | Path, dtype: str = "float32", device: str | None =
     import torch
     from diffusers import DiffusionPipeline
 
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a Diffusers pipeline folder (no model_index.json). Pass --model PATH to a folder "
-            "saved with save_pretrained; the embedded default is assets/flux-shapes in the repository."
-        )
+    path = check_model_folder(path)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    pipe = DiffusionPipeline.from_pretrained(
-        str(path), dtype=torch_dtype, use_safetensors=True, local_files_only=True
-    )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            str(path), dtype=torch_dtype, use_safetensors=True, local_files_only=True
+        )
+    except (OSError, EnvironmentError) as err:
+        raise ValueError(f"cannot load the pipeline folder {path}: {err}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
 
@@ -84,6 +139,38 @@ def default_call_kwargs(pipe: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def guidance_setting(pipe: Any) -> str | None:
+    """The pipeline argument that ``--guidance`` sets: ``true_cfg_scale`` on Flux-style pipelines
+    whose transformer has no guidance embedding (``guidance_scale`` would be silently ignored there:
+    the default reference model is one), else ``guidance_scale``; None when the pipeline has neither."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    if "true_cfg_scale" in params and config is not None and not getattr(config, "guidance_embeds", True):
+        return "true_cfg_scale"
+    if "guidance_scale" in params:
+        return "guidance_scale"
+    return None
+
+
+def guidance_kwargs(pipe: Any, guidance: float | None) -> dict[str, Any]:
+    """Call arguments for a ``--guidance`` value (empty for None); warns once per pipeline when it
+    has no guidance setting at all."""
+    if guidance is None:
+        return {}
+    key = guidance_setting(pipe)
+    if key is None:
+        if not getattr(pipe, "_diffboost_guidance_warned", False):
+            logger.warning("%s has no guidance setting; --guidance %g is ignored", type(pipe).__name__, guidance)
+            pipe._diffboost_guidance_warned = True
+        return {}
+    kwargs: dict[str, Any] = {key: guidance}
+    if key == "true_cfg_scale":
+        kwargs["negative_prompt"] = ""  # Flux applies true CFG only when a negative prompt is given
+    return kwargs
+
+
 def _generate_once(
     pipe: Any, prompt: str, steps: int, seed: int, size: int | None, guidance: float | None, extra: dict[str, Any]
 ) -> tuple[Any, float]:
@@ -92,8 +179,10 @@ def _generate_once(
     kwargs: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps, **extra}
     if size:
         kwargs["height"] = kwargs["width"] = size
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
+    knob = guidance_kwargs(pipe, guidance)
+    if "negative_prompt" in kwargs:  # a negative prompt the model ships with wins
+        knob.pop("negative_prompt", None)
+    kwargs.update(knob)
     device = getattr(pipe, "device", torch.device("cpu"))
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     if device.type == "cuda":
@@ -106,12 +195,34 @@ def _generate_once(
 
 
 def save_image_atomic(image: Any, path: str | Path) -> None:
-    """Write an image so that a crash never leaves a truncated file behind."""
-    from .batch import write_atomic
+    """Write an image so that a crash never leaves a truncated file behind (format from the suffix)."""
+    from .batch import save_image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, image.save)
+    save_image(image, path)
+
+
+def call_counts(info: dict[str, Any]) -> tuple[int, int] | None:
+    """(denoiser calls computed in full, all denoiser calls) in the last call, from the plugins that
+    report them (caches); None when none does."""
+    branches = [b for item in info.get("last_call", []) for b in (item.get("branches") or {}).values()
+                if isinstance(b, dict) and "full" in b and "steps" in b]
+    if not branches:
+        return None
+    return sum(b["full"] for b in branches), sum(b["steps"] for b in branches)
+
+
+def check_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """``--size``, ``--steps``, ``--seed``, ``--guidance`` against :mod:`diffboost.limits`, before loading."""
+    native = defaults.get("height") if isinstance(defaults.get("height"), int) else None
+    if args.size is not None:
+        check_size(args.size, native, "--size")
+    if args.steps is not None:
+        check_steps(args.steps, "--steps")
+    check_seed(args.seed, "--seed")
+    if args.guidance is not None:
+        check_guidance(args.guidance, "--guidance")
 
 
 def _side_by_side(left: Any, right: Any) -> Any:
@@ -123,50 +234,77 @@ def _side_by_side(left: Any, right: Any) -> Any:
     return canvas
 
 
+def _side_file(out: Path) -> Path:
+    return out.with_name(out.stem + "_compare" + out.suffix)
+
+
+def _preset_or_none(name: str) -> str | None:
+    """``none`` (the plain pipeline) or a known preset; an unknown name fails here, before any work."""
+    from .plugins.presets import resolve
+
+    if name == "none":
+        return None
+    try:
+        resolve(name)
+    except ValueError as err:
+        raise ValueError(f"{err}, or none for the plain pipeline") from None
+    return name
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     import diffboost
 
-    model = Path(args.model) if args.model else default_model_path()
+    # everything that can be wrong is checked before the model is loaded
+    preset = _preset_or_none(args.preset)
+    model = check_model_folder(args.model) if args.model else default_model_path()
+    defaults = model_defaults(model)
+    check_settings(args, defaults)
+    out = check_output_file(args.out)
+    if args.compare:
+        check_output_file(_side_file(out))
     pipe = load_pipeline(model, args.dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
-    defaults = model_defaults(model)
     extra = default_call_kwargs(pipe, defaults)
     size = args.size
     if args.steps is None:
         args.steps = int(defaults.get("steps", 28))
-    plugins = [args.preset]
-    out = Path(args.out)
+    if args.guidance is not None and guidance_setting(pipe) == "true_cfg_scale":
+        logger.info("--guidance sets true_cfg_scale (this model's transformer has no guidance embedding)")
     if args.compare:
         # one short untimed call first, so that neither timed run pays the warm-up
         _generate_once(pipe, args.prompt, 2, args.seed, size, args.guidance, extra)
         base, t_base = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance, extra)
-    diffboost.apply(pipe, *plugins)
+    info: dict[str, Any] = {}
+    if preset is not None:
+        diffboost.apply(pipe, preset)
     try:
         image, t_fast = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance, extra)
-        info = diffboost.describe(pipe)
+        if preset is not None:
+            info = diffboost.describe(pipe)
     finally:
-        diffboost.remove(pipe)
+        if preset is not None:
+            diffboost.remove(pipe)
     save_image_atomic(image, out)
-    full = sum(b["full"] for item in info["last_call"] for b in item["branches"].values())
-    total = sum(b["steps"] for item in info["last_call"] for b in item["branches"].values())
-    print(f"model: {model} ({info['family']}, {info['pipeline']})")
-    print(f"plugins: {', '.join(info['plugins'])}")
-    print(f"denoiser calls computed in full: {full}/{total}")
-    print(f"accelerated: {t_fast:.3f} s -> {out}")
+    print(f"model: {model} ({type(pipe).__name__})")
+    print(f"plugins: {', '.join(info.get('plugins', [])) or 'none (plain pipeline)'}")
+    counts = call_counts(info)
+    if counts is not None:
+        print(f"denoiser calls computed in full: {counts[0]}/{counts[1]}")
+    print(f"{'accelerated' if preset else 'plain'}: {t_fast:.3f} s -> {out}")
     if args.compare:
         from .evaluation.metrics import psnr
 
         a = np.asarray(base.convert("RGB"), dtype=np.float32) / 255.0
         b = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
         value = float(psnr(a[None], b[None]))
-        side = out.with_name(out.stem + "_compare" + (out.suffix or ".png"))
+        side = _side_file(out)
         save_image_atomic(_side_by_side(base.convert("RGB"), image.convert("RGB")), side)
         print(f"baseline:    {t_base:.3f} s")
         print(f"speedup:     {t_base / t_fast:.2f}x")
         print(f"PSNR vs baseline: {value:.2f} dB")
-        print(f"side by side (baseline | accelerated): {side}")
+        print(f"side by side (baseline | {'accelerated' if preset else 'plain'}): {side}")
     return 0
 
 
@@ -174,22 +312,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
     import diffboost
 
     from .batch import make_jobs, read_prompts, run_batch
-    from .plugins.presets import resolve
 
-    entries = read_prompts(args.prompts)  # before loading the model: a bad file or preset fails fast
-    if args.preset != "none":
-        resolve(args.preset)
-    model = Path(args.model) if args.model else default_model_path()
+    # everything that can be wrong is checked before the model is loaded
+    entries = read_prompts(args.prompts)
+    preset = _preset_or_none(args.preset)
+    model = check_model_folder(args.model) if args.model else default_model_path()
+    defaults = model_defaults(model)
+    check_settings(args, defaults)
+    check_seed_range(args.seed, args.seeds)
+    check_output_dir(args.out)
     pipe = load_pipeline(model, args.dtype)
     pipe.set_progress_bar_config(disable=True)  # one bar for the batch instead
-    defaults = model_defaults(model)
     extra = default_call_kwargs(pipe, defaults)
     steps = args.steps or int(defaults.get("steps", 28))
     seeds = list(range(args.seed, args.seed + args.seeds))
     jobs = make_jobs(entries, seeds, steps, size=args.size, guidance=args.guidance, plugins=args.preset,
                      model=str(model.resolve()), dtype=args.dtype)
-    if args.preset != "none":
-        diffboost.apply(pipe, args.preset)
+    if preset is not None:
+        diffboost.apply(pipe, preset)
     try:
         summary = run_batch(
             jobs, args.out,
@@ -197,12 +337,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     finally:
-        if args.preset != "none":
+        if preset is not None:
             diffboost.remove(pipe)
     made, skipped = summary["made"], summary["skipped"]
     per_image = f", {summary['seconds'] / made:.3f} s per image" if made else ""
+    busy = f", {summary['busy']} being made by another run" if summary.get("busy") else ""
     print(f"model: {model}; plugins: {args.preset}")
-    print(f"made {made} images, {skipped} already done, {summary['total']} in all -> {args.out}{per_image}")
+    print(f"made {made} images, {skipped} already done{busy}, {summary['total']} in all -> {args.out}{per_image}")
     print(f"manifest: {Path(args.out) / 'manifest.jsonl'}")
     return 0
 
@@ -210,7 +351,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .app.demo import launch
 
-    launch(Path(args.model) if args.model else default_model_path(), args.host, args.port, args.dtype)
+    launch(check_model_folder(args.model) if args.model else default_model_path(), args.host, args.port, args.dtype)
     return 0
 
 
@@ -314,15 +455,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user's mistake, a file-system problem, running out of memory or Ctrl-C end
+    with one line on stderr and an exit code (2: bad input, 1: the run failed, 130: interrupted),
+    never a traceback (``-v`` logs the traceback for a bug report)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    where = f"diffboost {args.command}"
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\n{where}: interrupted; finished files are kept (a batch resumes when run again)", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError, TypeError, ImportError) as err:
-        print(f"diffboost {args.command}: error: {err}", file=sys.stderr)
+        logger.debug("details", exc_info=True)
+        print(f"{where}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        logger.debug("details", exc_info=True)
+        name = f": {err.filename}" if err.filename else ""
+        print(f"{where}: error: {err.strerror or err}{name}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        logger.debug("details", exc_info=True)
+        print(f"{where}: error: out of memory ({type(err).__name__}); try a smaller --size, fewer images at once, "
+              "or --dtype bfloat16", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..limits import check_seed
+
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 500
@@ -84,12 +86,12 @@ class DemoModel:
             raise ValueError("the prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted")
-        steps = self.default_steps if steps is None else int(steps)
+        steps = self.default_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ValueError(f"steps must be a whole number, got {steps!r}")
         if not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-        seed = int(seed)
-        if seed < 0:
-            raise ValueError(f"the seed must be >= 0, got {seed}")
+        seed = check_seed(seed, "the seed")
         resolve(preset)  # unknown presets fail before any work
 
         def run() -> tuple[Any, float]:
@@ -125,12 +127,19 @@ def _enlarge(image: Any) -> Any:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
+def _whole(value: Any, what: str) -> int:
+    """A page number field's value as an int (Gradio sends floats; NaN, infinities and fractions are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value != int(value):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
 def handle(model: DemoModel, prompt: str, preset: str, steps: float, seed: float) -> tuple[Any, Any, str]:
     """The page's button: two (enlarged) images and the summary; bad input becomes a page error."""
     import gradio as gr
 
     try:
-        result = model.compare(prompt, preset, int(steps), int(seed))
+        result = model.compare(prompt, preset, _whole(steps, "steps"), _whole(seed, "the seed"))
     except ValueError as err:
         raise gr.Error(str(err)) from None
     return _enlarge(result.baseline), _enlarge(result.accelerated), result.summary_markdown()

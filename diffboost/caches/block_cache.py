@@ -34,7 +34,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter
-from ..plugins.base import Installed, Plugin, PluginKind, check_float, check_int
+from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_float, check_int
 from ..plugins.runtime import compiled_around, BranchStates, CallTracker, HookSet, StepClock
 from .taylor import TaylorFactors
 from .taylorseer import HookedCache
@@ -69,6 +69,7 @@ class AdaptiveBlockCache(Plugin):
     check_finite: bool = True
 
     def __post_init__(self) -> None:
+        check_bools(self)
         object.__setattr__(self, "kind", PluginKind.CACHE)
         check_float(self, "threshold", 0.0, 10.0)
         check_int(self, "front_blocks", 1, 1000)
@@ -127,6 +128,7 @@ class ErrorControlledCache(Plugin):
     check_finite: bool = True
 
     def __post_init__(self) -> None:
+        check_bools(self)
         object.__setattr__(self, "kind", PluginKind.CACHE)
         check_float(self, "tolerance", 0.0, 10.0)
         check_int(self, "order", 0, 4)

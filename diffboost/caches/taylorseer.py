@@ -35,7 +35,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter
-from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_int
+from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_choice, check_int
 from ..plugins.runtime import compiled_around, BranchStates, CallTracker, ClockState, HookSet, StepClock, StepPlan, _all_finite, logger
 from .taylor import TaylorFactors
 
@@ -68,6 +68,7 @@ class TaylorSeer(Plugin):
     check_finite: bool = True
 
     def __post_init__(self) -> None:
+        check_bools(self)
         object.__setattr__(self, "kind", PluginKind.CACHE)
         check_int(self, "interval", 1, 1000)
         check_int(self, "order", 0, 4)

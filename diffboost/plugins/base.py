@@ -102,6 +102,16 @@ def check_float(
         raise ValueError(f"{_where(obj, field)}={value} is out of range; allowed: {_range(lo, hi, lo_txt)}")
 
 
+def check_bools(obj: object) -> None:
+    """Every ``bool`` field of a config dataclass holds True or False (``lite="yes"`` is refused,
+    not read as true)."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        if f.init and f.type in ("bool", bool):
+            value = getattr(obj, f.name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{_where(obj, f.name)} must be True or False, got {type(value).__name__} ({value!r})")
+
+
 def check_choice(obj: object, field: str, choices: Iterable[Any]) -> None:
     value = getattr(obj, field)
     choices = tuple(choices)

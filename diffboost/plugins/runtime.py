@@ -2,7 +2,10 @@
 
 - :class:`CallTracker` wraps ``pipe.scheduler.set_timesteps`` *on the instance* (never the class):
   every Diffusers pipeline calls it once at the start of ``__call__``, so it is our signal that a new
-  generation begins; all installed plugins then reset their per-call state.
+  generation begins; all installed plugins then reset their per-call state. It also wraps the
+  pipeline instance's ``progress_bar`` (every pipeline's denoising loop runs inside it) to know when
+  a call's loop runs, and refuses a second call that starts meanwhile (from another thread, or from
+  a step callback) with :class:`ConcurrentCallError` instead of mixing the two calls' state.
 - :class:`BranchStates` is a ``diffusers.hooks.StateManager`` that falls back to a ``"default"``
   branch when the pipeline sets no ``cache_context`` (doubled-batch CFG pipelines): pipelines that do
   (Flux true-CFG, Wan) get one state per ``"cond"`` / ``"uncond"`` branch for free.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 from typing import Any, Callable
 
 import torch
@@ -68,8 +72,45 @@ class InstanceWrap:
         self.obj = None
 
 
+class ConcurrentCallError(RuntimeError):
+    """An accelerated pipeline was called while it was already running a call."""
+
+
+class _LoopBar:
+    """The pipeline's progress bar, marking its call's denoising loop as running while it is open
+    (``with pipe.progress_bar(total=n) as bar:`` or ``for t in pipe.progress_bar(timesteps):``)."""
+
+    def __init__(self, bar: Any, tracker: "CallTracker"):
+        self._bar, self._tracker = bar, tracker
+
+    def __enter__(self) -> Any:
+        self._tracker._enter_loop()
+        try:
+            return self._bar.__enter__()
+        except BaseException:
+            self._tracker._leave_loop()
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return self._bar.__exit__(*exc)
+        finally:
+            self._tracker._leave_loop()
+
+    def __iter__(self) -> Any:
+        self._tracker._enter_loop()
+        try:
+            yield from self._bar
+        finally:
+            self._tracker._leave_loop()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
+
+
 class CallTracker:
-    """Signals the start of every pipeline call by wrapping the scheduler instance's ``set_timesteps``."""
+    """Signals the start of every pipeline call by wrapping the scheduler instance's ``set_timesteps``,
+    and refuses a call that starts while another one's denoising loop runs (see the module doc)."""
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -81,7 +122,34 @@ class CallTracker:
         self.calls = 0
         self.scheduler = None
         self._patch: InstanceWrap | None = None
+        self._running: int | None = None  # thread id of the call whose denoising loop runs
+        self._guard = threading.Lock()
+        self._bar_patch: InstanceWrap | None = None
+        if callable(getattr(pipe, "progress_bar", None)):
+            self._bar_patch = InstanceWrap(
+                pipe, "progress_bar", lambda original: lambda *a, **k: _LoopBar(original(*a, **k), self)
+            )
         self._wrap(getattr(pipe, "scheduler", None))
+
+    def _refuse_if_running(self) -> None:
+        running = self._running
+        if running is not None:
+            who = "the same thread (a step callback?)" if running == threading.get_ident() else f"thread {running}"
+            raise ConcurrentCallError(
+                f"{type(self.pipe).__name__} is already running a call (started by {who}). An accelerated pipeline "
+                "keeps per-call state, so it serves one call at a time: put a lock around pipe(...) or use one "
+                "pipeline per thread (plain Diffusers pipelines are not thread-safe either)"
+            )
+
+    def _enter_loop(self) -> None:
+        with self._guard:
+            self._refuse_if_running()
+            self._running = threading.get_ident()
+
+    def _leave_loop(self) -> None:
+        with self._guard:
+            if self._running == threading.get_ident():
+                self._running = None
 
     def _wrap(self, scheduler: Any) -> None:
         # remembered even when it cannot be wrapped, so that ensure_current does not retry every step
@@ -91,6 +159,7 @@ class CallTracker:
 
         def make(original: Callable) -> Callable:
             def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+                self._refuse_if_running()  # before the shared scheduler is touched
                 out = original(*args, **kwargs)
                 timesteps = getattr(scheduler, "timesteps", None)
                 self.num_steps = int(len(timesteps)) if timesteps is not None else None
@@ -144,6 +213,9 @@ class CallTracker:
 
     def remove(self) -> None:
         self._unwrap()
+        if self._bar_patch is not None:
+            self._bar_patch.restore()
+            self._bar_patch = None
         self.listeners.clear()
 
 

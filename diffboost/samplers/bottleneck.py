@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
 from ..plugins.adapters import PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import Installed, Plugin, PluginKind, check_int
+from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_int
 from ..plugins.runtime import CallTracker, HookSet, InstanceWrap, compiled_around
 
 HOOK_NAME = "diffboost.bottleneck"
@@ -103,6 +103,7 @@ class BottleneckSampling(Plugin):
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        check_bools(self)
         object.__setattr__(self, "kind", PluginKind.SAMPLER)
         for name in ("stages", "shift", "renoise"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))

@@ -67,7 +67,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_float, check_int
+from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_choice, check_float, check_int
 from ..plugins.runtime import BranchStates, CallTracker, HookSet, InstanceWrap, compiled_around
 from .sada_tokens import TokenSparsity, install_tokens
 
@@ -144,6 +144,7 @@ class SADA(Plugin):
     tolerance: float = 0.01
 
     def __post_init__(self) -> None:
+        check_bools(self)
         object.__setattr__(self, "kind", PluginKind.STEP)
         rng = self.acc_range
         if not isinstance(rng, (tuple, list)) or len(rng) != 2:

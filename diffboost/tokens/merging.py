@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import Installed, Plugin, PluginKind, check_choice, check_float, check_int
+from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_choice, check_float, check_int
 from ..plugins.runtime import CallTracker, HookSet, logger, compiled_around
 
 HOOK_NAME = "diffboost.tokens"
@@ -97,6 +97,7 @@ class TokenMerging(Plugin):
     merge_mlp: bool = False
 
     def __post_init__(self) -> None:
+        check_bools(self)
         object.__setattr__(self, "kind", PluginKind.TOKENS)
         check_float(self, "ratio", 0.0, 1.0)
         check_int(self, "sx", 1, 64)
@@ -139,6 +140,7 @@ class TokenDownsampling(Plugin):
     mode: str = "nearest"
 
     def __post_init__(self) -> None:
+        check_bools(self)
         object.__setattr__(self, "kind", PluginKind.TOKENS)
         check_int(self, "factor", 1, 8)
         check_choice(self, "max_downsample", DOWNSAMPLE_CHOICES)

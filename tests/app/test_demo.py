@@ -33,12 +33,38 @@ def test_compare_measures_both_and_leaves_the_pipeline_plain(model):
     ({"prompt": "  "}, "the prompt is empty"),
     ({"prompt": "x" * 501}, "at most 500"),
     ({"prompt": "x", "steps": 0}, "steps must be between 1 and 100"),
-    ({"prompt": "x", "seed": -1}, "the seed must be >= 0"),
+    ({"prompt": "x", "seed": -1}, r"the seed -1 is out of range; allowed: 0 <= the seed < 2\*\*63"),
+    ({"prompt": "x", "seed": 2**64}, r"the seed 18446744073709551616 is out of range"),
+    ({"prompt": "x", "seed": 2**63}, r"out of range"),
+    ({"prompt": "x", "steps": 2.5}, "steps must be a whole number"),
     ({"prompt": "x", "preset": "warp"}, "unknown preset 'warp'"),
 ])
 def test_bad_input_is_named(model, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         model.compare(**kwargs)
+
+
+@pytest.mark.parametrize("steps, seed, needle", [
+    (4, float("nan"), "the seed must be a whole number"),
+    (4, float("inf"), "the seed must be a whole number"),
+    (4, 1.5, "the seed must be a whole number"),
+    (4, 1e30, "the seed 1000000000000000019884624838656 is out of range"),
+    (float("nan"), 0, "steps must be a whole number"),
+])
+def test_page_fields_are_checked_before_any_work(model, steps, seed, needle):
+    """The page's number fields send floats: NaN, infinities, fractions and huge seeds become a page
+    error naming the field (not a raw "Overflow when unpacking long" from torch)."""
+    gr = pytest.importorskip("gradio")
+    from diffboost.app.demo import handle
+
+    calls = model.pipe.transformer._diffboost_test_calls = []
+    hook = model.pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(gr.Error, match=needle):
+            handle(model, "a red circle", "fast", steps, seed)
+    finally:
+        hook.remove()
+    assert calls == []
 
 
 def test_page_builds_and_its_button_works(model):

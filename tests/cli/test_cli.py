@@ -101,7 +101,7 @@ def test_batch_makes_every_image_once_and_resumes(flux_folder, tmp_path, capsys)
     assert [r["file"] for r in records] == [p.name for p in images] and len(images) == 4
     assert [(r["prompt"], r["seed"]) for r in records] == [
         ("a red circle", 0), ("a red circle", 1), ("a blue square", 0), ("a blue square", 1)]
-    assert not list(out.glob(".*")), "temporary files left behind"
+    assert [p.name for p in out.glob(".*")] == [".diffboost.lock"], "temporary files left behind"
     first = {p.name: np.asarray(Image.open(p)) for p in images}
 
     # an interrupted run: one image lost, one manifest line torn; the re-run makes exactly those again
@@ -137,9 +137,13 @@ def test_batch_jsonl_and_bad_input(flux_folder, tmp_path, capsys):
 
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["seed"], r["steps"]) for r in records] == [(7, 3), (0, 2)]
-    for text, needle in [("", "holds no prompts"), ('{"text": "x"}', "needs a string 'prompt'"),
-                         ('{"prompt": "x", "seed": -1}', "'seed' must be a non-negative"),
-                         ('{"prompt": "x", "steps": true}', "'steps' must be a positive"),
+    for text, needle in [("", "holds no prompts"), ('{"text": "x"}', "needs a non-empty string 'prompt'"),
+                         ('{"prompt": "x", "seed": -1}', "bad.jsonl:1: 'seed' -1 is out of range; allowed: 0 <="),
+                         ('{"prompt": "x"}\n{"prompt": "y", "seed": 18446744073709551616}',
+                          "bad.jsonl:2: 'seed' 18446744073709551616 is out of range"),
+                         ('{"prompt": "x", "seed": 1.5}', "bad.jsonl:1: 'seed' must be an integer"),
+                         ('{"prompt": "x", "steps": true}', "bad.jsonl:1: 'steps' must be an integer"),
+                         ('{"prompt": "x", "steps": 5000}', "'steps' 5000 is out of range; allowed: 1 to 1000"),
                          ('{"prompt": "x", "cfg": 2}', "unknown keys ['cfg']"), ("{oops", "not valid JSON")]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(text)
