@@ -455,6 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_loading() -> None:
+    import diffusers.utils.logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    try:
+        import transformers.utils.logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _out_of_memory(err: BaseException) -> bool:
     text = str(err).lower()
     return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
@@ -468,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     where = f"diffboost {args.command}"
+    if getattr(args, "quiet", False):  # the loading bars of diffusers and transformers too
+        _quiet_loading()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

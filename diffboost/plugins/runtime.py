@@ -5,7 +5,10 @@
   generation begins; all installed plugins then reset their per-call state. It also wraps the
   pipeline instance's ``progress_bar`` (every pipeline's denoising loop runs inside it) to know when
   a call's loop runs, and refuses a second call that starts meanwhile (from another thread, or from
-  a step callback) with :class:`ConcurrentCallError` instead of mixing the two calls' state.
+  a step callback) with :class:`ConcurrentCallError` instead of mixing the two calls' state: at its
+  ``check_inputs`` (the first thing a Diffusers ``__call__`` does), else at ``set_timesteps``. A
+  second call that starts during the first call's short set-up (prompt encoding, before its loop)
+  is not seen; put a lock around ``pipe(...)`` when several threads share one pipeline.
 - :class:`BranchStates` is a ``diffusers.hooks.StateManager`` that falls back to a ``"default"``
   branch when the pipeline sets no ``cache_context`` (doubled-batch CFG pipelines): pipelines that do
   (Flux true-CFG, Wan) get one state per ``"cond"`` / ``"uncond"`` branch for free.
@@ -124,11 +127,22 @@ class CallTracker:
         self._patch: InstanceWrap | None = None
         self._running: int | None = None  # thread id of the call whose denoising loop runs
         self._guard = threading.Lock()
-        self._bar_patch: InstanceWrap | None = None
+        self._pipe_patches: list[InstanceWrap] = []
         if callable(getattr(pipe, "progress_bar", None)):
-            self._bar_patch = InstanceWrap(
+            self._pipe_patches.append(InstanceWrap(
                 pipe, "progress_bar", lambda original: lambda *a, **k: _LoopBar(original(*a, **k), self)
-            )
+            ))
+        if callable(getattr(pipe, "check_inputs", None)):
+            # the first thing a Diffusers __call__ does, before it stores the call's settings on the
+            # pipeline (self._guidance_scale, ...): a second call is refused before it overwrites them
+            def make_check(original: Callable) -> Callable:
+                def check_inputs(*args: Any, **kwargs: Any) -> Any:
+                    self._refuse_if_running()
+                    return original(*args, **kwargs)
+
+                return check_inputs
+
+            self._pipe_patches.append(InstanceWrap(pipe, "check_inputs", make_check))
         self._wrap(getattr(pipe, "scheduler", None))
 
     def _refuse_if_running(self) -> None:
@@ -213,9 +227,9 @@ class CallTracker:
 
     def remove(self) -> None:
         self._unwrap()
-        if self._bar_patch is not None:
-            self._bar_patch.restore()
-            self._bar_patch = None
+        for patch in reversed(self._pipe_patches):
+            patch.restore()
+        self._pipe_patches.clear()
         self.listeners.clear()
 
 

@@ -147,3 +147,35 @@ def test_plugin_kinds():
         "VLM": "vlm",
     }
     assert PluginKind("cache") is PluginKind.CACHE and PluginKind.CACHE == "cache"
+
+
+def _plugin_classes():
+    import dataclasses
+
+    import diffboost
+    from diffboost.plugins.base import Plugin
+
+    return [c for c in vars(diffboost).values()
+            if isinstance(c, type) and issubclass(c, Plugin) and c is not Plugin and dataclasses.is_dataclass(c)]
+
+
+def test_every_bool_field_refuses_non_bools():
+    """``TaylorSeer(lite="yes")`` must fail, not read as true: every bool field of every config."""
+    import dataclasses
+
+    checked = []
+    for cls in _plugin_classes():
+        for f in dataclasses.fields(cls):
+            if f.init and f.type in ("bool", bool):
+                for bad in ("yes", 1, 0, None):
+                    with pytest.raises(TypeError, match=rf"{cls.__name__}\.{f.name} must be True or False"):
+                        cls(**{f.name: bad})
+                for good in (True, False):
+                    try:
+                        plugin = cls(**{f.name: good})
+                    except ValueError:  # a rule across fields (TokenMerging needs one merge_* on)
+                        continue
+                    assert getattr(plugin, f.name) is good
+                checked.append(f"{cls.__name__}.{f.name}")
+    assert {"TaylorSeer.lite", "TaylorSeer.check_finite", "SADA.token_sparsity", "TokenMerging.merge_attn",
+            "AdaptiveBlockCache.check_finite", "ErrorControlledCache.check_finite"} <= set(checked), checked

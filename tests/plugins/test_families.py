@@ -76,3 +76,40 @@ def test_state_resets_between_calls_of_different_shapes(family_pipe):
     for item in stats:
         for branch in item["branches"].values():
             assert branch["steps"] == STEPS
+
+
+def test_a_second_call_during_a_call_is_refused_and_the_first_is_unharmed(family_pipe):
+    """One pipeline, two threads: the call that starts while another one's denoising loop runs gets a
+    ConcurrentCallError before it touches anything; the running call finishes bit-identical."""
+    import threading
+
+    family, pipe, base = family_pipe
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    inside, go, seen = threading.Event(), threading.Event(), []
+
+    def pause_at_the_second_denoiser_call(module, args):
+        seen.append(1)
+        if len(seen) == 2:
+            inside.set()
+            go.wait(60)
+
+    hook = denoiser.register_forward_pre_hook(pause_at_the_second_denoiser_call)
+    diffboost.apply(pipe, TaylorSeer(interval=1))
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=run(pipe, family, num_inference_steps=STEPS)))
+    try:
+        worker.start()
+        assert inside.wait(120)
+        with pytest.raises(diffboost.ConcurrentCallError, match="is already running a call .started by thread"):
+            run(pipe, family, num_inference_steps=STEPS)
+    finally:
+        go.set()
+        worker.join(300)
+        hook.remove()
+    try:
+        assert torch.equal(result["out"], base)
+        # calls one after the other, from any thread, are fine
+        assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base)
+    finally:
+        diffboost.remove(pipe)
+    assert "progress_bar" not in vars(pipe) and "check_inputs" not in vars(pipe)

@@ -659,3 +659,89 @@ def test_hookset_keeps_a_registry_that_was_there_before():
     assert hasattr(lin, "_diffusers_hook")
     a.remove()
     assert not hasattr(lin, "_diffusers_hook") and "forward" not in vars(lin)
+
+
+class _StubPipe:
+    """What CallTracker uses of a pipeline: check_inputs, a scheduler, progress_bar (both forms)."""
+
+    def __init__(self):
+        self.scheduler = SimpleNamespace(set_timesteps=lambda n: setattr(self.scheduler, "timesteps", list(range(n))))
+        self.nested = None
+
+    def check_inputs(self, prompt):
+        return prompt
+
+    def progress_bar(self, iterable=None, total=None):
+        import contextlib
+
+        if iterable is not None:
+            return iter(iterable)
+        return contextlib.nullcontext(SimpleNamespace(update=lambda: None))
+
+    def __call__(self, prompt, iterable_bar=False):
+        self.check_inputs(prompt)
+        self.scheduler.set_timesteps(3)
+        if iterable_bar:
+            for _ in self.progress_bar(self.scheduler.timesteps):
+                if self.nested:
+                    self.nested()
+        else:
+            with self.progress_bar(total=3) as bar:
+                for _ in range(3):
+                    if self.nested:
+                        self.nested()
+                    bar.update()
+        return prompt
+
+
+@pytest.mark.parametrize("iterable_bar", [False, True])
+def test_a_nested_call_is_refused_and_the_guard_is_released(iterable_bar):
+    from diffboost.plugins.runtime import ConcurrentCallError
+
+    pipe = _StubPipe()
+    tracker = CallTracker(pipe)
+    assert pipe(prompt="a", iterable_bar=iterable_bar) == "a" and tracker.calls == 1
+    pipe.nested = lambda: pipe("b", iterable_bar)
+    with pytest.raises(ConcurrentCallError, match=r"already running a call \(started by the same thread"):
+        pipe("a", iterable_bar=iterable_bar)
+    assert tracker.calls == 2  # the refused call never reached set_timesteps
+    pipe.nested = None
+    assert pipe("c", iterable_bar=iterable_bar) == "c" and tracker.calls == 3  # released after the error
+
+    def boom():
+        raise KeyError("inside the loop")
+
+    pipe.nested = boom
+    with pytest.raises(KeyError):
+        pipe("d", iterable_bar=iterable_bar)
+    pipe.nested = None
+    assert pipe("e", iterable_bar=iterable_bar) == "e"  # an error inside the loop releases it too
+    tracker.remove()
+    assert "progress_bar" not in vars(pipe) and "check_inputs" not in vars(pipe)
+    inner = []
+
+    def once():
+        if not inner:
+            inner.append(None)
+            inner[0] = pipe("f", iterable_bar)
+
+    pipe.nested = once
+    pipe("g", iterable_bar=iterable_bar)  # nothing guards an unpatched pipeline
+    assert inner == ["f"]
+
+
+def test_a_refused_call_is_refused_at_check_inputs_before_it_stores_settings():
+    from diffboost.plugins.runtime import ConcurrentCallError
+
+    pipe = _StubPipe()
+    tracker = CallTracker(pipe)
+    tracker._enter_loop()  # another call's loop runs
+    stored = []
+    original = pipe.check_inputs
+    with pytest.raises(ConcurrentCallError):
+        pipe.check_inputs("x")
+        stored.append("settings")
+    assert stored == [] and original is not None
+    tracker._leave_loop()
+    assert pipe.check_inputs("y") == "y"
+    tracker.remove()

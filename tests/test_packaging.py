@@ -1,0 +1,68 @@
+"""The package as a user installs it: a built wheel (``pip install .``, not editable) carries the
+default model and generates from any folder."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "diffboost").rglob("__init__.py")}
+    assert found | {"diffboost.assets"} == listed
+
+
+def _source_copy(dest: Path) -> Path:
+    """The files a clean checkout has (tracked and new, not ignored), without build leftovers."""
+    try:
+        names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs git to list the source files")
+    for name in names:
+        src = ROOT / name
+        if src.is_file() and not name.startswith(("runs/", "out/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_generates_from_any_folder(tmp_path):
+    src = _source_copy(tmp_path / "src")
+    dist, site, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)], check=True,
+                   capture_output=True)
+    (wheel,) = dist.glob("diffboost-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "diffboost/assets/flux-shapes/transformer/diffusion_pytorch_model.safetensors" in names
+    assert not [n for n in names if "sd-shapes" in n or "flux-shapes-128" in n or "/training_runs/" in n]
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    elsewhere.mkdir()
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import diffboost, diffboost.cli as cli; "
+        "assert diffboost.__file__.startswith(sys.argv[1]), diffboost.__file__; "
+        "assert str(cli.default_model_path()).startswith(sys.argv[1]), cli.default_model_path(); "
+        "sys.exit(cli.main(['generate', '--steps', '3', '--out', 'img.png', '--quiet']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DIFFBOOST_ASSETS", "PYTHONPATH")}
+    result = subprocess.run([sys.executable, "-c", code, str(site)], cwd=elsewhere, capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "diffboost/assets/flux-shapes" in result.stdout and (elsewhere / "img.png").is_file()
