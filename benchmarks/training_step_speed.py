@@ -5,7 +5,7 @@
 
 Forward + backward + AdamW at the reference models' sizes (Flux: 2 double + 6 single blocks, 64 image
 and 16 text tokens; SD: the 3-level UNet on 16x16x16 latents), the median of 10 steps after 2 warm-up
-steps; the numbers quoted in benchmarks/TRAINING.md ("The 90-minute budget, measured") come from it.
+steps; the numbers quoted in benchmarks/TRAINING.md ("What we learned about the training budget") come from it.
 """
 
 from __future__ import annotations

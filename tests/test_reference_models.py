@@ -67,7 +67,7 @@ def test_sd_reference_sada_exact_when_off_and_close_when_on(sd, scheduler):
         for never in (SADA(acc_range=(0, 0)), SADA(acc_range=(0, 0), token_sparsity=True), TokenMerging(ratio=0.0)):
             with diffboost.accelerated(pipe, never):
                 assert torch.equal(_run(pipe, kwargs), base), (scheduler, never)
-        # 12 steps are few: skipping runs of early steps costs ~20-25 dB here (see RESULTS.md), single
+        # 12 steps are few: skipping runs of early steps costs a lot of fidelity here; single
         # skips from step 4 on keep ~55 dB with DDIM/Euler; with DPM++ the sign criterion does not fire
         # on this model (tests/samplers/test_sada.py makes it fire on a constructed trajectory)
         with diffboost.accelerated(pipe, SADA(acc_range=(4, 11), max_interval=1, lagrange_term=0)):

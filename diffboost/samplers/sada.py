@@ -125,9 +125,9 @@ class SADA(Plugin):
             under a constant second difference). kappa predicts the next step's error
             (benchmarks/RESULTS.md, "What predicts a safe skip?"); the sign does not.
         tolerance: the bound on kappa * i (i + 1) / 2 for ``criterion="curvature"`` (> 0, a relative
-            state error, dimensionless). Default 0.01 (on our reference models at 28 steps: Flux 0.016
-            skips 13.0 steps at 49.6 dB, SD with DPM++ 0.08 skips 15.5 at 49.7 dB and 0.5 skips 18.6
-            at 42.9 dB, where fixed schedules of 19 skips keep 36.5-36.9 dB).
+            state error, dimensionless). Default 0.01. On the SD reference model with DPM++ at 28
+            steps, 0.5 skips 18.6 steps at 46.4 dB where fixed schedules with as many skips keep
+            41.6 / 37.3 dB (benchmarks/RESULTS.md, "SADA").
     """
 
     acc_range: tuple[int, int] = (10, 47)

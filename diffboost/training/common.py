@@ -238,7 +238,7 @@ def add_trainer_args(p, *, out: Path, work_dir: Path, vae_dir: Path | None, lr: 
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-object-weight", type=float, default=0.0,
-                   help="> 0: VAE loss L1 + MSE + this x object-pixel L1 (0: plain L1, the session-1 recipe)")
+                   help="> 0: VAE loss L1 + MSE + this x object-pixel L1 (0: plain L1, the first recipe; it merged green and blue)")
     p.add_argument("--num-images", type=int, default=8192)
     p.add_argument("--steps", type=int, default=100_000)
     p.add_argument("--batch-size", type=int, default=16)
@@ -262,7 +262,7 @@ def add_trainer_args(p, *, out: Path, work_dir: Path, vae_dir: Path | None, lr: 
     p.add_argument("--oversample-small", type=float, default=1.0,
                    help="draw training scenes whose object is small this many times as often as scenes with a "
                         "large one (default 1: uniform). Small objects' shapes are the last thing the models "
-                        "learn (every shape error of the session-4 SD model is a small object)")
+                        "learn (the shape errors of earlier SD models were small objects)")
     p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
     p.add_argument("--export", action="store_true", help="only evaluate + save the checkpoint's EMA pipeline")
     add_lr_decay_args(p)
