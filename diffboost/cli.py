@@ -476,7 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; a user's mistake, a file-system problem, running out of memory or Ctrl-C end
     with one line on stderr and an exit code (2: bad input, 1: the run failed, 130: interrupted),
     never a traceback (``-v`` logs the traceback for a bug report)."""
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except KeyboardInterrupt:  # Ctrl-C while the subcommands' modules import
+        print("\ndiffboost: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     where = f"diffboost {args.command}"

@@ -213,3 +213,30 @@ def test_generate_summary_survives_presets_without_cache_counts(flux_true_cfg_fo
                  "--out", str(tmp_path / "s.png"), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "plugins: SADA(" in text and "computed in full" not in text
+
+
+def test_ctrl_c_in_a_real_run_ends_in_one_line(flux_true_cfg_folder, tmp_path):
+    """SIGINT to a running `diffboost batch`: exit code 130, no traceback, the finished images and
+    their manifest rows kept, no temporary file that looks like an image."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffboost.cli", "batch", str(prompts), "--model", str(flux_true_cfg_folder),
+         "--seeds", "400", "--steps", "20", "--preset", "none", "--out", str(out), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("*.png"))) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted; finished files are kept" in err
+    images = sorted(p.name for p in out.glob("*.png"))
+    rows = [json.loads(line)["file"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(images) >= 2 and set(rows) <= set(images) and len(images) - len(rows) <= 1
