@@ -167,7 +167,6 @@ class OutputForecastClock(StepClock):
 
     def __init__(self, tracker: CallTracker, policy: Any, order: int, check_finite: bool):
         super().__init__(tracker, policy, check_finite, name="TaylorSeer(lite)")
-        self.order = order
         self.outputs = BranchStates(_UnitState, init_args=(order,))
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -329,6 +329,35 @@ def test_describe_reports_the_call_exactly(flux, lite):
     assert 0 < entry["flops_saved_est"] <= 0.5  # at most the share of forecast steps
 
 
+def test_describe_in_block_granularity_and_before_any_call(flux):
+    from diffusers.hooks import HookRegistry
+
+    from diffboost.caches.taylorseer import HOOK_NAME
+
+    plugin = TaylorSeer(interval=3, warmup=2, granularity="block")
+    den = flux.transformer
+    with diffboost.accelerated(flux, plugin):
+        before = diffboost.describe(flux)["last_call"][0]
+        assert before["branches"] == {} and before["flops_saved_est"] == 0.0
+        # the hooks are registered under the plugin's own name (how remove() and other tools find them)
+        assert HookRegistry.check_if_exists_or_initialize(den.transformer_blocks[0]).get_hook(HOOK_NAME) is not None
+        run(flux, "flux", num_inference_steps=8)
+        entry = diffboost.describe(flux)["last_call"][0]
+    blocks = [*den.transformer_blocks, *den.single_transformer_blocks]
+    skipped = sum(p.numel() for b in blocks for p in b.parameters())
+    total = sum(p.numel() for p in den.parameters())
+    names = [f"transformer_blocks.{i}" for i in range(len(den.transformer_blocks))]
+    names += [f"single_transformer_blocks.{i}" for i in range(len(den.single_transformer_blocks))]
+    assert entry == {
+        "denoiser": "transformer",
+        "plugin": repr(plugin),
+        "branches": {"cond": {"steps": 8, "full": 4, "forecast": 4, "full_steps": [0, 1, 4, 7], "nan_fallbacks": 0}},
+        "hooked_modules": 1 + len(blocks),
+        "modules": {"forecast": names},
+        "flops_saved_est": round(skipped / total * 4 / 8, 4),
+    }
+
+
 def test_module_nan_forecast_is_recomputed_and_names_taylorseer(flux, caplog, monkeypatch):
     base = run(flux, "flux", num_inference_steps=4)
     original = TaylorFactors.forecast
