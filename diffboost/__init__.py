@@ -5,6 +5,9 @@
     image = pipe("a red circle").images[0]
     print(diffboost.describe(pipe))
     diffboost.remove(pipe)
+
+    diffboost.save([diffboost.TaylorSeer(interval=4)], "stack.toml")   # a stack as a file
+    diffboost.apply(pipe, diffboost.load("stack.toml"))
 """
 
 from .caches.block_cache import AdaptiveBlockCache, ErrorControlledCache
@@ -15,6 +18,7 @@ from .plugins.base import Plugin, PluginKind
 from .plugins.presets import PRESETS
 from .plugins.runtime import ConcurrentCallError
 from .plugins.stacking import IncompatiblePluginsError
+from .plugins.stacks import StackFileError, load, save
 from .samplers.sada import SADA
 from .samplers.bottleneck import BottleneckSampling
 from .tokens.merging import TokenDownsampling, TokenMerging
@@ -32,6 +36,7 @@ __all__ = [
     "Plugin",
     "PluginKind",
     "SADA",
+    "StackFileError",
     "TaylorSeer",
     "TokenDownsampling",
     "TokenMerging",
@@ -39,6 +44,8 @@ __all__ = [
     "accelerated",
     "apply",
     "describe",
+    "load",
     "remove",
+    "save",
     "supported_families",
 ]

@@ -18,12 +18,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .files import PARTIAL_SUFFIX, umask, write_atomic
 from .limits import InputError, check_seed, check_steps
 
 logger = logging.getLogger(__name__)
@@ -125,40 +125,6 @@ def make_jobs(entries: list[dict[str, Any]], seeds: list[int], steps: int, **set
     return jobs
 
 
-def _umask() -> int:
-    """The process umask (read without changing it where /proc allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-#: temporary files end with this suffix, so that globs for images never pick up a half-written one
-PARTIAL_SUFFIX = ".tmp"
-
-
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``:
-    a crash never leaves a truncated ``path`` behind. The temporary file is ``.NAME.XXXX.tmp`` (hidden,
-    and no image suffix); the result gets the usual permissions (``0o666`` less the umask), not the
-    temporary file's private ``0o600``. ``write`` must not infer the format from the file name."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_image(image: Any, path: str | Path) -> dict[str, Any]:
     """Write ``image`` atomically in the format its suffix names; returns its size and SHA-256."""
     from .limits import image_format
@@ -187,7 +153,7 @@ class FolderLock:
     FILE = ".diffboost.lock"
 
     def __init__(self, out_dir: Path):
-        self.fd = os.open(out_dir / self.FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        self.fd = os.open(out_dir / self.FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
         try:
             import fcntl
 

@@ -1,7 +1,7 @@
 """The ``diffboost`` command line.
 
-    diffboost generate ["PROMPT"] [--model PATH] [--preset NAME] [--steps N] [--seed S] [--out FILE] [--compare]
-    diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none] [--seeds N] [--steps N] ...
+    diffboost generate ["PROMPT"] [--model PATH] [--preset NAME|none | --plugins FILE] [--steps N] [--seed S] [--out FILE] [--compare]
+    diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none | --plugins FILE] [--seeds N] [--steps N] ...
     diffboost bench [--model PATH] [--quick] ...
     diffboost demo [--model PATH] [--host 127.0.0.1] [--port 7860]
 
@@ -251,13 +251,30 @@ def _preset_or_none(name: str) -> str | None:
     return name
 
 
+def stack_from_args(args: argparse.Namespace) -> tuple[list[Any] | None, str]:
+    """The plugins to apply (None: the plain pipeline) and their label, from ``--plugins FILE`` or
+    ``--preset NAME``; checked before any work. The label of a file names it and a hash of its
+    content, so that ``batch`` remakes images when the file changes."""
+    import hashlib
+    import json
+
+    from .plugins.stacks import load, to_data
+
+    if getattr(args, "plugins", None):
+        stack = load(args.plugins)
+        digest = hashlib.sha256(json.dumps(to_data(stack), sort_keys=True).encode()).hexdigest()[:8]
+        return stack, f"{Path(args.plugins).name}#{digest}"
+    preset = _preset_or_none(args.preset)
+    return ([preset] if preset else None), args.preset
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     import diffboost
 
     # everything that can be wrong is checked before the model is loaded
-    preset = _preset_or_none(args.preset)
+    stack, _ = stack_from_args(args)
     model = check_model_folder(args.model) if args.model else default_model_path()
     defaults = model_defaults(model)
     check_settings(args, defaults)
@@ -277,14 +294,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _generate_once(pipe, args.prompt, 2, args.seed, size, args.guidance, extra)
         base, t_base = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance, extra)
     info: dict[str, Any] = {}
-    if preset is not None:
-        diffboost.apply(pipe, preset)
+    if stack is not None:
+        diffboost.apply(pipe, stack)
     try:
         image, t_fast = _generate_once(pipe, args.prompt, args.steps, args.seed, size, args.guidance, extra)
-        if preset is not None:
+        if stack is not None:
             info = diffboost.describe(pipe)
     finally:
-        if preset is not None:
+        if stack is not None:
             diffboost.remove(pipe)
     save_image_atomic(image, out)
     print(f"model: {model} ({type(pipe).__name__})")
@@ -292,7 +309,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     counts = call_counts(info)
     if counts is not None:
         print(f"denoiser calls computed in full: {counts[0]}/{counts[1]}")
-    print(f"{'accelerated' if preset else 'plain'}: {t_fast:.3f} s -> {out}")
+    print(f"{'accelerated' if stack else 'plain'}: {t_fast:.3f} s -> {out}")
     if args.compare:
         from .evaluation.metrics import psnr
 
@@ -304,7 +321,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"baseline:    {t_base:.3f} s")
         print(f"speedup:     {t_base / t_fast:.2f}x")
         print(f"PSNR vs baseline: {value:.2f} dB")
-        print(f"side by side (baseline | {'accelerated' if preset else 'plain'}): {side}")
+        print(f"side by side (baseline | {'accelerated' if stack else 'plain'}): {side}")
     return 0
 
 
@@ -315,7 +332,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     # everything that can be wrong is checked before the model is loaded
     entries = read_prompts(args.prompts)
-    preset = _preset_or_none(args.preset)
+    stack, label = stack_from_args(args)
     model = check_model_folder(args.model) if args.model else default_model_path()
     defaults = model_defaults(model)
     check_settings(args, defaults)
@@ -326,10 +343,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     extra = default_call_kwargs(pipe, defaults)
     steps = args.steps or int(defaults.get("steps", 28))
     seeds = list(range(args.seed, args.seed + args.seeds))
-    jobs = make_jobs(entries, seeds, steps, size=args.size, guidance=args.guidance, plugins=args.preset,
+    jobs = make_jobs(entries, seeds, steps, size=args.size, guidance=args.guidance, plugins=label,
                      model=str(model.resolve()), dtype=args.dtype)
-    if preset is not None:
-        diffboost.apply(pipe, preset)
+    if stack is not None:
+        diffboost.apply(pipe, stack)
     try:
         summary = run_batch(
             jobs, args.out,
@@ -337,12 +354,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     finally:
-        if preset is not None:
+        if stack is not None:
             diffboost.remove(pipe)
     made, skipped = summary["made"], summary["skipped"]
     per_image = f", {summary['seconds'] / made:.3f} s per image" if made else ""
     busy = f", {summary['busy']} being made by another run" if summary.get("busy") else ""
-    print(f"model: {model}; plugins: {args.preset}")
+    print(f"model: {model}; plugins: {label}")
     print(f"made {made} images, {skipped} already done{busy}, {summary['total']} in all -> {args.out}{per_image}")
     print(f"manifest: {Path(args.out) / 'manifest.jsonl'}")
     return 0
@@ -351,7 +368,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .app.demo import launch
 
-    launch(check_model_folder(args.model) if args.model else default_model_path(), args.host, args.port, args.dtype)
+    extra = {}
+    if args.plugins:
+        stack, _ = stack_from_args(args)
+        extra[Path(args.plugins).name] = stack
+    launch(check_model_folder(args.model) if args.model else default_model_path(), args.host, args.port, args.dtype,
+           stacks=extra)
     return 0
 
 
@@ -368,6 +390,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
 
 
+def _add_stack_args(p: argparse.ArgumentParser) -> None:
+    """``--preset NAME`` or ``--plugins FILE`` (a stack saved with ``diffboost.save``)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--preset", default="fast", help="preset name: safe, fast, turbo, or none for the plain pipeline "
+                       "(default: fast)")
+    group.add_argument("--plugins", default=None, metavar="FILE",
+                       help="a plugin stack file (.toml or .json, written by diffboost.save; presets are such files)")
+
+
 def _add_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
@@ -376,7 +407,7 @@ def _add_generate(sub: Any) -> None:
     )
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     _add_model_args(p)
-    p.add_argument("--preset", default="fast", help="preset name: safe, fast or turbo (default: fast)")
+    _add_stack_args(p)
     p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
@@ -402,7 +433,7 @@ def _add_batch(sub: Any) -> None:
     p.add_argument("prompts", help="text file (one prompt per line, # comments) or .jsonl (prompt, optional seed/steps)")
     p.add_argument("--out", default="out/batch", help="output folder (default: out/batch)")
     _add_model_args(p)
-    p.add_argument("--preset", default="fast", help="preset name: safe, fast, turbo, or none for the plain pipeline")
+    _add_stack_args(p)
     p.add_argument("--seeds", type=_positive_int, default=1, help="images per prompt, seeds --seed.. (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
     p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
@@ -439,6 +470,8 @@ def _add_demo(sub: Any) -> None:
         "and shows both images, their times, the speedup and PSNR/SSIM. Listens on 127.0.0.1 unless --host is given.",
     )
     _add_model_args(p)
+    p.add_argument("--plugins", default=None, metavar="FILE",
+                   help="also offer this plugin stack file (.toml or .json) on the page, selected first")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_positive_int, default=7860, help="port (default: 7860)")
     p.set_defaults(func=cmd_demo)

@@ -52,6 +52,7 @@ def test_a_non_editable_install_generates_from_any_folder(tmp_path):
     (wheel,) = dist.glob("diffboost-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "diffboost/assets/flux-shapes/transformer/diffusion_pytorch_model.safetensors" in names
+    assert {"diffboost/presets/safe.toml", "diffboost/presets/fast.toml", "diffboost/presets/turbo.toml"} <= set(names)
     assert not [n for n in names if "sd-shapes" in n or "flux-shapes-128" in n or "/training_runs/" in n]
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
     elsewhere.mkdir()

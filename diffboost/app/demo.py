@@ -37,8 +37,8 @@ class Comparison:
     accelerated_s: float
     psnr_db: float
     ssim: float
-    full_calls: int
-    total_calls: int
+    full_calls: int | None  # None: no plugin of the stack counts denoiser calls (SADA, token merging)
+    total_calls: int | None
     plugins: list[str] = field(default_factory=list)
 
     @property
@@ -51,7 +51,8 @@ class Comparison:
             "| | plain | accelerated |",
             "|---|---|---|",
             f"| wall time | {self.baseline_s:.3f} s | {self.accelerated_s:.3f} s |",
-            f"| denoiser calls in full | {self.total_calls} | {self.full_calls} |",
+            *([f"| denoiser calls in full | {self.total_calls} | {self.full_calls} |"]
+              if self.full_calls is not None else []),
             "",
             f"**{self.speedup:.2f}x faster**; accelerated vs plain: PSNR {psnr}, SSIM {self.ssim:.4f}.",
             f"Plugins: {', '.join(self.plugins)}.",
@@ -61,9 +62,11 @@ class Comparison:
 class DemoModel:
     """A local pipeline folder loaded once, with the generation settings shipped next to it."""
 
-    def __init__(self, path: str | Path, dtype: str = "float32") -> None:
+    def __init__(self, path: str | Path, dtype: str = "float32", stacks: dict[str, list[Any]] | None = None) -> None:
         from ..cli import default_call_kwargs, load_pipeline, model_defaults
 
+        #: plugin stacks offered besides the presets (``--plugins FILE``), by label
+        self.stacks = dict(stacks or {})
         self.path = Path(path)
         self.pipe = load_pipeline(self.path, dtype)
         self.pipe.set_progress_bar_config(disable=True)
@@ -77,7 +80,7 @@ class DemoModel:
         """Run ``prompt`` plain, then with ``preset`` applied (removed again afterwards)."""
         import diffboost
 
-        from ..cli import _generate_once
+        from ..cli import _generate_once, call_counts
         from ..evaluation.metrics import psnr, ssim
         from ..plugins.presets import resolve
 
@@ -92,7 +95,7 @@ class DemoModel:
         if not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
         seed = check_seed(seed, "the seed")
-        resolve(preset)  # unknown presets fail before any work
+        plugins = self.stacks[preset] if preset in self.stacks else resolve(preset)  # unknown names fail here
 
         def run() -> tuple[Any, float]:
             return _generate_once(self.pipe, prompt, steps, seed, None, None, self.call_kwargs)
@@ -102,18 +105,18 @@ class DemoModel:
                 _generate_once(self.pipe, prompt, 2, seed, None, None, self.call_kwargs)
                 self._warm = True
             base, t_base = run()
-            diffboost.apply(self.pipe, preset)
+            diffboost.apply(self.pipe, plugins)
             try:
                 fast, t_fast = run()
                 info = diffboost.describe(self.pipe)
             finally:
                 diffboost.remove(self.pipe)
-        branches = [b for item in info["last_call"] for b in item["branches"].values()]
+        counts = call_counts(info) or (None, None)
         a, b = [base.convert("RGB")], [fast.convert("RGB")]
         return Comparison(
             baseline=base, accelerated=fast, baseline_s=t_base, accelerated_s=t_fast,
             psnr_db=float(psnr(a, b)), ssim=float(ssim(a, b)),
-            full_calls=sum(br["full"] for br in branches), total_calls=sum(br["steps"] for br in branches),
+            full_calls=counts[0], total_calls=counts[1],
             plugins=list(info["plugins"]),
         )
 
@@ -156,7 +159,8 @@ def build_app(model: DemoModel) -> Any:
         gr.Markdown(f"## diffboost: plain vs accelerated\nModel: `{model.path}`")
         with gr.Row():
             prompt = gr.Textbox(value=DEFAULT_PROMPT, label="prompt", max_length=MAX_PROMPT_CHARS, scale=4)
-            preset = gr.Dropdown(choices=sorted(PRESETS), value="fast", label="preset")
+            choices = [*model.stacks, *sorted(PRESETS)]
+            preset = gr.Dropdown(choices=choices, value=choices[0] if model.stacks else "fast", label="preset")
         with gr.Row():
             steps = gr.Slider(1, MAX_STEPS, value=model.default_steps, step=1, label="steps")
             seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
@@ -170,7 +174,8 @@ def build_app(model: DemoModel) -> Any:
     return app
 
 
-def launch(model_path: str | Path, host: str = "127.0.0.1", port: int = 7860, dtype: str = "float32") -> None:
+def launch(model_path: str | Path, host: str = "127.0.0.1", port: int = 7860, dtype: str = "float32",
+           stacks: dict[str, list[Any]] | None = None) -> None:
     """Load the model and serve the page on ``host:port`` (blocks until interrupted)."""
     import importlib.util
 
@@ -178,5 +183,5 @@ def launch(model_path: str | Path, host: str = "127.0.0.1", port: int = 7860, dt
         raise ImportError('the demo needs Gradio: pip install -e ".[demo]"')
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("the demo listens on %s: anyone who can reach this machine can use it", host)
-    app = build_app(DemoModel(model_path, dtype))
+    app = build_app(DemoModel(model_path, dtype, stacks))
     app.queue(max_size=16).launch(server_name=host, server_port=port, share=False)

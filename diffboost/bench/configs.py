@@ -115,15 +115,10 @@ def _kw(options: dict[str, Any] | None) -> str:
 
 
 def plugin_classes() -> dict[str, type]:
-    """Plugin classes a config may name: every ``diffboost.Plugin`` subclass exported by ``diffboost``."""
-    import diffboost
-    from diffboost.plugins.base import Plugin
+    """Plugin classes a config may name (the registry that stack files use too)."""
+    from diffboost.plugins.stacks import plugin_classes as classes
 
-    return {
-        name: obj
-        for name in diffboost.__all__
-        if isinstance(obj := getattr(diffboost, name), type) and issubclass(obj, Plugin) and obj is not Plugin
-    }
+    return classes()
 
 
 def build_plugins(config: BenchConfig) -> list[Any]:

@@ -1,39 +1,39 @@
 """Named, tested plugin stacks: ``diffboost.apply(pipe, "fast")``.
 
-All three are TaylorSeer with 6 full warm-up steps (the paper's 3 is tuned for 50 steps; at 28 steps
-the first steps change the features most). On the shipped reference model (step 3,500; sweep:
-benchmarks/configs/warmup-sweep.toml, numbers in benchmarks/RESULTS.md) they are three points of the
-speed/fidelity curve; at equal FLOPs, 6 warm-up steps with a longer interval and 3 warm-up steps with
-a shorter one are about as good (interval 4 + warm-up 6: 53.8 dB, interval 3 + warm-up 3: 54.7 dB,
-both 2.49x fewer FLOPs); the longer warm-up keeps the fast-changing early steps exact, which
-mattered much more on earlier, less smooth checkpoints of the same training run:
+Each preset is a stack file in ``diffboost/presets/`` (the format of :func:`diffboost.save`), so a
+preset can be copied, edited and passed back as ``--plugins FILE``. All three are TaylorSeer with 6
+full warm-up steps (the paper's 3 is tuned for 50 steps; at 28 steps the first steps change the
+features most) and a full step every 3, 4 or 5 steps:
 
-- ``"safe"``: a full step every 3 steps (13 of 28 steps computed; 2.1x fewer FLOPs, about 60 dB).
-- ``"fast"``: a full step every 4 steps (11 of 28; 2.5x, about 54 dB).
-- ``"turbo"``: a full step every 5 steps (10 of 28; 2.7x, about 51 dB).
+- ``"safe"``: 13 of 28 steps computed.
+- ``"fast"``: 11 of 28.
+- ``"turbo"``: 10 of 28.
 
-Measured speed and fidelity of each on the reference model: benchmarks/RESULTS.md.
+On the Flux reference model (28 steps, true CFG): 2.1x / 2.5x / 2.7x fewer denoiser FLOPs at
+53.9 / 47.8 / 43.6 dB PSNR against the plain images, 1.51x / 1.59x / 1.60x wall
+(benchmarks/RESULTS.md, "diffboost bench on the Flux reference model").
 """
 
 from __future__ import annotations
 
-from ..caches.taylorseer import TaylorSeer
+import functools
+from pathlib import Path
+from typing import Callable
+
 from .base import Plugin
+from .stacks import load
 
+#: the folder of the preset files
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
-def _safe() -> list[Plugin]:
-    return [TaylorSeer(interval=3, order=1, warmup=6)]
+_SPEED_ORDER = ("safe", "fast", "turbo")
 
-
-def _fast() -> list[Plugin]:
-    return [TaylorSeer(interval=4, order=1, warmup=6)]
-
-
-def _turbo() -> list[Plugin]:
-    return [TaylorSeer(interval=5, order=1, warmup=6)]
-
-
-PRESETS = {"safe": _safe, "fast": _fast, "turbo": _turbo}
+#: preset name -> a function returning a fresh list of its plugin configs (slowest and safest first)
+PRESETS: dict[str, Callable[[], list[Plugin]]] = {
+    path.stem: functools.partial(load, path)
+    for path in sorted(PRESET_DIR.glob("*.toml"),
+                       key=lambda p: (_SPEED_ORDER.index(p.stem) if p.stem in _SPEED_ORDER else len(_SPEED_ORDER), p.stem))
+}
 
 
 def resolve(name: str) -> list[Plugin]:

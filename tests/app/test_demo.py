@@ -81,3 +81,19 @@ def test_page_builds_and_its_button_works(model):
 def test_demo_listens_on_localhost_by_default():
     args = build_parser().parse_args(["demo"])
     assert args.host == "127.0.0.1" and args.port == 7860
+
+
+def test_a_stack_file_is_offered_and_a_stack_without_call_counts_works(model):
+    """``diffboost demo --plugins FILE``: the file's stack is a choice of its own; a stack whose plugins
+    count no denoiser calls (SADA) shows no count row instead of failing."""
+    model.stacks["mine.toml"] = [diffboost.SADA(acc_range=(2, 8), max_interval=1)]
+    try:
+        result = model.compare("a red circle", "mine.toml", steps=10, seed=3)
+        assert result.plugins[0].startswith("SADA(") and result.full_calls is None
+        assert "denoiser calls in full" not in result.summary_markdown()
+        gr = pytest.importorskip("gradio")
+        app = build_app(model)
+        (dropdown,) = [b for b in app.blocks.values() if isinstance(b, gr.Dropdown)]
+        assert dropdown.value == "mine.toml" and [c[0] for c in dropdown.choices][:2] == ["mine.toml", "fast"]
+    finally:
+        model.stacks.clear()

@@ -153,3 +153,42 @@ def test_batch_jsonl_and_bad_input(flux_folder, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["batch", str(good), "--model", str(flux_folder), "--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_plugins_file_in_generate_and_batch(flux_folder, tmp_path, capsys):
+    import json
+
+    import diffboost
+
+    stack = diffboost.save([diffboost.TaylorSeer(interval=3, warmup=2)], tmp_path / "stack.toml")
+    out = tmp_path / "g.png"
+    assert main(["generate", "--model", str(flux_folder), "--steps", "8", "--size", "64", "--plugins", str(stack),
+                 "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "plugins: TaylorSeer(interval=3, order=1, warmup=2" in text and "computed in full: 4/8" in text
+    with pytest.raises(SystemExit):  # one or the other
+        main(["generate", "--preset", "safe", "--plugins", str(stack)])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    args = ["batch", str(prompts), "--model", str(flux_folder), "--steps", "4", "--size", "64", "--plugins",
+            str(stack), "--out", str(tmp_path / "b"), "--quiet"]
+    assert main(args) == 0 and main(args) == 0
+    assert "made 0 images, 1 already done" in capsys.readouterr().out
+    diffboost.save([diffboost.TaylorSeer(interval=2, warmup=2)], stack)  # the file changed: a new image
+    assert main(args) == 0
+    assert "made 1 images, 0 already done" in capsys.readouterr().out
+    labels = [json.loads(line)["plugins"] for line in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()]
+    assert len(set(labels)) == 2 and all(label.startswith("stack.toml#") for label in labels)
+
+
+def test_a_bad_plugins_file_fails_before_loading(flux_folder, tmp_path, monkeypatch, capsys):
+    import diffboost.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('format = "diffboost-stack"\nversion = 1\n[[plugins]]\nplugin = "TaylorSeer"\ninterval = 0\n')
+    assert main(["generate", "--model", str(flux_folder), "--plugins", str(bad)]) == 2
+    assert "plugins[0] (TaylorSeer): TaylorSeer.interval=0 is out of range" in capsys.readouterr().err
+    assert main(["batch", str(bad), "--model", str(flux_folder), "--plugins", str(tmp_path / "none.toml")]) == 2
