@@ -20,7 +20,7 @@ import torch
 
 from diffboost.bench.cli import model_call_defaults
 from diffboost.cli import load_pipeline, model_defaults
-from diffboost.training.evaluate import generate_and_score, save_grid
+from diffboost_reference.training.evaluate import generate_and_score, save_grid
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ def generate(pipe, prompts: list[str], kwargs: dict, device: str) -> tuple[torch
 
 
 def quality(images: dict[str, torch.Tensor], prompts: list[str]) -> dict[str, dict[str, float]]:
-    from diffboost.evaluation.metrics import embeddings, frechet_distance, prompt_adherence, psnr, ssim
+    from diffboost_reference.evaluation.metrics import embeddings, frechet_distance, prompt_adherence, psnr, ssim
 
     base = images["baseline"]
     ref = embeddings(base)
@@ -120,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
 
     pipe, kwargs, trained = load(args)
-    from diffboost.data.scenes import benchmark_prompts
+    from diffboost_reference.data.scenes import benchmark_prompts
 
     prompts = benchmark_prompts(args.prompts) if trained else ["a red circle"]
     print(f"model: {'trained ' + args.model if trained else 'random-init Flux (timings only)'}; "

@@ -17,7 +17,7 @@ factories with a wider denoiser, where only the timings mean anything) the confi
 Timings: wall-clock median over ``--repeats`` rounds; in a round every configuration runs every
 prompt, configuration after configuration (interleaved, so machine drift hits all alike); CPU time
 is the process time of the same runs. Fidelity: PSNR and SSIM of the decoded images against the
-baseline's (``diffboost.evaluation.metrics``), averaged over prompts.
+baseline's (``diffboost_reference.evaluation.metrics``), averaged over prompts.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import diffboost  # noqa: E402
 from diffboost import SADA  # noqa: E402
-from diffboost.evaluation.metrics import psnr, ssim  # noqa: E402
+from diffboost_reference.evaluation.metrics import psnr, ssim  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sada_matched import fixed_schedule  # noqa: E402

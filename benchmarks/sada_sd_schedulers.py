@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import diffboost  # noqa: E402
 from diffboost import SADA  # noqa: E402
-from diffboost.evaluation.metrics import psnr  # noqa: E402
+from diffboost_reference.evaluation.metrics import psnr  # noqa: E402
 from test_reference_models import SCHEDULERS, _load, _run  # noqa: E402
 
 CONFIGS = (

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import diffboost  # noqa: E402
 from diffboost import SADA  # noqa: E402
-from diffboost.evaluation.metrics import psnr  # noqa: E402
+from diffboost_reference.evaluation.metrics import psnr  # noqa: E402
 from token_merging import load  # noqa: E402
 
 

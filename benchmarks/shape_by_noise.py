@@ -23,8 +23,8 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from diffboost.bench.cli import model_call_defaults
 from diffboost.cli import load_pipeline, model_defaults
-from diffboost.data import scenes
-from diffboost.training.evaluate import refine_and_score
+from diffboost_reference.data import scenes
+from diffboost_reference.training.evaluate import refine_and_score
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import diffboost  # noqa: E402
 from diffboost import TokenDownsampling, TokenMerging  # noqa: E402
-from diffboost.evaluation.metrics import psnr  # noqa: E402
+from diffboost_reference.evaluation.metrics import psnr  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 

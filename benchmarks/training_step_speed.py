@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
 
-from diffboost.training import train_sd
-from diffboost.training.common import build_tokenizer
-from diffboost.training.train_flux import TEXT_LEN, build_text_encoders, build_transformer, transformer_problem
+from diffboost_reference.training import train_sd
+from diffboost_reference.training.common import build_tokenizer
+from diffboost_reference.training.train_flux import TEXT_LEN, build_text_encoders, build_transformer, transformer_problem
 
 
 def sd_step(unet, text_encoder, bs: int, vocab: int) -> torch.Tensor:

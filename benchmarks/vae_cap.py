@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from diffboost.evaluation.classifier import load_evaluator
-from diffboost.evaluation.metrics import attribute_accuracy
-from diffboost.training.common import scene_batch
-from diffboost.training.vae import build_vae
+from diffboost_reference.evaluation.classifier import load_evaluator
+from diffboost_reference.evaluation.metrics import attribute_accuracy
+from diffboost_reference.training.common import scene_batch
+from diffboost_reference.training.vae import build_vae
 
 
 def main(paths: list[str]) -> None:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,187 +28,22 @@ from .limits import (
 
 logger = logging.getLogger("diffboost")
 
-DEFAULT_PROMPT = "a large red circle at the left on a white background"
-
-
-DEFAULT_MODEL = "flux-shapes"
-
-
-def default_model_candidates() -> list[Path]:
-    """Where the embedded default model is looked for, in order: ``$DIFFBOOST_ASSETS/flux-shapes``
-    (when set), ``diffboost/assets/flux-shapes`` inside an installed wheel (``pip install .``), and
-    ``<repository>/assets/flux-shapes`` in a source checkout (``pip install -e .``)."""
-    here = Path(__file__).resolve().parent
-    found = [here / "assets" / DEFAULT_MODEL, here.parent / "assets" / DEFAULT_MODEL]
-    root = os.environ.get("DIFFBOOST_ASSETS")
-    return ([Path(root) / DEFAULT_MODEL] if root else []) + found
-
-
-def default_model_path() -> Path:
-    """The embedded reference model (see :func:`default_model_candidates`); raises a clear error
-    naming the places looked at and the fix when none holds it."""
-    candidates = default_model_candidates()
-    if os.environ.get("DIFFBOOST_ASSETS"):  # an explicit setting is used as it is, or refused
-        candidates = candidates[:1]
-    for path in candidates:
-        if (path / "model_index.json").is_file():
-            return path
-    looked = ", ".join(str(p) for p in candidates)
-    raise FileNotFoundError(
-        f"the embedded default model ({DEFAULT_MODEL}) is not installed (looked in: {looked}). Reinstall diffboost "
-        "(pip install . or pip install -e . from the repository; the wheel ships it), set DIFFBOOST_ASSETS to the "
-        "folder that holds flux-shapes/, or pass --model PATH to a Diffusers pipeline folder"
-    )
-
-
-def check_model_folder(path: str | Path) -> Path:
-    """A local Diffusers pipeline folder diffboost can load: ``model_index.json`` and, for every
-    component folder with weights, safetensors files (pickled ``.bin``/``.pt``/``.ckpt`` weights are
-    refused: loading them can run arbitrary code). Cheap: reads file names only."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {path} does not exist; pass --model PATH to a Diffusers pipeline folder")
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a Diffusers pipeline folder (no model_index.json); pass --model PATH to a folder "
-            "saved with save_pretrained"
-        )
-    for part in sorted(p for p in path.iterdir() if p.is_dir()):
-        files = [f.name for f in part.iterdir() if f.is_file()]
-        pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        if pickled and not any(f.endswith(".safetensors") for f in files):
-            raise ValueError(
-                f"{part} holds only pickled weights ({', '.join(sorted(pickled))}); diffboost loads safetensors only. "
-                "Convert the folder once: load it with DiffusionPipeline.from_pretrained(path) in a trusted "
-                "environment and save it with save_pretrained(path, safe_serialization=True)"
-            )
-    return path
-
-
-def load_pipeline(path: str | Path, dtype: str = "float32", device: str | None = None) -> Any:
-    """Load a local Diffusers pipeline folder: safetensors only, no remote code, no network."""
-    import torch
-    from diffusers import DiffusionPipeline
-
-    path = check_model_folder(path)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    try:
-        pipe = DiffusionPipeline.from_pretrained(
-            str(path), dtype=torch_dtype, use_safetensors=True, local_files_only=True
-        )
-    except (OSError, EnvironmentError) as err:
-        raise ValueError(f"cannot load the pipeline folder {path}: {err}") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return pipe.to(device)
-
-
-#: ``diffboost.json`` keys passed to the pipeline call as they are (when the pipeline accepts them)
-CALL_DEFAULTS = ("guidance_scale", "true_cfg_scale", "negative_prompt")
-
-
-def model_defaults(path: Path) -> dict[str, Any]:
-    """Generation defaults shipped next to a reference model (``diffboost.json``: height, width, steps...)."""
-    import json
-
-    f = path / "diffboost.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def default_call_kwargs(pipe: Any, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Size and text length the model was made for: ``diffboost.json`` first, else the VAE's
-    ``sample_size`` (Flux pipelines otherwise default to 1024 px whatever the model) and, for
-    pipelines with a ``max_sequence_length`` argument, the T5 tokenizer's length when shorter."""
-    import inspect
-
-    kwargs: dict[str, Any] = {}
-    size = defaults.get("height") or getattr(getattr(getattr(pipe, "vae", None), "config", None), "sample_size", None)
-    if isinstance(size, int):
-        kwargs["height"] = kwargs["width"] = size
-    if "width" in defaults:
-        kwargs["width"] = defaults["width"]
-    params = inspect.signature(type(pipe).__call__).parameters
-    tok = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)
-    length = defaults.get("max_sequence_length") or getattr(tok, "model_max_length", None)
-    if "max_sequence_length" in params and isinstance(length, int) and length < params["max_sequence_length"].default:
-        kwargs["max_sequence_length"] = length
-    for key in CALL_DEFAULTS:  # guidance settings the model was evaluated with
-        if key in defaults and key in params:
-            kwargs[key] = defaults[key]
-    return kwargs
-
-
-def guidance_setting(pipe: Any) -> str | None:
-    """The pipeline argument that ``--guidance`` sets: ``true_cfg_scale`` on Flux-style pipelines
-    whose transformer has no guidance embedding (``guidance_scale`` would be silently ignored there:
-    the default reference model is one), else ``guidance_scale``; None when the pipeline has neither."""
-    import inspect
-
-    params = inspect.signature(type(pipe).__call__).parameters
-    config = getattr(getattr(pipe, "transformer", None), "config", None)
-    if "true_cfg_scale" in params and config is not None and not getattr(config, "guidance_embeds", True):
-        return "true_cfg_scale"
-    if "guidance_scale" in params:
-        return "guidance_scale"
-    return None
-
-
-def guidance_kwargs(pipe: Any, guidance: float | None) -> dict[str, Any]:
-    """Call arguments for a ``--guidance`` value (empty for None); warns once per pipeline when it
-    has no guidance setting at all."""
-    if guidance is None:
-        return {}
-    key = guidance_setting(pipe)
-    if key is None:
-        if not getattr(pipe, "_diffboost_guidance_warned", False):
-            logger.warning("%s has no guidance setting; --guidance %g is ignored", type(pipe).__name__, guidance)
-            pipe._diffboost_guidance_warned = True
-        return {}
-    kwargs: dict[str, Any] = {key: guidance}
-    if key == "true_cfg_scale":
-        kwargs["negative_prompt"] = ""  # Flux applies true CFG only when a negative prompt is given
-    return kwargs
-
-
-def _generate_once(
-    pipe: Any, prompt: str, steps: int, seed: int, size: int | None, guidance: float | None, extra: dict[str, Any]
-) -> tuple[Any, float]:
-    import torch
-
-    kwargs: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps, **extra}
-    if size:
-        kwargs["height"] = kwargs["width"] = size
-    knob = guidance_kwargs(pipe, guidance)
-    if "negative_prompt" in kwargs:  # a negative prompt the model ships with wins
-        knob.pop("negative_prompt", None)
-    kwargs.update(knob)
-    device = getattr(pipe, "device", torch.device("cpu"))
-    kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    image = pipe(**kwargs).images[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return image, time.perf_counter() - start
-
-
-def save_image_atomic(image: Any, path: str | Path) -> None:
-    """Write an image so that a crash never leaves a truncated file behind (format from the suffix)."""
-    from .batch import save_image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(image, path)
-
-
-def call_counts(info: dict[str, Any]) -> tuple[int, int] | None:
-    """(denoiser calls computed in full, all denoiser calls) in the last call, from the plugins that
-    report them (caches); None when none does."""
-    branches = [b for item in info.get("last_call", []) for b in (item.get("branches") or {}).values()
-                if isinstance(b, dict) and "full" in b and "steps" in b]
-    if not branches:
-        return None
-    return sum(b["full"] for b in branches), sum(b["steps"] for b in branches)
+from .generation import (  # noqa: F401  (re-exported: the command line's helpers live there)
+    CALL_DEFAULTS,
+    DEFAULT_MODEL,
+    DEFAULT_PROMPT,
+    call_counts,
+    check_model_folder,
+    default_call_kwargs,
+    default_model_candidates,
+    default_model_path,
+    guidance_kwargs,
+    guidance_setting,
+    load_pipeline,
+    model_defaults,
+    save_image_atomic,
+)
+from .generation import generate_once as _generate_once
 
 
 def check_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
@@ -311,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"denoiser calls computed in full: {counts[0]}/{counts[1]}")
     print(f"{'accelerated' if stack else 'plain'}: {t_fast:.3f} s -> {out}")
     if args.compare:
-        from .evaluation.metrics import psnr
+        from .fidelity import psnr
 
         a = np.asarray(base.convert("RGB"), dtype=np.float32) / 255.0
         b = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

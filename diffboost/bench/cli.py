@@ -13,11 +13,11 @@ import json
 import logging
 from pathlib import Path
 
-from diffboost.evaluation.classifier import DEFAULT_EVALUATOR_DIR
+from diffboost_reference.evaluation.classifier import DEFAULT_EVALUATOR_DIR
 
 from .configs import ConfigError, default_configs, load_configs, quick_configs
 from .report import markdown, write_all
-from .runner import DEFAULT_MODEL, BenchSettings, run_bench
+from .runner import BenchSettings, run_bench
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +27,9 @@ QUICK = {"prompts": 2, "seeds": 1, "steps": 6, "repeats": 1}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser``."""
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help="local Diffusers pipeline folder (loaded with use_safetensors=True); default: %(default)s")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="local Diffusers pipeline folder (loaded with use_safetensors=True); default: the embedded "
+                             "reference model (flux-shapes)")
     parser.add_argument("--configs", type=Path, default=None,
                         help="TOML/YAML file with the configurations to compare (schema: diffboost/bench/configs.py); "
                              "default: built-in list (baseline, each plugin at 2-3 settings, presets, rivals)")
@@ -68,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def model_call_defaults(model: Path) -> dict:
     """Call arguments shipped with a model in ``diffboost.json`` (guidance settings it was evaluated
     with); ``--call-kwargs`` overrides them."""
-    from diffboost.cli import CALL_DEFAULTS, model_defaults
+    from diffboost.generation import CALL_DEFAULTS, model_defaults
 
     defaults = model_defaults(Path(model)) if Path(model).is_dir() else {}
     return {k: defaults[k] for k in CALL_DEFAULTS if k in defaults}
@@ -101,6 +102,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; return the process exit code."""
     try:
+        if args.model is None:
+            from diffboost.generation import default_model_path
+
+            args.model = default_model_path()
         configs = load_configs(args.configs) if args.configs else (quick_configs() if args.quick else default_configs())
         settings = settings_from_args(args)
     except (ConfigError, ValueError) as exc:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffboost.data.scenes import benchmark_prompts, vocabulary
-from diffboost.evaluation import metrics
-from diffboost.evaluation.classifier import DEFAULT_EVALUATOR_DIR, evaluator_available, load_evaluator
-from diffboost.evaluation.images import to_tensor01
+from diffboost_reference.data.scenes import benchmark_prompts, vocabulary
+from diffboost_reference.evaluation import metrics
+from diffboost_reference.evaluation.classifier import DEFAULT_EVALUATOR_DIR, evaluator_available, load_evaluator
+from diffboost_reference.evaluation.images import to_tensor01
 
 from .accelerators import Unavailable, denoiser_of, install
 from .configs import RIVAL_KINDS, BenchConfig
@@ -27,7 +27,6 @@ from .flops import count_denoiser_flops
 logger = logging.getLogger(__name__)
 
 BATCH_ARGS = ("num_images_per_prompt", "num_videos_per_prompt")  # how pipelines take a per-prompt batch
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "flux-shapes"
 
 
 @dataclasses.dataclass
@@ -110,7 +109,7 @@ def load_pipeline(path: str | Path) -> Any:
     if not path.is_dir():
         raise FileNotFoundError(
             f"model folder {path} does not exist; pass --model PATH to a local Diffusers pipeline folder "
-            "(the default assets/flux-shapes is written by python -m diffboost.training.train_flux)"
+            "(the default assets/flux-shapes is written by python -m diffboost_reference.training.train_flux)"
         )
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a Diffusers pipeline folder (no model_index.json)")
@@ -375,7 +374,7 @@ def _evaluator(path: Path | None) -> tuple[Any | None, str]:
     if not evaluator_available(path):
         return None, (
             f"no evaluator at {path}: evaluator-feature distance, Fréchet distance and prompt adherence "
-            "not computed (train it with python -m diffboost.training.train_evaluator)"
+            "not computed (train it with python -m diffboost_reference.training.train_evaluator)"
         )
     return load_evaluator(path), ""
 

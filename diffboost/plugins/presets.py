@@ -17,14 +17,10 @@ On the Flux reference model (28 steps, true CFG): 2.1x / 2.5x / 2.7x fewer denoi
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Callable
 
 from .base import Plugin
-from .stacks import load
-
-#: the folder of the preset files
-PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
+from .stacks import PRESET_DIR, load
 
 _SPEED_ORDER = ("safe", "fast", "turbo")
 

@@ -28,6 +28,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from .pytree import flatten
+
 logger = logging.getLogger("diffboost")
 
 
@@ -376,8 +378,6 @@ class StepClock(ModelHook):
 
 
 def _all_finite(output: Any) -> bool:
-    from ..caches.taylor import flatten
-
     leaves, _ = flatten(output)
     return all(bool(torch.isfinite(t).all()) for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
 

@@ -64,11 +64,29 @@ def _frozen(value: Any) -> Any:
     return value
 
 
+#: the folder of the preset files (``diffboost/presets/NAME.toml``)
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+def _plugins_of(item: Any) -> list[Plugin]:
+    """Plugin configs, preset names (read from :data:`PRESET_DIR`) and nested lists of them, in order."""
+    if isinstance(item, Plugin):
+        return [item]
+    if isinstance(item, str):
+        path = PRESET_DIR / f"{item}.toml"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+            raise ValueError(f"unknown preset {item!r}; available presets: {known}")
+        return load(path)
+    if isinstance(item, (list, tuple)):
+        return [p for sub in item for p in _plugins_of(sub)]
+    raise TypeError(f"a stack holds plugin configs (e.g. diffboost.TaylorSeer()) or preset names, "
+                    f"got {type(item).__name__}: {item!r}")
+
+
 def to_data(stack: Any) -> dict[str, Any]:
     """The stack (plugin configs, preset names, or a list of them) as a JSON-able dict."""
-    from .api import _as_plugins
-
-    plugins = _as_plugins(stack if isinstance(stack, tuple) else (stack,))
+    plugins = _plugins_of(stack)
     entries = []
     for plugin in plugins:
         entry: dict[str, Any] = {"plugin": type(plugin).__name__}

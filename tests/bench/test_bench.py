@@ -13,7 +13,7 @@ import torch
 from diffboost.bench import (BenchConfig, BenchSettings, ConfigError, PluginSpec, load_configs, markdown, run_bench,
                              write_all)
 from diffboost.bench.cli import add_arguments, run_from_args
-from diffboost.evaluation.classifier import AttributeClassifier
+from diffboost_reference.evaluation.classifier import AttributeClassifier
 from factories import make_flux
 
 torch.set_num_threads(1)

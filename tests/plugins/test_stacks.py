@@ -157,7 +157,7 @@ def test_other_file_problems(tmp_path):
     bad.write_bytes(b'format = "\xe9"\n')
     with pytest.raises(StackFileError, match="is not UTF-8 text"):
         diffboost.load(bad)
-    with pytest.raises(TypeError, match="takes plugin configs"):
+    with pytest.raises(TypeError, match="a stack holds plugin configs"):
         diffboost.save([42], tmp_path / "s.toml")
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save_file
 from transformers import PreTrainedTokenizerFast
 
-from diffboost.data import scenes
+from diffboost_reference.data import scenes
 
 logger = logging.getLogger(__name__)
 

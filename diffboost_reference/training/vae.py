@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from diffboost.training.common import (
+from diffboost_reference.training.common import (
     Timer,
     load_checkpoint,
     object_mask,
@@ -206,7 +206,7 @@ def finetune_decoder(
     if not final.is_file() or not meta_path.is_file():
         raise FileNotFoundError(
             f"no finished VAE in {work_dir} (vae.safetensors + vae_meta.json): train it first with "
-            "python -m diffboost.training.train_flux (its first stage), then fine-tune the decoder"
+            "python -m diffboost_reference.training.train_flux (its first stage), then fine-tune the decoder"
         )
     meta = json.loads(meta_path.read_text())
     vae = build_vae()
@@ -356,10 +356,10 @@ def finetune_vae(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m diffboost.training.vae --work-dir runs/flux (--decoder-steps N | --encoder-steps N)``."""
+    """``python -m diffboost_reference.training.vae --work-dir runs/flux (--decoder-steps N | --encoder-steps N)``."""
     import argparse
 
-    from diffboost.training.common import setup_logging
+    from diffboost_reference.training.common import setup_logging
 
     p = argparse.ArgumentParser(
         description="Fine-tune the shared VAE: decoder only (--decoder-steps) or encoder + decoder (--encoder-steps)."

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffboost.data.scenes import ATTRIBUTES
-from diffboost.evaluation.images import to_tensor01
+from diffboost_reference.data.scenes import ATTRIBUTES
+from diffboost_reference.evaluation.images import to_tensor01
 
 logger = logging.getLogger(__name__)
 
@@ -115,5 +115,5 @@ def _load(path: str) -> AttributeClassifier:
 def load_evaluator(path: str | Path = DEFAULT_EVALUATOR_DIR) -> AttributeClassifier:
     """Load the shipped evaluator (safetensors only); cached per path."""
     if not evaluator_available(path):
-        raise FileNotFoundError(f"no evaluator at {path}; train it with python -m diffboost.training.train_evaluator")
+        raise FileNotFoundError(f"no evaluator at {path}; train it with python -m diffboost_reference.training.train_evaluator")
     return _load(str(Path(path).resolve()))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from diffboost.training import train_evaluator, train_flux, train_sd
-from diffboost.training.common import build_tokenizer
+from diffboost_reference.training import train_evaluator, train_flux, train_sd
+from diffboost_reference.training.common import build_tokenizer
 
 
 def _ckpt_step(path: Path) -> int:
@@ -63,7 +63,7 @@ def test_flux_trainer_fine_tunes_at_a_larger_size_from_another_run(tmp_path: Pat
     import torch
     from diffusers import FluxPipeline
 
-    from diffboost.training.train_flux import sampler_shift
+    from diffboost_reference.training.train_flux import sampler_shift
 
     work64, work128, out = tmp_path / "w64", tmp_path / "w128", tmp_path / "out"
     # the first run also trains its VAE with the object-weighted loss (L1 + MSE + object-pixel L1)
@@ -145,7 +145,7 @@ def test_sd_trainer_resumes_and_saves(tmp_path: Path) -> None:
 
 
 def test_evaluator_trainer(tmp_path: Path) -> None:
-    from diffboost.evaluation.classifier import load_evaluator
+    from diffboost_reference.evaluation.classifier import load_evaluator
 
     out = tmp_path / "ev"
     train_evaluator.main(["--out", str(out), "--steps", "3", "--batch-size", "8", "--heldout", "16", "--tiny"])
@@ -159,7 +159,7 @@ def test_decoder_finetune_keeps_the_encoder(tmp_path: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from diffboost.training.vae import build_vae, finetune_decoder
+    from diffboost_reference.training.vae import build_vae, finetune_decoder
 
     with pytest.raises(FileNotFoundError, match="no finished VAE"):
         finetune_decoder(tmp_path, 2)
@@ -183,7 +183,7 @@ def test_vae_finetune_moves_the_encoder_and_versions_the_latent_cache(tmp_path: 
     import torch
     from safetensors.torch import load_file, save_file
 
-    from diffboost.training.vae import build_vae, cache_latents, encoder_version, finetune_vae
+    from diffboost_reference.training.vae import build_vae, cache_latents, encoder_version, finetune_vae
 
     torch.manual_seed(0)
     vae = build_vae()
@@ -206,7 +206,7 @@ def test_vae_finetune_moves_the_encoder_and_versions_the_latent_cache(tmp_path: 
 def test_object_mask_marks_objects_not_background() -> None:
     import torch
 
-    from diffboost.training.common import object_mask, scene_batch
+    from diffboost_reference.training.common import object_mask, scene_batch
 
     x, _ = scene_batch([5, 6])
     mask = object_mask(x)
@@ -217,7 +217,7 @@ def test_object_mask_marks_objects_not_background() -> None:
 
 
 def test_lr_factor_warmup_then_cosine() -> None:
-    from diffboost.training.common import lr_factor
+    from diffboost_reference.training.common import lr_factor
 
     assert lr_factor(0, 200) == 1 / 200 and lr_factor(199, 200) == 1.0
     assert lr_factor(5000, 200) == 1.0  # no decay configured
@@ -292,7 +292,7 @@ def test_sd_scheduler_has_zero_terminal_snr() -> None:
     ],
 )
 def test_vae_cli_rejects_bad_arguments(argv, message, capsys, tmp_path: Path) -> None:
-    from diffboost.training.vae import main
+    from diffboost_reference.training.vae import main
 
     with pytest.raises(SystemExit):
         main(["--work-dir", str(tmp_path), *argv])
@@ -302,8 +302,8 @@ def test_vae_cli_rejects_bad_arguments(argv, message, capsys, tmp_path: Path) ->
 def test_object_token_weights_mark_object_tokens_and_weight_the_loss(tmp_path: Path) -> None:
     import torch
 
-    from diffboost.data import scenes
-    from diffboost.training.vae import LATENT_SEED_OFFSET
+    from diffboost_reference.data import scenes
+    from diffboost_reference.training.vae import LATENT_SEED_OFFSET
 
     seeds = [LATENT_SEED_OFFSET + i for i in range(4)]
     w = train_flux.object_token_weights(seeds, 64, 3.0)
@@ -330,8 +330,8 @@ def test_object_token_weights_mark_object_tokens_and_weight_the_loss(tmp_path: P
 def test_object_weighted_loss_of_the_sd_trainer(tmp_path: Path) -> None:
     import torch
 
-    from diffboost.training.common import object_share, weighted_mse
-    from diffboost.training.vae import LATENT_SEED_OFFSET
+    from diffboost_reference.training.common import object_share, weighted_mse
+    from diffboost_reference.training.vae import LATENT_SEED_OFFSET
 
     seeds = [LATENT_SEED_OFFSET + i for i in range(3)]
     share = object_share(seeds, 64, 4)  # the SD latent grid: one value per 4 x 4 px cell
@@ -351,8 +351,8 @@ def test_object_weighted_loss_of_the_sd_trainer(tmp_path: Path) -> None:
 def test_sd_trainer_oversamples_small_objects_and_takes_adagn(tmp_path: Path) -> None:
     import torch
 
-    from diffboost.training.common import draw_scenes, scene_draw_weights
-    from diffboost.training.train_sd import build_unet
+    from diffboost_reference.training.common import draw_scenes, scene_draw_weights
+    from diffboost_reference.training.train_sd import build_unet
 
     captions = ["a small red circle at the left on a white background",
                 "a large red circle at the left on a white background"]
@@ -378,8 +378,8 @@ def test_sd_trainer_oversamples_small_objects_and_takes_adagn(tmp_path: Path) ->
 def test_generate_and_score_takes_the_prompt_seed() -> None:
     import numpy as np
 
-    from diffboost.data import scenes
-    from diffboost.training.evaluate import generate_and_score
+    from diffboost_reference.data import scenes
+    from diffboost_reference.training.evaluate import generate_and_score
 
     class Recorder:
         """Stands in for a pipeline: records the prompts, returns grey images."""

@@ -1,7 +1,8 @@
 """Image-quality and prompt-adherence metrics for generated scenes.
 
 All image inputs may be PIL lists, uint8/float numpy arrays (N, H, W, 3) or [0, 1] tensors
-(N, 3, H, W); see :func:`diffboost.evaluation.images.to_tensor01`.
+(N, 3, H, W); see :func:`diffboost.fidelity.to_tensor01`. PSNR and SSIM live in
+:mod:`diffboost.fidelity` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,56 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffboost.data.scenes import parse_caption
-from diffboost.evaluation.classifier import AttributeClassifier, load_evaluator
-from diffboost.evaluation.images import to_tensor01
+from diffboost_reference.data.scenes import parse_caption
+from diffboost_reference.evaluation.classifier import AttributeClassifier, load_evaluator
+from diffboost.fidelity import psnr, ssim, to_tensor01  # noqa: F401  (part of this module's API)
 
 logger = logging.getLogger(__name__)
-
-
-def psnr(a: Any, b: Any, data_range: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image pair (``reduction='none'``) or averaged.
-
-    Identical images give ``inf``.
-    """
-    x, y = to_tensor01(a).double(), to_tensor01(b).double()
-    mse = (x - y).pow(2).flatten(1).mean(1)
-    out = 10 * torch.log10(data_range**2 / mse)
-    return out if reduction == "none" else out.mean()
-
-
-def _gaussian_window(size: int, sigma: float, channels: int) -> torch.Tensor:
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
-
-
-def ssim(
-    a: Any,
-    b: Any,
-    data_range: float = 1.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004) with a gaussian window, per channel, valid region.
-
-    Constants K1=0.01, K2=0.03. Returns the mean SSIM map value per image or averaged.
-    """
-    x, y = to_tensor01(a).double(), to_tensor01(b).double()
-    c = x.shape[1]
-    size = min(window_size, x.shape[-1], x.shape[-2])
-    w = _gaussian_window(size, sigma, c)
-    mu_x = F.conv2d(x, w, groups=c)
-    mu_y = F.conv2d(y, w, groups=c)
-    sxx = F.conv2d(x * x, w, groups=c) - mu_x**2
-    syy = F.conv2d(y * y, w, groups=c) - mu_y**2
-    sxy = F.conv2d(x * y, w, groups=c) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
-    out = smap.flatten(1).mean(1)
-    return out if reduction == "none" else out.mean()
 
 
 def _evaluator(evaluator: AttributeClassifier | None) -> AttributeClassifier:

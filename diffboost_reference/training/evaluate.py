@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from diffboost.data import scenes
+from diffboost_reference.data import scenes
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def generate_and_score(
         chunks.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     images = np.concatenate(chunks)
     result: dict[str, Any] = {"images": images, "prompts": prompts}
-    from diffboost.evaluation.classifier import evaluator_available, load_evaluator
-    from diffboost.evaluation.metrics import attribute_accuracy
+    from diffboost_reference.evaluation.classifier import evaluator_available, load_evaluator
+    from diffboost_reference.evaluation.metrics import attribute_accuracy
 
     if evaluator_available():
         result["accuracy"] = attribute_accuracy(images, prompts, load_evaluator())
@@ -62,8 +62,8 @@ def refine_and_score(
     ``accuracy``: per-attribute accuracy for ``all`` prompts and split by object size (``small`` /
     ``large``; single-object prompts). Needs the shipped evaluator.
     """
-    from diffboost.evaluation.classifier import load_evaluator
-    from diffboost.evaluation.metrics import attribute_accuracy
+    from diffboost_reference.evaluation.classifier import load_evaluator
+    from diffboost_reference.evaluation.metrics import attribute_accuracy
 
     if not 0 < strength <= 1:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")

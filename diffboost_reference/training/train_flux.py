@@ -1,6 +1,6 @@
 """Train the tiny Flux-architecture reference text-to-image model on procedural scenes.
 
-Run ``python -m diffboost.training.train_flux --out assets/flux-shapes``. Stages (all resumable
+Run ``python -m diffboost_reference.training.train_flux --out assets/flux-shapes``. Stages (all resumable
 from files under ``--work-dir``): VAE training, latent caching, then joint flow-matching training
 of the transformer and both text encoders. The pipeline is saved with ``save_pretrained``.
 """
@@ -21,8 +21,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from diffboost.data import scenes
-from diffboost.training.common import (
+from diffboost_reference.data import scenes
+from diffboost_reference.training.common import (
     EMA,
     Timer,
     add_trainer_args,
@@ -39,8 +39,8 @@ from diffboost.training.common import (
     tokenize,
     weighted_mse,
 )
-from diffboost.training.evaluate import export_checkpoint, generate_and_score, save_grid, save_pipeline
-from diffboost.training.vae import cache_latents, train_vae, vae_psnr
+from diffboost_reference.training.evaluate import export_checkpoint, generate_and_score, save_grid, save_pipeline
+from diffboost_reference.training.vae import cache_latents, train_vae, vae_psnr
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from diffboost.data import scenes
+from diffboost_reference.data import scenes
 
 
 def test_same_seed_same_scene() -> None:

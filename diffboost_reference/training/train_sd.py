@@ -1,6 +1,6 @@
 """Train the tiny Stable-Diffusion-architecture reference model (UNet, v-prediction, DDIM).
 
-Run ``python -m diffboost.training.train_sd --out assets/sd-shapes --vae-dir runs/flux``: it reuses
+Run ``python -m diffboost_reference.training.train_sd --out assets/sd-shapes --vae-dir runs/flux``: it reuses
 (or trains) the shared VAE and its cached latents, trains a small ``UNet2DConditionModel`` and a
 1-layer CLIP text encoder jointly with the v-prediction loss (10% empty captions, so classifier-free
 guidance works), and saves a ``StableDiffusionPipeline`` with ``save_pretrained``.
@@ -20,8 +20,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffboost.data import scenes
-from diffboost.training.common import (
+from diffboost_reference.data import scenes
+from diffboost_reference.training.common import (
     EMA,
     Timer,
     add_trainer_args,
@@ -38,8 +38,8 @@ from diffboost.training.common import (
     tokenize,
     weighted_mse,
 )
-from diffboost.training.evaluate import export_checkpoint, generate_and_score, save_grid, save_pipeline
-from diffboost.training.vae import cache_latents, train_vae
+from diffboost_reference.training.evaluate import export_checkpoint, generate_and_score, save_grid, save_pipeline
+from diffboost_reference.training.vae import cache_latents, train_vae
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffboost.data import scenes
-from diffboost.evaluation import metrics
-from diffboost.evaluation.classifier import AttributeClassifier, evaluator_available, load_evaluator
+from diffboost_reference.data import scenes
+from diffboost_reference.evaluation import metrics
+from diffboost_reference.evaluation.classifier import AttributeClassifier, evaluator_available, load_evaluator
 
 
 def test_psnr_known_values() -> None:

@@ -1,6 +1,6 @@
 """Train the attribute classifier used to evaluate generated scenes.
 
-``python -m diffboost.training.train_evaluator --out assets/evaluator`` renders procedural scenes on
+``python -m diffboost_reference.training.train_evaluator --out assets/evaluator`` renders procedural scenes on
 the fly, augments them (blur, noise, colour jitter, down/up-sampling) so that the classifier also
 reads soft, noisy generated images, and writes safetensors weights, a JSON config and held-out
 accuracies (``accuracy.json``) into ``--out``.
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffboost.data import scenes
-from diffboost.evaluation.classifier import AttributeClassifier
-from diffboost.training.common import setup_logging, step_generator
+from diffboost_reference.data import scenes
+from diffboost_reference.evaluation.classifier import AttributeClassifier
+from diffboost_reference.training.common import setup_logging, step_generator
 
 logger = logging.getLogger(__name__)
 
