@@ -83,7 +83,7 @@ def prepare(module: str, tests: list[str], work: Path, fresh: bool) -> None:
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("diffboost", "tests"):
+    for name in ("diffboost", "diffboost_reference", "tests"):
         target = work / name
         if target.exists():
             shutil.rmtree(target)
