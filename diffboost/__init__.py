@@ -12,7 +12,7 @@
 
 from .caches.block_cache import AdaptiveBlockCache, ErrorControlledCache
 from .caches.taylorseer import TaylorSeer
-from .plugins.adapters import UnsupportedPipelineError, supported_families
+from .plugins.adapters import UnsupportedPipelineError, register_family, supported_families, unregister_family
 from .plugins.api import Acceleration, accelerated, apply, describe, remove
 from .plugins.base import Plugin, PluginKind
 from .plugins.presets import PRESETS
@@ -45,7 +45,9 @@ __all__ = [
     "apply",
     "describe",
     "load",
+    "register_family",
     "remove",
     "save",
     "supported_families",
+    "unregister_family",
 ]

@@ -13,7 +13,14 @@ image-to-image and other variants of a family share one adapter. For each family
   prediction, read from the scheduler),
 - how classifier-free guidance is batched (``"context"``: separate calls under
   ``cache_context("cond"/"uncond")``, ``"batch"``: one doubled batch, ``"embedded"``: guidance
-  distilled into an embedding, no second branch).
+  distilled into an embedding, no second branch; ``"auto"``: not recorded, the runtime follows what
+  the pipeline does).
+
+A denoiser matches a family through its class hierarchy (a subclass of ``FluxTransformer2DModel``
+is Flux). A transformer denoiser of no known family is *discovered*: its block lists are the
+``ModuleList`` children whose blocks all have a known output layout (ours, or diffusers' own block
+metadata), in the order the model defines them. Users register their own models with
+:func:`register_family`.
 """
 
 from __future__ import annotations
@@ -30,8 +37,12 @@ class FamilySpec:
     denoiser_class: str
     block_lists: tuple[str, ...]
     kind: str  # "dit" | "unet"
-    cfg: str  # "context" | "batch" | "embedded"
+    cfg: str  # "context" | "batch" | "embedded" | "auto"
     video: bool = False
+    #: found by discovery (block lists read from the model), not from a table
+    discovered: bool = False
+    #: (block class name, layout) pairs registered with the family
+    block_outputs: tuple[tuple[str, str], ...] = ()
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -68,8 +79,74 @@ BLOCK_OUTPUTS: dict[str, str] = {
 }
 
 
+#: families registered with :func:`register_family` (module state, never on a class), newest first
+_REGISTERED: list[FamilySpec] = []
+
+LAYOUTS = ("eh", "he", "h")
+KINDS = ("dit", "unet")
+CFG_MODES = ("context", "batch", "embedded", "auto")
+
+
 def supported_families() -> list[str]:
-    return [f.name for f in FAMILIES] + ["sdxl"]
+    """The families diffboost knows by name: its own table (with SDXL), then registered ones.
+    Transformer denoisers of other classes may still work through discovery."""
+    return [f.name for f in FAMILIES] + ["sdxl"] + [f.name for f in _REGISTERED]
+
+
+def register_family(
+    name: str,
+    denoiser_class: type | str,
+    block_lists: tuple[str, ...] | list[str],
+    *,
+    kind: str = "dit",
+    cfg: str = "auto",
+    video: bool = False,
+    block_outputs: dict[type | str, str] | None = None,
+) -> FamilySpec:
+    """Teach diffboost a denoiser family (a custom model, or one that discovery gets wrong).
+
+    Args:
+        name: the family's name in ``describe()`` and error messages.
+        denoiser_class: the denoiser class (or its name); subclasses match too.
+        block_lists: the denoiser's attributes that hold its blocks, in the order they run
+            (``ModuleList``s, or single blocks).
+        kind: ``"dit"`` (transformer blocks) or ``"unet"``.
+        cfg: how the pipeline batches classifier-free guidance (descriptive; ``"auto"``: not known).
+        video: whether the latents are video.
+        block_outputs: the output layout of each block class that neither diffboost nor diffusers
+            knows: ``"h"`` (hidden states only), ``"eh"`` (encoder, hidden) or ``"he"`` (hidden, encoder).
+
+    Registering a name again replaces the earlier registration. Returns the family's spec.
+    """
+    cls_name = denoiser_class if isinstance(denoiser_class, str) else getattr(denoiser_class, "__name__", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_family: name must be a non-empty string, got {name!r}")
+    if name in [f.name for f in FAMILIES] + ["sdxl"]:
+        raise ValueError(f"register_family: {name!r} is one of diffboost's own families; choose another name")
+    if not isinstance(cls_name, str) or not cls_name:
+        raise TypeError(f"register_family: denoiser_class must be a class or a class name, got {denoiser_class!r}")
+    lists = tuple(block_lists) if isinstance(block_lists, (list, tuple)) else ()
+    if not lists or not all(isinstance(b, str) and b for b in lists):
+        raise ValueError(f"register_family: block_lists must name the denoiser's block attributes, got {block_lists!r}")
+    if kind not in KINDS:
+        raise ValueError(f"register_family: kind={kind!r}; choose one of {KINDS}")
+    if cfg not in CFG_MODES:
+        raise ValueError(f"register_family: cfg={cfg!r}; choose one of {CFG_MODES}")
+    outputs: dict[str, str] = {}
+    for block, layout in (block_outputs or {}).items():
+        block_name = block if isinstance(block, str) else getattr(block, "__name__", None)
+        if not isinstance(block_name, str) or layout not in LAYOUTS:
+            raise ValueError(f"register_family: block_outputs entry {block!r}: {layout!r}; layouts are {LAYOUTS}")
+        outputs[block_name] = layout
+    spec = FamilySpec(name, cls_name, lists, kind, cfg, video=bool(video), block_outputs=tuple(outputs.items()))
+    _REGISTERED[:] = [f for f in _REGISTERED if f.name != name]
+    _REGISTERED.insert(0, spec)
+    return spec
+
+
+def unregister_family(name: str) -> None:
+    """Forget a family registered with :func:`register_family`, and the block layouts it brought."""
+    _REGISTERED[:] = [f for f in _REGISTERED if f.name != name]
 
 
 class UnsupportedPipelineError(TypeError):
@@ -81,15 +158,17 @@ class BlockIO:
     """How to read a transformer block's hidden/encoder inputs and build its output."""
 
     outputs: str  # "eh" | "he" | "h"
+    hidden_arg: str = "hidden_states"
+    encoder_arg: str = "encoder_hidden_states"
 
     def inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden, encoder) inputs; encoder is None for blocks that do not return a text stream
         (their ``encoder_hidden_states`` is read-only conditioning, and may not be argument 1)."""
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        hidden = kwargs[self.hidden_arg] if self.hidden_arg in kwargs else args[0]
         if self.outputs == "h":
             return hidden, None
-        if "encoder_hidden_states" in kwargs:
-            encoder = kwargs["encoder_hidden_states"]
+        if self.encoder_arg in kwargs:
+            encoder = kwargs[self.encoder_arg]
         else:
             encoder = args[1] if len(args) > 1 else None
         return hidden, encoder
@@ -109,6 +188,49 @@ class BlockIO:
         return hidden, encoder
 
 
+def diffusers_block_metadata(block_class: type) -> BlockIO | None:
+    """The output layout diffusers records for a transformer block class, or None.
+
+    The one place that reads diffusers' private block registry
+    (``diffusers.hooks._helpers.TransformerBlockRegistry``, checked on diffusers 0.42.1:
+    ``return_hidden_states_index``, ``return_encoder_hidden_states_index`` and the argument names);
+    ``tests/plugins/test_adapters.py`` pins what it returns for known blocks.
+    """
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:  # pragma: no cover - another diffusers layout
+        return None
+    try:
+        meta = TransformerBlockRegistry.get(block_class)
+    except (ValueError, KeyError, TypeError):
+        return None
+    hidden = getattr(meta, "return_hidden_states_index", None)
+    encoder = getattr(meta, "return_encoder_hidden_states_index", None)
+    layout = {(0, None): "h", (0, 1): "he", (1, 0): "eh"}.get((hidden, encoder))
+    if layout is None:
+        return None
+    return BlockIO(
+        layout,
+        getattr(meta, "hidden_states_argument_name", None) or "hidden_states",
+        getattr(meta, "encoder_hidden_states_argument_name", None) or "encoder_hidden_states",
+    )
+
+
+def block_layout(block_class: type) -> BlockIO | None:
+    """A block class's layout: registered by a user, in diffboost's table, or in diffusers' metadata,
+    looked up along the class hierarchy (a subclass of a known block is known)."""
+    registered = {name: layout for spec in reversed(_REGISTERED) for name, layout in spec.block_outputs}
+    for cls in block_class.__mro__:
+        if cls.__name__ in registered:
+            return BlockIO(registered[cls.__name__])
+        if cls.__name__ in BLOCK_OUTPUTS:
+            return BlockIO(BLOCK_OUTPUTS[cls.__name__])
+        found = diffusers_block_metadata(cls)
+        if found is not None:
+            return found
+    return None
+
+
 @dataclasses.dataclass
 class Denoiser:
     """One denoiser of a pipeline and its blocks."""
@@ -119,13 +241,14 @@ class Denoiser:
     block_names: list[str]
 
     def block_io(self, block: torch.nn.Module) -> BlockIO:
-        name = type(block).__name__
-        if name not in BLOCK_OUTPUTS:
+        layout = block_layout(type(block))
+        if layout is None:
             raise UnsupportedPipelineError(
-                f"block class {name} of {type(self.module).__name__} has no known output layout; "
-                f"known: {sorted(BLOCK_OUTPUTS)}"
+                f"block class {type(block).__name__} of {type(self.module).__name__} has no known output layout "
+                f"(neither diffboost's table nor diffusers' block metadata has it); register it with "
+                f"diffboost.register_family(..., block_outputs={{{type(block).__name__}: 'h' | 'eh' | 'he'}})"
             )
-        return BlockIO(BLOCK_OUTPUTS[name])
+        return layout
 
 
 class PipelineAdapter:
@@ -137,7 +260,7 @@ class PipelineAdapter:
         self.denoisers: list[Denoiser] = []
         for attr in ("transformer", "transformer_2", "unet"):
             module = getattr(pipe, attr, None)
-            if isinstance(module, torch.nn.Module) and type(module).__name__ == self.spec.denoiser_class:
+            if isinstance(module, torch.nn.Module) and _matches(module, self.spec):
                 blocks, names = _collect_blocks(module, self.spec.block_lists)
                 self.denoisers.append(Denoiser(attr, module, blocks, names))
         self.scheduler = getattr(pipe, "scheduler", None)
@@ -167,22 +290,52 @@ class PipelineAdapter:
         }
 
 
+def _matches(module: torch.nn.Module, spec: FamilySpec) -> bool:
+    return any(cls.__name__ == spec.denoiser_class for cls in type(module).__mro__)
+
+
+def _family_name(cls_name: str) -> str:
+    """``ChromaTransformer2DModel`` -> ``chroma``: a discovered family's name."""
+    for suffix in ("Transformer2DModel", "Transformer3DModel", "TransformerModel", "Transformer", "Model"):
+        if cls_name.endswith(suffix) and len(cls_name) > len(suffix):
+            cls_name = cls_name[: -len(suffix)]
+            break
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(cls_name))
+
+
+def discover_block_lists(module: torch.nn.Module) -> tuple[str, ...]:
+    """The ``ModuleList`` children of a transformer whose blocks all have a known layout, in the
+    order the model defines them (how diffusers' DiTs run them)."""
+    found = []
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.ModuleList) and len(child) and all(block_layout(type(b)) for b in child):
+            found.append(name)
+    return tuple(found)
+
+
 def _detect(pipe: Any) -> tuple[str, FamilySpec]:
     for attr in ("transformer", "unet"):
         module = getattr(pipe, attr, None)
         if module is None:
             continue
-        cls = type(module).__name__
-        for spec in FAMILIES:
-            if spec.denoiser_class == cls:
+        for spec in (*_REGISTERED, *FAMILIES):
+            if _matches(module, spec):
                 family = spec.name
-                if cls == "UNet2DConditionModel" and getattr(module.config, "addition_embed_type", None) == "text_time":
+                if spec.name == "sd" and getattr(module.config, "addition_embed_type", None) == "text_time":
                     family = "sdxl"
                 return family, spec
+    module = getattr(pipe, "transformer", None)
+    if isinstance(module, torch.nn.Module):
+        lists = discover_block_lists(module)
+        if lists:
+            cls_name = type(module).__name__
+            spec = FamilySpec(_family_name(cls_name), cls_name, lists, "dit", "auto", discovered=True)
+            return spec.name, spec
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     raise UnsupportedPipelineError(
-        f"diffboost does not support {type(pipe).__name__} "
-        f"(denoiser: {type(getattr(pipe, 'transformer', getattr(pipe, 'unet', None))).__name__}); "
-        f"supported families: {', '.join(supported_families())}"
+        f"diffboost does not support {type(pipe).__name__} (denoiser: {type(denoiser).__name__}): no known "
+        f"family and no block list with known blocks was found; supported families: "
+        f"{', '.join(supported_families())}; a custom model can be added with diffboost.register_family(...)"
     )
 
 
