@@ -165,8 +165,6 @@ class SADA(Plugin):
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in steps):
                 raise ValueError(f"SADA.schedule must be non-negative step indices, got {self.schedule!r}")
             object.__setattr__(self, "schedule", tuple(sorted(set(steps))))
-        if not isinstance(self.token_sparsity, bool):
-            raise TypeError(f"SADA.token_sparsity must be a bool, got {self.token_sparsity!r}")
         check_int(self, "sx", 1, 64)
         check_int(self, "sy", 1, 64)
         if self.sx * self.sy < 2:

@@ -109,9 +109,6 @@ class TokenMerging(Plugin):
             )
         check_choice(self, "max_downsample", DOWNSAMPLE_CHOICES)
         check_int(self, "seed", 0, 2**63 - 1)
-        for name in ("random_dst", "merge_attn", "merge_crossattn", "merge_mlp"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"TokenMerging.{name} must be a bool, got {getattr(self, name)!r}")
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError("TokenMerging: merge_attn, merge_crossattn and merge_mlp are all False; set one")
 

@@ -188,7 +188,7 @@ def test_unsupported_family_names_the_supported_ones():
         (TokenMerging, dict(sx=1, sy=1), ValueError, r"TokenMerging\.sx \* TokenMerging\.sy = 1.*>= 2"),
         (TokenMerging, dict(max_downsample=3), ValueError, r"TokenMerging\.max_downsample=3 .*\(1, 2, 4, 8\)"),
         (TokenMerging, dict(seed=-1), ValueError, r"TokenMerging\.seed=-1"),
-        (TokenMerging, dict(merge_mlp=1), TypeError, r"TokenMerging\.merge_mlp must be a bool"),
+        (TokenMerging, dict(merge_mlp=1), TypeError, r"TokenMerging\.merge_mlp must be True or False"),
         (TokenMerging, dict(merge_attn=False), ValueError, r"merge_attn, merge_crossattn and merge_mlp"),
         (TokenDownsampling, dict(factor=0), ValueError, r"TokenDownsampling\.factor=0 .*>= 1 and <= 8"),
         (TokenDownsampling, dict(factor=1.5), TypeError, r"TokenDownsampling\.factor must be an int"),
@@ -546,7 +546,7 @@ def test_config_defaults_bounds_and_never_skips():
             TokenMerging(**kwargs)
     with pytest.raises(ValueError):
         TokenDownsampling(factor=9)
-    with pytest.raises(TypeError, match=r"^TokenMerging\.random_dst must be a bool, got 1$"):
+    with pytest.raises(TypeError, match=r"^TokenMerging\.random_dst must be True or False, got int \(1\)$"):
         TokenMerging(random_dst=1)
     with pytest.raises(ValueError, match=r"^TokenMerging: merge_attn, merge_crossattn and merge_mlp are all False; set one$"):
         TokenMerging(merge_attn=False)
