@@ -745,3 +745,49 @@ def test_a_refused_call_is_refused_at_check_inputs_before_it_stores_settings():
     tracker._leave_loop()
     assert pipe.check_inputs("y") == "y"
     tracker.remove()
+
+
+def test_the_guard_passes_every_argument_through_and_names_the_other_thread():
+    import threading
+
+    from diffboost.plugins.runtime import ConcurrentCallError
+
+    seen = []
+
+    class Pipe(_StubPipe):
+        def check_inputs(self, prompt, height=None):
+            seen.append(("check_inputs", prompt, height))
+
+        def progress_bar(self, iterable=None, total=None):
+            seen.append(("progress_bar", total))
+            return SimpleNamespace(total=total, __enter__=None)
+
+    pipe = Pipe()
+    tracker = CallTracker(pipe)
+    pipe.check_inputs("a", height=64)
+    bar = pipe.progress_bar(total=7)
+    assert seen == [("check_inputs", "a", 64), ("progress_bar", 7)]
+    assert bar.total == 7  # attributes of the pipeline's own bar read through the wrapper
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_call():
+        tracker._enter_loop()
+        inside.set()
+        leave.wait(10)
+        tracker._leave_loop()
+
+    worker = threading.Thread(target=other_call)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        with pytest.raises(ConcurrentCallError, match=rf"started by thread {worker.ident}\)"):
+            pipe.check_inputs("b")
+        tracker._leave_loop()  # another thread's loop is not ours to end
+        with pytest.raises(ConcurrentCallError):
+            pipe.scheduler.set_timesteps(3)
+    finally:
+        leave.set()
+        worker.join(10)
+    pipe.scheduler.set_timesteps(3)  # free again
+    tracker.remove()
