@@ -167,3 +167,42 @@ def test_to_data_is_json_and_lists_every_field():
     assert data == {"format": "diffboost-stack", "version": 1, "plugins": [{
         "plugin": "TaylorSeer", "interval": 4, "order": 1, "warmup": 3, "final_full_steps": 0, "lite": False,
         "granularity": "module", "check_finite": True}]}
+
+
+def test_toml_values_and_the_files_layout():
+    from diffboost.plugins.stacks import _toml_value
+
+    assert [_toml_value(v, "x") for v in (True, False, 3, 0.5, 1e-07, "a \"q\"", [[1.0, 2], []])] == [
+        "true", "false", "3", "0.5", "1e-07", '"a \\"q\\""', "[[1.0, 2], []]"]
+    assert [_toml_value(v, "x") for v in (float("inf"), float("-inf"), float("nan"))] == ["inf", "-inf", "nan"]
+    with pytest.raises(StackFileError, match=r"x: \{\} \(dict\) cannot be written as TOML; save as .json"):
+        _toml_value({}, "x")
+
+
+def test_json_files_are_indented_and_toml_files_list_one_table_per_plugin(tmp_path):
+    path = diffboost.save([TaylorSeer(interval=4), SADA()], tmp_path / "s.json")
+    assert path.read_text().startswith('{\n  "format": "diffboost-stack",\n  "version": 1,\n  "plugins": [\n    {\n')
+    text = diffboost.save([TaylorSeer(interval=4), SADA()], tmp_path / "s.toml").read_text()
+    assert text.startswith('format = "diffboost-stack"\nversion = 1\n\n[[plugins]]\nplugin = "TaylorSeer"\ninterval = 4\n')
+    assert text.count("[[plugins]]") == 2 and "schedule" not in text  # None fields are left out
+
+
+def test_an_unknown_preset_name_lists_the_presets(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown preset 'warp'; available presets: \['fast', 'safe', 'turbo'\]"):
+        diffboost.save("warp", tmp_path / "s.toml")
+
+
+def test_none_is_refused_in_toml_only_where_it_is_not_the_default(tmp_path, monkeypatch):
+    import diffboost.plugins.stacks as stacks
+    from diffboost.plugins.base import Plugin
+
+    @dataclasses.dataclass(frozen=True)
+    class Odd(Plugin):
+        level: object = 3
+
+    monkeypatch.setattr(stacks, "plugin_classes", lambda: {"Odd": Odd})
+    with pytest.raises(StackFileError, match=r"Odd.level=None cannot be written as TOML; save as .json"):
+        diffboost.save(Odd(level=None), tmp_path / "o.toml")
+    assert not (tmp_path / "o.toml").exists()
+    diffboost.save(Odd(level=None), tmp_path / "o.json")  # JSON has null
+    assert json.loads((tmp_path / "o.json").read_text())["plugins"][0]["level"] is None
