@@ -196,3 +196,18 @@ def test_job_ids_do_not_depend_on_position():
     a = BatchJob(0, "x", 1, 4, 32, None, "none")
     b = BatchJob(7, "x", 1, 4, 32, None, "none")
     assert a.job_id == b.job_id and a.filename != b.filename
+
+
+def test_the_manifest_is_parsed_again_only_when_it_changed(tmp_path, monkeypatch):
+    import diffboost.batch as batch
+
+    parses = []
+    original = batch.load_manifest
+    monkeypatch.setattr(batch, "load_manifest", lambda d: (parses.append(1), original(d))[1])
+    out = tmp_path / "out"
+    run_batch(_jobs(["a", "b", "c", "d"], seeds=[0, 1]), out, _fake_generate, progress=False)
+    assert len(parses) == 1  # 8 images, one parse (none of the 8 manifest writes forces another)
+    cache = batch.ManifestCache(out)
+    first = cache.read()
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in list(first.values())[:3]))  # another run
+    assert len(cache.read()) == 3 and len(parses) == 3
