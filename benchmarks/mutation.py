@@ -96,6 +96,8 @@ def prepare(module: str, tests: list[str], work: Path, fresh: bool) -> None:
     assets = work / "assets"
     if not assets.exists() and (ROOT / "assets").exists():
         assets.symlink_to(ROOT / "assets")
+    # the fork server's warm-up (see benchmarks/mutation_warmup.py), importable from the scratch root
+    shutil.copy2(ROOT / "benchmarks" / "mutation_warmup.py", work / "mutation_warmup.py")
     missing = [t for t in tests if t.startswith("tests/") and not (ROOT / t.split("::")[0]).exists()]
     if missing:
         raise SystemExit(f"{module}: test files missing: {missing}")
@@ -103,9 +105,11 @@ def prepare(module: str, tests: list[str], work: Path, fresh: bool) -> None:
     (work / "pyproject.toml").write_text(
         "[tool.mutmut]\n"
         'source_paths = ["diffboost"]\n'
+        'also_copy = ["mutation_warmup.py"]\n'
         f"only_mutate = {toml_list(['diffboost/' + module])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-W", "ignore::DeprecationWarning"]\n'
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:unraisableexception", "-p", "mutation_warmup",'
+        ' "-q", "-W", "ignore::DeprecationWarning"]\n'
         # error messages and log lines are not the method: their statements are not mutated (the
         # conditions that raise or log are)
         "do_not_mutate_patterns = [\"^\\\\s*raise \", \"^\\\\s*logger\\\\.\"]\n"
