@@ -33,7 +33,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
-from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter
+from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter, UnsupportedPipelineError
 from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_float, check_int
 from ..plugins.runtime import compiled_around, BranchStates, CallTracker, HookSet, StepClock
 from .taylor import TaylorFactors
@@ -179,6 +179,9 @@ class _State(BaseState):
         self.ref_factors = TaylorFactors(self.order)  # probe residual factors ("forecast_error" gate)
         self.mid_in: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.mid_out_has_encoder = True
+        # the text and image streams are joined into one between the first and the last middle block
+        # (Chroma, AuraFlow, Flux2: dual-stream blocks, then single-stream blocks on cat([text, image]))
+        self.joined = False
         self.res = TaylorFactors(self.order)  # middle residual (DiT) or last middle output (UNet)
         self.stale: dict[int, Any] = {}
         self.consecutive = 0
@@ -290,13 +293,19 @@ class MiddleBlockHook(_BlockHook):
             if self.last:
                 h, e = self.io.split(out)
                 h0, e0 = st.mid_in
+                st.joined = h.shape != h0.shape
+                if st.joined:
+                    h0, e0 = joined_input(h0, e0, h, module), None
                 st.mid_out_has_encoder = e is not None
                 res_e = e - e0 if (e is not None and e0 is not None) else None
                 st.res.update((h - h0, res_e), plan.step)
                 st.mid_in = None
             return out
         h, e = self.io.inputs(args, kwargs)
-        if self.first:
+        # on a reused step every middle block passes its input through; the residual is added where the
+        # stream it was measured on exists: at the first middle block, or at the last one when the
+        # streams were joined in between (its input is then the joined stream)
+        if (self.first and not st.joined) or (self.last and st.joined):
             res_h, res_e = st.res.forecast(plan.step) if self.core.s.order else st.res.latest()
             h = h + res_h
             if res_e is not None and e is not None:
@@ -316,6 +325,21 @@ class MiddleBlockHook(_BlockHook):
         if self.last:
             return st.res.forecast(plan.step) if self.core.s.order else st.res.latest()
         return st.stale[self.index]
+
+
+def joined_input(h0: torch.Tensor, e0: torch.Tensor | None, h: torch.Tensor, block: torch.nn.Module) -> torch.Tensor:
+    """The first middle block's input as the joined stream the last one returns: ``cat([text, image])``
+    along the tokens, the order diffusers' single-stream DiTs (Chroma, AuraFlow, Flux2) join them in."""
+    if e0 is not None and e0.dim() == h0.dim() == h.dim() and e0.shape[0] == h0.shape[0]:
+        joined = torch.cat([e0, h0], dim=1)
+        if joined.shape == h.shape:
+            return joined
+    raise UnsupportedPipelineError(
+        f"block cache: the middle blocks take hidden states of shape {tuple(h0.shape)} and "
+        f"{type(block).__name__} returns {tuple(h.shape)}, which is not the text and image streams joined "
+        f"(text {None if e0 is None else tuple(e0.shape)} first); choose front/back blocks so that the middle "
+        f"keeps one layout, or use TaylorSeer"
+    )
 
 
 def _install(

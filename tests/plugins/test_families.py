@@ -113,3 +113,38 @@ def test_a_second_call_during_a_call_is_refused_and_the_first_is_unharmed(family
     finally:
         diffboost.remove(pipe)
     assert "progress_bar" not in vars(pipe) and "check_inputs" not in vars(pipe)
+
+
+def test_every_block_layout_is_what_the_block_takes_and_returns(family_pipe):
+    """The layout diffboost uses for each block (its table, diffusers' block metadata or a registration)
+    must be what the block really does: the hidden output has the hidden input's shape, and the text
+    stream likewise where the block returns one. The default calls keep the text and image token counts
+    apart, so that a swapped (text, image) pair cannot pass."""
+    from diffboost.plugins.adapters import PipelineAdapter
+
+    family, pipe, base = family_pipe
+    adapter = PipelineAdapter(pipe)
+    if adapter.kind == "unet":
+        pytest.skip("UNet blocks are cached whole (down/mid/up blocks); they have no stream layout")
+    seen, handles = [], []
+    for d in adapter:
+        for name, block in zip(d.block_names, d.blocks):
+            io = d.block_io(block)
+
+            def record(module, args, kwargs, out, io=io, name=name):
+                (h, e), (h_out, e_out) = io.inputs(args, kwargs), io.split(out)
+                seen.append((name, io.outputs, h, e, h_out, e_out))
+
+            handles.append(block.register_forward_hook(record, with_kwargs=True))
+    try:
+        run(pipe, family, num_inference_steps=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {name for name, *_ in seen} == {n for d in adapter for n in d.block_names}
+    for name, layout, h, e, h_out, e_out in seen:
+        assert h_out.shape == h.shape, f"{family} {name} ({layout}): hidden {tuple(h.shape)} -> {tuple(h_out.shape)}"
+        if layout != "h":
+            assert e is not None and e.shape[1] != h.shape[1], f"{family} {name}: text and image token counts must differ"
+            if e_out is not None:
+                assert e_out.shape == e.shape, f"{family} {name} ({layout}): text {tuple(e.shape)} -> {tuple(e_out.shape)}"

@@ -1,0 +1,132 @@
+"""The support table in README.md, cell by cell, on every family's tiny pipeline.
+
+The caches (TaylorSeer, AdaptiveBlockCache, ErrorControlledCache) run on every family: exactness,
+remove() and real skipping are in tests/plugins/test_families.py. Here, for the methods that do not run
+everywhere, each family either runs the method (a never-skipping setting is bit-identical, a skipping
+one skips and changes the output, remove() restores the pipeline) or refuses it at apply() with
+UnsupportedPipelineError saying why. The README's table is built from SUPPORT and checked against it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+import diffboost
+from diffboost import SADA, BottleneckSampling, TokenDownsampling, TokenMerging, UnsupportedPipelineError
+from factories import FAMILIES, run
+
+STEPS = 8
+#: the methods that do not run on every family, and where they run
+METHODS = ("sada", "bottleneck", "tokens", "sada_tokens")
+SUPPORT: dict[str, set[str]] = {
+    "flux": {"sada", "bottleneck"},
+    "sd3": {"sada", "bottleneck"},
+    "pixart_sigma": {"sada", "tokens"},
+    "sana": {"sada"},
+    "wan": {"sada", "bottleneck"},
+    "cogvideox": set(),  # CogVideoXDDIMScheduler: SADA reads Euler, DPM++, DDIM and flow Euler
+    "hunyuan_video": {"sada", "bottleneck"},
+    "sd": {"sada", "tokens", "sada_tokens"},
+    "sdxl": {"sada", "tokens", "sada_tokens"},
+}
+#: README rows: family -> (what users know it as, the pipeline tested)
+NAMES: dict[str, tuple[str, str]] = {
+    "flux": ("FLUX.1 (dev/schnell, Kontext, Fill)", "FluxPipeline"),
+    "sd3": ("Stable Diffusion 3 / 3.5", "StableDiffusion3Pipeline"),
+    "pixart_sigma": ("PixArt-α / Σ", "PixArtSigmaPipeline"),
+    "sana": ("Sana", "SanaPipeline"),
+    "wan": ("Wan 2.1 / 2.2 (two experts)", "WanPipeline"),
+    "cogvideox": ("CogVideoX", "CogVideoXPipeline"),
+    "hunyuan_video": ("HunyuanVideo", "HunyuanVideoPipeline"),
+    "sd": ("Stable Diffusion 1.x / 2.x", "StableDiffusionPipeline"),
+    "sdxl": ("SDXL", "StableDiffusionXLPipeline"),
+}
+
+
+def support_table() -> str:
+    """The README's table: one row per family, one column per method."""
+    head = "| family | pipeline tested | caches | SADA | bottleneck | ToMe / ToDo | SADA tokens |"
+    rows = [head, "|---|---|:-:|:-:|:-:|:-:|:-:|"]
+    for family, (name, pipeline) in NAMES.items():
+        cells = ["✓"] + ["✓" if m in SUPPORT[family] else "–" for m in METHODS]
+        rows.append(f"| {name} | `{pipeline}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def test_the_table_covers_every_family_and_the_readme_shows_it():
+    assert set(SUPPORT) == set(FAMILIES) == set(NAMES)
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    assert support_table() in readme, "README.md's support table is out of date:\n" + support_table()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_pipe(request):
+    family = request.param
+    pipe = FAMILIES[family]()
+    return family, pipe, run(pipe, family, num_inference_steps=STEPS)
+
+
+def _runs(pipe, family, base, exact, skipping, count) -> None:
+    """``exact`` is bit-identical; ``skipping`` changes the output and ``count(stats)`` > 0; remove()
+    restores the pipeline."""
+    with diffboost.accelerated(pipe, exact):
+        assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base), f"{family}: {exact}"
+    with diffboost.accelerated(pipe, skipping):
+        out = run(pipe, family, num_inference_steps=STEPS)
+        stats = diffboost.describe(pipe)["last_call"]
+    assert out.shape == base.shape and torch.isfinite(out.float()).all()
+    assert not torch.equal(out, base) and count(stats) > 0, f"{family}: {skipping} skipped nothing: {stats}"
+    assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base), f"{family}: remove() after {skipping}"
+
+
+def _refuses(pipe, plugin, why: str) -> None:
+    with pytest.raises(UnsupportedPipelineError, match=why):
+        diffboost.apply(pipe, plugin)
+    assert not hasattr(pipe, "_diffboost_handle")
+
+
+def test_sada(family_pipe):
+    family, pipe, base = family_pipe
+    if "sada" in SUPPORT[family]:
+        _runs(pipe, family, base, SADA(schedule=()), SADA(schedule=(3, 5)),
+              lambda stats: sum(s.get("skipped", 0) for s in stats))
+    else:
+        _refuses(pipe, SADA(), "SADA")
+
+
+def test_bottleneck(family_pipe):
+    family, pipe, base = family_pipe
+    if "bottleneck" in SUPPORT[family]:
+        _runs(pipe, family, base, BottleneckSampling(stages=[(1.0, 1.0)]), BottleneckSampling(),
+              lambda stats: sum(st["steps"] for s in stats for st in s.get("stages", [])
+                                if st["latent_size"] != s["stages"][-1]["latent_size"]))
+    else:
+        _refuses(pipe, BottleneckSampling(), "BottleneckSampling supports flow-matching")
+
+
+def test_token_merging_and_downsampling(family_pipe):
+    family, pipe, base = family_pipe
+    if "tokens" in SUPPORT[family]:
+        count = lambda stats: sum(s.get("reduced_calls", 0) for s in stats)  # noqa: E731
+        # the tiny UNets attend at their second level only (downsampled 2x)
+        _runs(pipe, family, base, TokenMerging(ratio=0.0, max_downsample=8), TokenMerging(ratio=0.5, max_downsample=2), count)
+        _runs(pipe, family, base, TokenDownsampling(factor=1, max_downsample=8),
+              TokenDownsampling(factor=2, max_downsample=2), count)
+    else:
+        _refuses(pipe, TokenMerging(), "supports the families")
+        _refuses(pipe, TokenDownsampling(), "supports the families")
+
+
+def test_sada_token_sparsity(family_pipe):
+    family, pipe, base = family_pipe
+    if "sada_tokens" in SUPPORT[family]:
+        _runs(pipe, family, base, SADA(acc_range=(0, 0), token_sparsity=True, token_max_downsample=2),
+              SADA(schedule=(), acc_range=(3, STEPS), max_interval=4, token_sparsity=True, token_max_downsample=2),
+              lambda stats: sum(s.get("token_pruned_calls", 0) for s in stats))
+    elif "sada" in SUPPORT[family]:
+        _refuses(pipe, SADA(token_sparsity=True), "token")
+    else:
+        _refuses(pipe, SADA(token_sparsity=True), "SADA")
