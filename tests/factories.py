@@ -50,6 +50,7 @@ available with ``make_wan(two_experts=True)``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import torch
@@ -692,6 +693,641 @@ def make_hunyuan_video(seed: int = 0):
 
 
 # ---------------------------------------------------------------------------
+# More image families: dual/single-stream DiTs with T5 text encoders
+# ---------------------------------------------------------------------------
+
+
+def make_chroma(seed: int = 0):
+    """ChromaPipeline: ChromaTransformer2DModel (2 double-stream + 2 single-stream blocks, 2 heads x
+    16, tiny distilled-guidance approximator), T5EncoderModel, AutoencoderKL /8 (4 latent channels,
+    packed 2x2), FlowMatchEulerDiscreteScheduler with resolution-dependent shift."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2x2 packing
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 d_model
+        axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=2,
+    )
+    text_encoder = _t5(seed)
+    vae = _vae_kl(seed, shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    pipe = ChromaPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(16),
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
+def make_auraflow(seed: int = 0):
+    """AuraFlowPipeline: AuraFlowTransformer2DModel (2 joint MMDiT blocks + 2 single DiT blocks on
+    cat([text, image]), 2 heads x 16, 8 register tokens), UMT5EncoderModel, AutoencoderKL /8,
+    FlowMatchEulerDiscreteScheduler (shift 1.73)."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_mmdit_layers=2,
+        num_single_dit_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # UMT5 d_model
+        caption_projection_dim=32,  # must equal the inner dim (register tokens are concatenated)
+        pos_embed_max_size=64,  # an 8x8 grid of learned positions
+    )
+    text_encoder = _t5(seed, umt5=True)
+    vae = _vae_kl(seed)
+    pipe = AuraFlowPipeline(
+        tokenizer=make_tokenizer(16),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73),
+    )
+    return _finish(pipe)
+
+
+def make_bria(seed: int = 0):
+    """BriaPipeline: BriaTransformer2DModel (2 double-stream + 2 single-stream blocks, 2 heads x 16,
+    no guidance embedding), T5EncoderModel (prompt embeddings zero-padded), AutoencoderKL /8 (4
+    latent channels, packed 2x2; the pipeline's ``vae_scale_factor`` is 16 = VAE /8 x packing),
+    FlowMatchEulerDiscreteScheduler."""
+    from diffusers import BriaPipeline, BriaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = BriaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2x2 packing
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 d_model
+        axes_dims_rope=[4, 6, 6],
+    )
+    text_encoder = _t5(seed)
+    vae = _vae_kl(seed, shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = BriaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(16),
+    )
+    return _finish(pipe)
+
+
+def make_cogview3plus(seed: int = 0):
+    """CogView3PlusPipeline: CogView3PlusTransformer2DModel (2 blocks with joint text+image
+    attention, 2 heads x 16, SDXL-style size conditioning), T5EncoderModel, AutoencoderKL /8,
+    CogVideoXDDIMScheduler (v-prediction, zero-SNR, trailing)."""
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = CogView3PlusTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        out_channels=4,
+        text_embed_dim=32,  # T5 d_model
+        time_embed_dim=32,
+        condition_dim=8,
+        pos_embed_max_size=16,
+        sample_size=8,
+    )
+    text_encoder = _t5(seed)
+    vae = _vae_kl(seed)
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )
+    pipe = CogView3PlusPipeline(
+        tokenizer=make_tokenizer(16),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    return _finish(pipe)
+
+
+# ---------------------------------------------------------------------------
+# More image families: LLM text encoders (GLM, Gemma2, Qwen3, Qwen2.5-VL)
+# ---------------------------------------------------------------------------
+
+
+def make_cogview4(seed: int = 0):
+    """CogView4Pipeline: CogView4Transformer2DModel (2 blocks, 2 heads x 16, patch 1), tiny
+    GlmModel text encoder (the pipeline reads ``hidden_states[-2]``), AutoencoderKL /8,
+    FlowMatchEulerDiscreteScheduler with CogView4's linear dynamic shift."""
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    torch.manual_seed(seed)
+    transformer = CogView4Transformer2DModel(
+        patch_size=1,  # 64 image tokens, distinct from the 16 (padded) text tokens
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        text_embed_dim=32,  # GLM hidden size
+        time_embed_dim=32,
+        condition_dim=16,
+        sample_size=8,
+        rope_axes_dim=(16, 16),
+    )
+    cfg = GlmConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    torch.manual_seed(seed)
+    text_encoder = GlmModel(cfg)
+    vae = _vae_kl(seed, latent_channels=4, scaling_factor=1.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.25,
+        max_shift=0.75,
+        time_shift_type="linear",
+        use_dynamic_shifting=True,
+    )
+    pipe = CogView4Pipeline(
+        tokenizer=make_tokenizer(16),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    return _finish(pipe)
+
+
+def _gemma2(seed: int):
+    from transformers import Gemma2Config, Gemma2Model
+
+    cfg = Gemma2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        sliding_window=32,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    torch.manual_seed(seed)
+    return Gemma2Model(cfg)
+
+
+def make_lumina2(seed: int = 0):
+    """Lumina2Pipeline: Lumina2Transformer2DModel (2 main ``layers`` + 1 ``noise_refiner`` +
+    1 ``context_refiner`` block, 2 heads x 16, 1 kv head, patch 2), tiny Gemma2Model (as in
+    ``make_sana``), AutoencoderKL /8 (Flux-style: no quant convs, shift 0, scale 1),
+    FlowMatchEulerDiscreteScheduler(shift=6)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        hidden_size=32,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=16,
+        axes_dim_rope=(4, 6, 6),  # sums to the head dim (16)
+        axes_lens=(64, 32, 32),
+        cap_feat_dim=32,  # Gemma2 hidden size
+    )
+    text_encoder = _gemma2(seed)
+    vae = _vae_kl(seed, shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = Lumina2Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=6.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(16),
+    )
+    return _finish(pipe)
+
+
+# ZImagePipeline renders the prompt with ``tokenizer.apply_chat_template(messages,
+# add_generation_prompt=True, enable_thinking=True)``: the smallest template that works with the
+# word-level tokenizer passes the user message through unchanged.
+_PLAIN_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def _chat_tokenizer(model_max_length: int):
+    """A fresh (uncached) ``make_tokenizer`` with a pass-through ``chat_template``, so that the
+    shared cached tokenizer is not mutated."""
+    tok = make_tokenizer.__wrapped__(model_max_length)
+    tok.chat_template = _PLAIN_CHAT_TEMPLATE
+    return tok
+
+
+def make_z_image(seed: int = 0):
+    """ZImagePipeline: ZImageTransformer2DModel (2 main ``layers`` + 1 ``noise_refiner`` +
+    1 ``context_refiner`` block, dim 32, 2 heads x 16, patch 2), tiny Qwen3Model (the pipeline
+    reads ``hidden_states[-2]``; tokenizer with a pass-through chat template), AutoencoderKL /8
+    (Flux-style), FlowMatchEulerDiscreteScheduler(shift=3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        qk_norm=True,
+        cap_feat_dim=32,  # Qwen3 hidden size
+        axes_dims=[4, 6, 6],  # sums to the head dim (16)
+        axes_lens=[256, 64, 64],
+    )
+    cfg = Qwen3Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(cfg)
+    vae = _vae_kl(seed, shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_chat_tokenizer(16),
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
+def make_qwen_image(seed: int = 0):
+    """QwenImagePipeline: QwenImageTransformer2DModel (2 dual-stream blocks, 2 heads x 16,
+    in 16 = 4 latent ch x 2x2 packing), tiny Qwen2_5_VLForConditionalGeneration (2 text layers,
+    1 vision layer that the pipeline never runs), AutoencoderKLQwenImage (/8 spatial),
+    FlowMatchEulerDiscreteScheduler with Qwen-Image's exponential dynamic shift.
+
+    The pipeline formats the prompt into its chat template and drops the template's first
+    ``prompt_template_encode_start_idx`` tokens (34 for the real tokenizer); the factory sets that
+    instance attribute to the prefix's length under the word-level tokenizer."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x 2x2 packing
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # Qwen2.5-VL text hidden size
+        axes_dims_rope=(4, 6, 6),  # sums to the head dim (16)
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            fullatt_block_indexes=[0],
+        ),
+        # ids the word-level tokenizer never emits (its vocabulary ends well below 124)
+        vision_start_token_id=124,
+        vision_end_token_id=125,
+        image_token_id=126,
+        video_token_id=127,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(cfg)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=math.log(3),
+        max_image_seq_len=8192,
+        max_shift=math.log(3),
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+    )
+    tokenizer = make_tokenizer(128)  # the templated prompt is ~47 words
+    pipe = QwenImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(prefix, add_special_tokens=False).input_ids)
+    return _finish(pipe)
+
+
+# ---------------------------------------------------------------------------
+# More video families
+# ---------------------------------------------------------------------------
+
+
+def make_ltx_video(seed: int = 0):
+    """LTXPipeline: LTXVideoTransformer3DModel (2 blocks, 2 heads x 16, patch 1), T5EncoderModel,
+    AutoencoderKLLTXVideo (3 levels, 1 layer each, patch 1: /8 spatial, /8 temporal),
+    FlowMatchEulerDiscreteScheduler with LTX's resolution-dependent shift."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,  # the caption projection maps text to the inner dim
+        num_layers=2,
+        caption_channels=32,  # T5 d_model
+    )
+    text_encoder = _t5(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8),
+        down_block_types=("LTXVideoDownBlock3D",) * 3,
+        decoder_block_out_channels=(8, 8, 8),
+        layers_per_block=(1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True),
+        decoder_spatio_temporal_scaling=(True, True, True),
+        decoder_inject_noise=(False, False, False, False),
+        downsample_type=("conv", "conv", "conv"),
+        upsample_residual=(False, False, False),
+        upsample_factor=(1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    # LTX-Video checkpoints: dynamic shift between (1024, 0.95) and (4096, 2.05) tokens, terminal 0.1.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    pipe = LTXPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(16),
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
+def make_mochi(seed: int = 0):
+    """MochiPipeline: MochiTransformer3DModel (2 blocks, 2 heads x 16, 16-dim text stream, the last
+    block ``context_pre_only``), T5EncoderModel, AutoencoderKLMochi (32 channels -- its group norms
+    have 32 groups -- 1 layer per block, no attention; /8 spatial, /6 temporal, 12 latent channels),
+    FlowMatchEulerDiscreteScheduler with inverted sigmas."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        pooled_projection_dim=16,  # width of the text stream (distinct from the 32-dim image stream)
+        in_channels=12,
+        text_embed_dim=32,  # T5 d_model (its attention pool has 8 heads)
+        time_embed_dim=32,
+        max_sequence_length=16,
+    )
+    text_encoder = _t5(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLMochi(
+        in_channels=15,  # 3 RGB channels + Fourier features
+        out_channels=3,
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        latent_channels=12,  # MochiPipeline reshapes latents_mean/std to 12 channels
+        layers_per_block=(1, 1, 1, 1, 1),
+        temporal_expansions=(1, 2, 3),
+        spatial_expansions=(2, 2, 2),
+        add_attention_block=(False, False, False, False, False),
+        latents_mean=(0.0,) * 12,
+        latents_std=(1.0,) * 12,
+        scaling_factor=1.0,
+    )
+    pipe = MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(16),
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
+def make_allegro(seed: int = 0):
+    """AllegroPipeline: AllegroTransformer3DModel (2 blocks, 2 heads x 12 -- the 3D RoPE splits the
+    head dim in three even parts), T5EncoderModel, AutoencoderKLAllegro (8 channels, 1 layer per
+    block, /8 spatial, /4 temporal; tiling on, since it cannot decode without), and
+    EulerAncestralDiscreteScheduler like the Allegro release."""
+    from diffusers import (
+        AllegroPipeline,
+        AllegroTransformer3DModel,
+        AutoencoderKLAllegro,
+        EulerAncestralDiscreteScheduler,
+    )
+
+    torch.manual_seed(seed)
+    transformer = AllegroTransformer3DModel(
+        patch_size=2,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        cross_attention_dim=24,  # the caption projection maps text to the inner dim
+        sample_height=8,
+        sample_width=8,
+        sample_frames=2,
+        caption_channels=32,  # T5 d_model
+    )
+    text_encoder = _t5(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLAllegro(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("AllegroDownBlock3D",) * 4,
+        up_block_types=("AllegroUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        temporal_downsample_blocks=(True, True, False, False),
+        temporal_upsample_blocks=(False, True, True, False),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=4,
+        sample_size=64,
+    )
+    vae.enable_tiling()  # AutoencoderKLAllegro.decode raises NotImplementedError without tiling
+    pipe = AllegroPipeline(
+        tokenizer=make_tokenizer(16),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=EulerAncestralDiscreteScheduler(),
+    )
+    return _finish(pipe)
+
+
+def _ftfy_fallback() -> None:
+    """SkyReelsV2Pipeline cleans prompts with ``ftfy.fix_text`` without checking that ftfy is
+    installed (WanPipeline checks and skips it); without ftfy every text prompt raises NameError.
+    Give the pipeline module the identity that WanPipeline uses when ftfy is missing."""
+    import types
+
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2 as module
+
+    if not hasattr(module, "ftfy"):
+        module.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+
+
+def make_skyreels_v2(seed: int = 0):
+    """SkyReelsV2Pipeline: SkyReelsV2Transformer3DModel (2 blocks, 2 heads x 12, Wan-sized),
+    UMT5EncoderModel, AutoencoderKLWan (/8 spatial, /4 temporal), flow-matching UniPC
+    (flow_shift=8.0, the T2V setting).  Installs the ``ftfy`` fallback (see ``_ftfy_fallback``)."""
+    from diffusers import AutoencoderKLWan, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    torch.manual_seed(seed)
+    transformer = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    text_encoder = _t5(seed, umt5=True)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    _ftfy_fallback()
+    pipe = SkyReelsV2Pipeline(
+        tokenizer=make_tokenizer(16),
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+    )
+    return _finish(pipe)
+
+
+# ---------------------------------------------------------------------------
 # Registry and call helpers
 # ---------------------------------------------------------------------------
 
@@ -705,9 +1341,21 @@ FAMILIES: dict[str, Callable[..., Any]] = {
     "hunyuan_video": make_hunyuan_video,
     "sd": make_sd,
     "sdxl": make_sdxl,
+    "chroma": make_chroma,
+    "auraflow": make_auraflow,
+    "bria": make_bria,
+    "cogview3plus": make_cogview3plus,
+    "cogview4": make_cogview4,
+    "lumina2": make_lumina2,
+    "z_image": make_z_image,
+    "qwen_image": make_qwen_image,
+    "ltx_video": make_ltx_video,
+    "mochi": make_mochi,
+    "allegro": make_allegro,
+    "skyreels_v2": make_skyreels_v2,
 }
 
-VIDEO_FAMILIES = frozenset({"wan", "cogvideox", "hunyuan_video"})
+VIDEO_FAMILIES = frozenset({"wan", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro", "skyreels_v2"})
 
 # Hunyuan's default prompt template is a long Llama-3 chat prompt cropped at a
 # fixed token offset (95) that only makes sense for the real tokenizer.
@@ -739,6 +1387,29 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     ),
     "sd": dict(height=64, width=64, guidance_scale=7.5),
     "sdxl": dict(height=64, width=64, guidance_scale=5.0),
+    # two transformer calls per step, no cache_context: prompt, then negative prompt ("" by default)
+    "chroma": dict(height=64, width=64, guidance_scale=5.0, max_sequence_length=8),
+    # doubled batch; 8 register + 16 text tokens vs 16 image tokens
+    "auraflow": dict(height=64, width=64, guidance_scale=3.5, max_sequence_length=16),
+    # doubled batch; the negative embedding is zeros when no negative prompt is given
+    "bria": dict(height=64, width=64, guidance_scale=5.0, max_sequence_length=8),
+    "cogview3plus": dict(height=64, width=64, guidance_scale=7.0, max_sequence_length=8),
+    # two calls per step (cache_context "cond" / "uncond"); text padded to 16, 64 image tokens (patch 1)
+    "cogview4": dict(height=64, width=64, guidance_scale=5.0, max_sequence_length=16),
+    # two calls per step, no cache_context; system_prompt="" keeps the prompt inside 16 tokens
+    "lumina2": dict(height=64, width=64, guidance_scale=4.0, max_sequence_length=16, system_prompt=""),
+    # one call per step on a doubled batch (lists of latents / captions)
+    "z_image": dict(height=64, width=64, guidance_scale=5.0, max_sequence_length=16),
+    # true CFG: two calls per step (cache_context "cond" / "uncond"), needs a negative prompt
+    "qwen_image": dict(
+        height=64, width=64, true_cfg_scale=4.0, negative_prompt="blurry low quality", max_sequence_length=16
+    ),
+    "ltx_video": dict(height=64, width=64, num_frames=9, guidance_scale=3.0, max_sequence_length=16),
+    "mochi": dict(height=64, width=64, num_frames=7, guidance_scale=4.5, max_sequence_length=16),
+    "allegro": dict(
+        height=64, width=64, num_frames=8, guidance_scale=7.5, max_sequence_length=16, clean_caption=False
+    ),
+    "skyreels_v2": dict(height=64, width=64, num_frames=5, guidance_scale=6.0, max_sequence_length=16),
 }
 
 

@@ -22,6 +22,18 @@ CFG_LAYOUT = {
     "hunyuan_video": (1, 1),  # embedded guidance only
     "sd": (1, 2),
     "sdxl": (1, 2),
+    "chroma": (2, 1),  # separate cond / uncond calls, no cache_context
+    "auraflow": (1, 2),
+    "bria": (1, 2),
+    "cogview3plus": (1, 2),
+    "cogview4": (2, 1),
+    "lumina2": (2, 1),  # separate calls, no cache_context
+    "z_image": (1, 2),
+    "qwen_image": (2, 1),  # true CFG
+    "ltx_video": (1, 2),
+    "mochi": (1, 2),
+    "allegro": (1, 2),
+    "skyreels_v2": (2, 1),
 }
 
 
@@ -42,7 +54,11 @@ def pipes():
     return get
 
 
-EXPECTED_FAMILIES = {"flux", "sd3", "pixart_sigma", "sana", "wan", "cogvideox", "hunyuan_video", "sd", "sdxl"}
+EXPECTED_FAMILIES = {
+    "flux", "sd3", "pixart_sigma", "sana", "wan", "cogvideox", "hunyuan_video", "sd", "sdxl",
+    "chroma", "auraflow", "bria", "cogview3plus", "cogview4", "lumina2", "z_image", "qwen_image",
+    "ltx_video", "mochi", "allegro", "skyreels_v2",
+}
 #: tests of this module that run on a deliberate subset of the families
 SUBSET_TESTS = {"test_true_cfg_two_passes", "test_decoded_output"}
 
@@ -67,7 +83,7 @@ def test_registry_complete():
     aliases = {"pixart": "pixart_sigma"}  # adapter family name -> factory name
     assert {aliases.get(f, f) for f in supported_families()} == EXPECTED_FAMILIES
     assert set(VIDEO_FAMILIES) == {aliases.get(s.name, s.name) for s in SPECS if s.video} == {
-        "wan", "cogvideox", "hunyuan_video"
+        "wan", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro", "skyreels_v2"
     }
     assert set(CFG_LAYOUT) == EXPECTED_FAMILIES
     per_family = [
@@ -157,12 +173,13 @@ def test_guidance_layout(family, pipes):
     """CFG is on at the default call, in the way the pipeline implements it."""
     pipe = pipes(family)
     batches: list[int] = []
-    handle = _denoiser(pipe).register_forward_pre_hook(
-        lambda mod, args, kwargs: batches.append(
-            (kwargs.get("hidden_states") if "hidden_states" in kwargs else kwargs.get("sample", args[0] if args else None)).shape[0]
-        ),
-        with_kwargs=True,
-    )
+
+    def batch_of(mod, args, kwargs):
+        latents = next((kwargs[k] for k in ("hidden_states", "sample", "x") if k in kwargs), args[0] if args else None)
+        # Z-Image passes a list of per-image latents
+        batches.append(len(latents) if isinstance(latents, list) else latents.shape[0])
+
+    handle = _denoiser(pipe).register_forward_pre_hook(batch_of, with_kwargs=True)
     try:
         run(pipe, family, seed=0)
     finally:

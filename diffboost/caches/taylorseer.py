@@ -40,7 +40,7 @@ from ..plugins.runtime import compiled_around, BranchStates, CallTracker, ClockS
 from .taylor import TaylorFactors
 
 HOOK_NAME = "diffboost.taylorseer"
-_FORECAST_CHILDREN = ("attn", "attn1", "attn2", "ff", "ff_context", "ffn")
+_FORECAST_CHILDREN = ("attn", "attn1", "attn2", "attention", "ff", "ff_context", "ffn", "feed_forward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,15 @@ class TaylorSeer(Plugin):
         return step - st.last_full >= self.interval
 
     def install(self, adapter: PipelineAdapter, tracker: CallTracker) -> list[Installed]:
-        return [_install_taylorseer(self, d, adapter, tracker) for d in adapter]
+        done: list[Installed] = []
+        try:
+            for d in adapter:
+                done.append(_install_taylorseer(self, d, adapter, tracker))
+        except BaseException:
+            for item in reversed(done):  # a refused second denoiser leaves the first one untouched too
+                item.remove()
+            raise
+        return done
 
 
 class _UnitState(BaseState):
@@ -100,6 +108,29 @@ class _UnitState(BaseState):
         self.last: Any = None
 
 
+class _UnitCalls(BaseState):
+    """One series per call of a unit within a denoiser call: a block may run one module on two
+    streams (CogView4's feed-forward runs on the image tokens, then on the text tokens)."""
+
+    def __init__(self, order: int):
+        self.order = order
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls: list[_UnitState] = []
+        self.run = -1  # the denoiser call (StepPlan.run) the index counts in
+        self.index = 0
+
+    def next(self, run: int) -> _UnitState:
+        if run != self.run:
+            self.run, self.index = run, 0
+        if self.index == len(self.calls):
+            self.calls.append(_UnitState(self.order))
+        st = self.calls[self.index]
+        self.index += 1
+        return st
+
+
 @compiled_around("new_forward")
 class ForecastUnitHook(ModelHook):
     """Runs the unit on full steps (recording it) and forecasts it, or returns its last output, otherwise."""
@@ -110,11 +141,11 @@ class ForecastUnitHook(ModelHook):
         super().__init__()
         self.clock = clock
         self.forecast = forecast
-        self.state = BranchStates(_UnitState, init_args=(order,))
+        self.state = BranchStates(_UnitCalls, init_args=(order,))
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan: StepPlan = self.clock.plan
-        st: _UnitState = self.state.get_state()
+        st: _UnitState = self.state.get_state().next(plan.run)
         ready = st.factors.ready if self.forecast else st.last is not None
         if plan.full or not ready:
             out = self.fn_ref.original_forward(*args, **kwargs)
@@ -243,17 +274,17 @@ def _install_taylorseer(cfg: TaylorSeer, d: Denoiser, adapter: PipelineAdapter, 
         skipped = sum(p.numel() for p in d.module.parameters())
         return HookedCache(cfg, d, hooks, clock, skipped, {"forecast": [d.module]})
 
-    clock = StepClock(tracker, cfg.policy, cfg.check_finite, name="TaylorSeer")
-    hooks.add(d.module, clock)
     units: list[tuple[torch.nn.Module, bool]] = []
     if adapter.kind == "unet":
-        for block in d.blocks:
-            units.append((block, block is d.blocks[-1]))
+        units = [(block, block is d.blocks[-1]) for block in d.blocks]
         # everything the blocks compute is skipped on forecast steps
         skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
     elif cfg.granularity == "block":
-        for block in d.blocks:
-            hooks.add(block, BlockForecastHook(clock, cfg.order, d.block_io(block)))
+        ios = [d.block_io(block) for block in d.blocks]  # refuses an unknown layout before any hook
+        clock = StepClock(tracker, cfg.policy, cfg.check_finite, name="TaylorSeer")
+        hooks.add(d.module, clock)
+        for block, io in zip(d.blocks, ios):
+            hooks.add(block, BlockForecastHook(clock, cfg.order, io))
         skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
         return HookedCache(cfg, d, hooks, clock, skipped, {"forecast": list(d.blocks)})
     else:
@@ -261,7 +292,12 @@ def _install_taylorseer(cfg: TaylorSeer, d: Denoiser, adapter: PipelineAdapter, 
             units.extend(_transformer_units(block))
         skipped = sum(p.numel() for m, _ in units for p in m.parameters())
     if not units:
-        raise ValueError(f"TaylorSeer found no attention/feed-forward modules in {type(d.module).__name__}")
+        raise ValueError(
+            f"TaylorSeer found no attention/feed-forward modules (children named {', '.join(_FORECAST_CHILDREN)}) in "
+            f"the blocks of {type(d.module).__name__}; use TaylorSeer(granularity='block') or TaylorSeer(lite=True)"
+        )
+    clock = StepClock(tracker, cfg.policy, cfg.check_finite, name="TaylorSeer")
+    hooks.add(d.module, clock)
     for module, forecast in units:
         hooks.add(module, ForecastUnitHook(clock, cfg.order, forecast))
     roles = {

@@ -12,7 +12,8 @@ image-to-image and other variants of a family share one adapter. For each family
 - the denoiser kind (``"dit"`` or ``"unet"``) and the scheduler kind (flow matching or eps/v
   prediction, read from the scheduler),
 - how classifier-free guidance is batched (``"context"``: separate calls under
-  ``cache_context("cond"/"uncond")``, ``"batch"``: one doubled batch, ``"embedded"``: guidance
+  ``cache_context("cond"/"uncond")``, ``"calls"``: separate calls the pipeline does not name (the
+  runtime names them by their order within a step), ``"batch"``: one doubled batch, ``"embedded"``: guidance
   distilled into an embedding, no second branch; ``"auto"``: not recorded, the runtime follows what
   the pipeline does).
 
@@ -61,6 +62,20 @@ FAMILIES: tuple[FamilySpec, ...] = (
         video=True,
     ),
     FamilySpec("sd", "UNet2DConditionModel", ("down_blocks", "mid_block", "up_blocks"), "unet", "batch"),
+    # dual-stream blocks, then single-stream blocks on the joined cat([text, image]) stream
+    FamilySpec("chroma", "ChromaTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "dit", "calls"),
+    FamilySpec("auraflow", "AuraFlowTransformer2DModel", ("joint_transformer_blocks", "single_transformer_blocks"), "dit", "batch"),
+    FamilySpec("bria", "BriaTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "dit", "batch"),
+    FamilySpec("cogview3plus", "CogView3PlusTransformer2DModel", ("transformer_blocks",), "dit", "batch"),
+    FamilySpec("cogview4", "CogView4Transformer2DModel", ("transformer_blocks",), "dit", "context"),
+    # the caption / noise refiners run on separate streams before the main stack: not cached
+    FamilySpec("lumina2", "Lumina2Transformer2DModel", ("layers",), "dit", "calls"),
+    FamilySpec("z_image", "ZImageTransformer2DModel", ("layers",), "dit", "batch"),
+    FamilySpec("qwen_image", "QwenImageTransformer2DModel", ("transformer_blocks",), "dit", "context"),
+    FamilySpec("ltx_video", "LTXVideoTransformer3DModel", ("transformer_blocks",), "dit", "batch", video=True),
+    FamilySpec("mochi", "MochiTransformer3DModel", ("transformer_blocks",), "dit", "batch", video=True),
+    FamilySpec("allegro", "AllegroTransformer3DModel", ("transformer_blocks",), "dit", "batch", video=True),
+    FamilySpec("skyreels_v2", "SkyReelsV2Transformer3DModel", ("blocks",), "dit", "context", video=True),
 )
 
 #: Output order of transformer blocks: "eh" (encoder, hidden), "he" (hidden, encoder), "h".
@@ -76,6 +91,17 @@ BLOCK_OUTPUTS: dict[str, str] = {
     "HunyuanVideoSingleTransformerBlock": "he",
     "HunyuanVideoTokenReplaceTransformerBlock": "he",
     "HunyuanVideoTokenReplaceSingleTransformerBlock": "he",
+    "ChromaTransformerBlock": "eh",
+    "ChromaSingleTransformerBlock": "h",  # the joined stream in, the joined stream out
+    "AuraFlowJointTransformerBlock": "eh",
+    "AuraFlowSingleTransformerBlock": "h",  # the joined stream
+    # diffusers 0.42.1's block metadata says hidden-only; the block returns (encoder, hidden)
+    "BriaTransformerBlock": "eh",
+    "BriaSingleTransformerBlock": "eh",
+    "CogView3PlusTransformerBlock": "he",
+    "Lumina2TransformerBlock": "h",
+    "AllegroTransformerBlock": "h",
+    "SkyReelsV2TransformerBlock": "h",
 }
 
 
@@ -84,13 +110,15 @@ _REGISTERED: list[FamilySpec] = []
 
 LAYOUTS = ("eh", "he", "h")
 KINDS = ("dit", "unet")
-CFG_MODES = ("context", "batch", "embedded", "auto")
+CFG_MODES = ("context", "calls", "batch", "embedded", "auto")
 
 
 def supported_families() -> list[str]:
     """The families diffboost knows by name: its own table (with SDXL), then registered ones.
     Transformer denoisers of other classes may still work through discovery."""
-    return [f.name for f in FAMILIES] + ["sdxl"] + [f.name for f in _REGISTERED]
+    names = [f.name for f in FAMILIES]
+    names.insert(names.index("sd") + 1, "sdxl")  # the SD UNet with a text_time embedding
+    return names + [f.name for f in _REGISTERED]
 
 
 def register_family(
@@ -111,7 +139,8 @@ def register_family(
         block_lists: the denoiser's attributes that hold its blocks, in the order they run
             (``ModuleList``s, or single blocks).
         kind: ``"dit"`` (transformer blocks) or ``"unet"``.
-        cfg: how the pipeline batches classifier-free guidance (descriptive; ``"auto"``: not known).
+        cfg: how the pipeline runs classifier-free guidance (descriptive: ``"context"``, ``"calls"``,
+            ``"batch"``, ``"embedded"``; ``"auto"``: not known).
         video: whether the latents are video.
         block_outputs: the output layout of each block class that neither diffboost nor diffusers
             knows: ``"h"`` (hidden states only), ``"eh"`` (encoder, hidden) or ``"he"`` (hidden, encoder).

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from .adapters import PipelineAdapter
 from .base import Installed, Plugin
 from .presets import resolve
-from .runtime import CallTracker
+from .runtime import CallTracker, DenoiserCalls, HookSet
 from .stacking import check_stack
 
 _HANDLE_ATTR = "_diffboost_handle"
@@ -25,11 +25,17 @@ class Acceleration:
         self.installed: list[Installed] = []
         self.tracker.installed = self.installed
         self.tracker.listeners.append(self.reset)
+        self.counters: list[tuple[HookSet, DenoiserCalls]] = []
 
     def _install(self) -> None:
         try:
             for plugin in self.plugins:
                 self.installed.extend(plugin.install(self.adapter, self.tracker))
+            # last, so that it is the outermost hook: it sees every call the pipeline makes, also the
+            # ones a plugin answers without running the denoiser
+            for d in self.adapter:
+                hooks = HookSet("diffboost_calls", d.module)
+                self.counters.append((hooks, hooks.add(d.module, DenoiserCalls(self.tracker))))
         except BaseException:
             self.remove()
             raise
@@ -40,6 +46,9 @@ class Acceleration:
             item.reset()
 
     def remove(self) -> None:
+        for hooks, _ in reversed(self.counters):
+            hooks.remove()
+        self.counters.clear()
         for item in reversed(self.installed):
             item.remove()
         self.installed.clear()
@@ -52,6 +61,8 @@ class Acceleration:
             **self.adapter.describe(),
             "plugins": [repr(p) for p in self.plugins],
             "calls": self.tracker.calls,
+            # the pipeline's denoiser calls in the current (or last) call, per denoiser and CFG branch
+            "denoiser_calls": {d.attr: dict(counter.counts) for d, (_, counter) in zip(self.adapter, self.counters)},
             "last_call": [item.stats() for item in self.installed],
         }
 

@@ -55,26 +55,65 @@ def compiled_around(*methods: str, recursive: bool = False) -> Callable[[type], 
 
 
 class InstanceWrap:
-    """Replace ``obj.<name>`` by ``make(original)`` on the *instance* only (never the class).
+    """Wrap ``obj.<name>`` by ``make(original)`` on the *instance* only (never the class).
 
-    The wrapper keeps the original's signature (``functools.wraps``: pipelines inspect
-    ``set_timesteps`` for ``sigmas=`` support). ``restore()`` leaves the instance exactly as before.
+    Every wrapper of one attribute goes through a single dispatcher installed on the instance with the
+    first one: each layer wraps the layers below it (the first made is the innermost), and
+    ``restore()`` takes off its own layer only, in any order (a sampler that follows a swapped
+    scheduler can let go of the old one before or after the runtime does). The last ``restore()``
+    leaves the instance exactly as before. The dispatcher keeps the original's signature
+    (``functools.wraps``: pipelines inspect ``set_timesteps`` for ``sigmas=`` support).
     """
 
     def __init__(self, obj: Any, name: str, make: Callable[[Callable], Callable]):
-        self.obj, self.name = obj, name
-        self.had_own = name in vars(obj)
-        self.original = getattr(obj, name)
-        setattr(obj, name, functools.wraps(self.original)(make(self.original)))
+        self.obj, self.name, self.make = obj, name, make
+        current = getattr(obj, name)
+        if getattr(current, "_diffboost_layers", None) is None or vars(obj).get(name) is not current:
+            base, had_own = current, name in vars(obj)
+
+            def dispatcher(*args: Any, **kwargs: Any) -> Any:
+                return dispatcher._diffboost_call(*args, **kwargs)
+
+            functools.wraps(base)(dispatcher)
+            dispatcher._diffboost_base, dispatcher._diffboost_had_own = base, had_own
+            dispatcher._diffboost_layers = []
+            setattr(obj, name, dispatcher)
+            current = dispatcher
+        self.dispatcher = current
+        current._diffboost_layers.append(self)
+        _compose(current)
+
+    @property
+    def original(self) -> Callable:
+        """The attribute as it was before the first layer."""
+        return self.dispatcher._diffboost_base
+
+    @property
+    def had_own(self) -> bool:
+        """Whether the instance had its own attribute (not the class's) before the first layer."""
+        return self.dispatcher._diffboost_had_own
 
     def restore(self) -> None:
         if self.obj is None:
             return
-        if self.had_own:
-            setattr(self.obj, self.name, self.original)
-        else:
-            self.obj.__dict__.pop(self.name, None)
+        d, obj, name = self.dispatcher, self.obj, self.name
         self.obj = None
+        if self in d._diffboost_layers:
+            d._diffboost_layers.remove(self)
+        if d._diffboost_layers:
+            _compose(d)
+        elif vars(obj).get(name) is d:
+            if d._diffboost_had_own:
+                setattr(obj, name, d._diffboost_base)
+            else:
+                obj.__dict__.pop(name, None)
+
+
+def _compose(dispatcher: Any) -> None:
+    fn = dispatcher._diffboost_base
+    for layer in dispatcher._diffboost_layers:
+        fn = layer.make(fn)
+    dispatcher._diffboost_call = fn
 
 
 class ConcurrentCallError(RuntimeError):
@@ -127,6 +166,10 @@ class CallTracker:
         self.calls = 0
         self.scheduler = None
         self._patch: InstanceWrap | None = None
+        self._step_patch: InstanceWrap | None = None
+        #: denoiser calls since the scheduler's last step (the call order within a step names a CFG
+        #: branch the pipeline does not name, see :class:`DenoiserCalls`)
+        self.calls_since_step = 0
         self._running: int | None = None  # thread id of the call whose denoising loop runs
         self._guard = threading.Lock()
         self._pipe_patches: list[InstanceWrap] = []
@@ -185,6 +228,16 @@ class CallTracker:
             return set_timesteps
 
         self._patch = InstanceWrap(scheduler, "set_timesteps", make)
+        if callable(getattr(scheduler, "step", None)):
+
+            def make_step(original: Callable) -> Callable:
+                def step(*args: Any, **kwargs: Any) -> Any:
+                    self.step_done()
+                    return original(*args, **kwargs)
+
+                return step
+
+            self._step_patch = InstanceWrap(scheduler, "step", make_step)
 
     def ensure_current(self) -> None:
         """Follow ``pipe.scheduler = NewScheduler.from_config(...)`` done after ``apply``.
@@ -216,12 +269,21 @@ class CallTracker:
         position = index if isinstance(index, int) else branch_step
         return self.num_steps - position
 
+    def step_done(self) -> None:
+        """A solver step was taken: the scheduler's ``step`` (wrapped here) ran, or a plugin that
+        integrates a step itself instead of calling it (bottleneck sampling) says so."""
+        self.calls_since_step = 0
+
     def new_call(self) -> None:
         self.calls += 1
+        self.calls_since_step = 0
         for fn in self.listeners:
             fn()
 
     def _unwrap(self) -> None:
+        if self._step_patch is not None:
+            self._step_patch.restore()
+            self._step_patch = None
         if self._patch is not None:
             self._patch.restore()
             self._patch = None
@@ -274,6 +336,9 @@ class StepPlan:
     forced: bool = False
     #: solver steps left in the call, the current one included (None: unknown)
     steps_left: int | None = None
+    #: counts the denoiser runs (a NaN fallback runs the same step again): units called several times
+    #: in one run keep one series per call
+    run: int = 0
 
 
 class ClockState(BaseState):
@@ -323,6 +388,7 @@ class StepClock(ModelHook):
         plan = self.plan
         plan.step, plan.full, plan.branch, plan.forced = step, full, self.state.branch, False
         plan.steps_left = steps_left
+        plan.run += 1
         plan.k = 0 if full else step - st.last_full
         return plan
 
@@ -347,6 +413,7 @@ class StepClock(ModelHook):
                 self._warned = True
             self.state.get_state().fallbacks += 1
             plan.full, plan.k, plan.forced = True, 0, True
+            plan.run += 1
             output = self.fn_ref.original_forward(*args, **kwargs)
         self.end(plan.full)
         return output
@@ -375,6 +442,67 @@ class StepClock(ModelHook):
                 "nan_fallbacks": st.fallbacks,
             }
         return out
+
+
+def set_branch(module: torch.nn.Module, name: str | None) -> None:
+    """Name the CFG branch of the denoiser call about to run for every stateful hook under ``module``
+    (``None`` clears it), as a pipeline's ``cache_context(name)`` does.
+
+    The one place that uses diffusers' private ``diffusers.hooks.hooks._set_cache_context`` (checked on
+    diffusers 0.42.1; ``CacheMixin.cache_context`` is the public form, but not every denoiser class
+    derives from ``CacheMixin``). ``tests/plugins/test_runtime.py`` pins it.
+    """
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(module, None if name is None else CacheContext(name))
+
+
+class _Unnamed(BaseState):
+    def reset(self) -> None:
+        pass
+
+
+@compiled_around("new_forward")
+class DenoiserCalls(ModelHook):
+    """The runtime's outermost hook on each denoiser: counts the pipeline's denoiser calls per CFG
+    branch, and names the branch when the pipeline does not.
+
+    Pipelines that run the conditional and unconditional passes as separate calls name them with
+    ``cache_context("cond" / "uncond")`` (Flux true CFG, Wan); some do not (Chroma). Then the i-th call
+    since the scheduler's last step is branch ``"default"`` (i = 0) or ``"call<i>"``, so that every
+    plugin keeps one state per branch instead of mixing the two passes into one trajectory.
+    """
+
+    _is_stateful = True  # to receive the pipeline's cache context
+
+    def __init__(self, tracker: CallTracker):
+        super().__init__()
+        self.tracker = tracker
+        self.state = BranchStates(_Unnamed)
+        #: denoiser calls per branch in the current (or last finished) pipeline call
+        self.counts: dict[str, int] = {}
+        tracker.listeners.append(self.counts.clear)
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self.tracker.ensure_current()
+        tracker = self.tracker
+        order = tracker.calls_since_step
+        tracker.calls_since_step += 1
+        named = self.state._context is not None
+        branch = self.state._context.name if named else ("default" if order == 0 else f"call{order}")
+        self.counts[branch] = self.counts.get(branch, 0) + 1
+        if named or order == 0:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        set_branch(module, branch)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            set_branch(module, None)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        # diffusers resets stateful hooks at the end of a call: the counts stay until the next call
+        self.state.reset()
+        return module
 
 
 def _all_finite(output: Any) -> bool:

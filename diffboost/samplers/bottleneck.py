@@ -436,6 +436,7 @@ class _Bottleneck(Installed):
             x = integrate(model_output)
         if switch:
             self._reset_stacked()
+        self.tracker.step_done()  # the scheduler's own step did not run: tell the runtime a step ended
         self.i += 1
         if getattr(self.scheduler, "_step_index", None) is not None:
             self.scheduler._step_index += 1

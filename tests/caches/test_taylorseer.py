@@ -371,3 +371,42 @@ def test_module_nan_forecast_is_recomputed_and_names_taylorseer(flux, caplog, mo
     assert message.startswith("TaylorSeer: a forecast step (step 1)")
     with diffboost.accelerated(flux, TaylorSeer(interval=2, warmup=1, check_finite=False)):
         assert torch.isnan(run(flux, "flux", num_inference_steps=4)).all()
+
+
+def test_a_module_run_twice_in_a_block_keeps_one_series_per_run():
+    """CogView4's blocks run their feed-forward on the image tokens, then on the text tokens: each run
+    of the module in a denoiser call has its own history, so a forecast has the right stream's shape
+    and is the Taylor forecast of that stream's outputs."""
+    from diffboost.caches.taylorseer import ForecastUnitHook
+    from factories import make_cogview4
+
+    pipe = make_cogview4()
+    ff = pipe.transformer.transformer_blocks[0].ff
+    outs: list = []
+    series: dict = {}
+
+    def snapshot(pipe, i, t, kwargs):  # the hook states live until the end of the call
+        hook = ff._diffusers_hook.get_hook("diffboost.taylorseer")
+        assert isinstance(hook, ForecastUnitHook)
+        for branch, calls in hook.state.states().items():
+            series[branch] = [tuple(s.factors.latest().shape) for s in calls.calls]
+        return {}
+
+    inner: list = []
+    with diffboost.accelerated(pipe, TaylorSeer(interval=3, warmup=1, order=1)):
+        handles = [ff.register_forward_hook(lambda m, a, out: outs.append(tuple(out.shape))),
+                   ff.net[-1].register_forward_hook(lambda m, a, out: inner.append(1))]
+        try:
+            out = run(pipe, "cogview4", num_inference_steps=6, callback_on_step_end=snapshot)
+        finally:
+            for handle in handles:
+                handle.remove()
+        stats = diffboost.describe(pipe)["last_call"][0]["branches"]
+    assert torch.isfinite(out).all()
+    assert set(stats) == {"cond", "uncond"} and all(b["forecast"] > 0 for b in stats.values())
+    # two series per branch: image tokens (64) then text tokens (16)
+    assert series == {b: [(1, 64, 32), (1, 16, 32)] for b in ("cond", "uncond")}
+    # every call returns its own stream's shape (image, then text) ...
+    assert outs == [(1, 64, 32), (1, 16, 32)] * (6 * 2)
+    # ... and the module itself ran on full steps only, twice per branch
+    assert len(inner) == 2 * sum(b["full"] for b in stats.values()) < len(outs)

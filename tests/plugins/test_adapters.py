@@ -57,14 +57,24 @@ def named(cls_name: str, **attrs) -> torch.nn.Module:
 
 
 def test_supported_families_and_specs():
-    assert supported_families() == ["flux", "sd3", "pixart", "sana", "wan", "cogvideox", "hunyuan_video", "sd", "sdxl"]
+    assert supported_families() == [
+        "flux", "sd3", "pixart", "sana", "wan", "cogvideox", "hunyuan_video", "sd", "sdxl", "chroma", "auraflow",
+        "bria", "cogview3plus", "cogview4", "lumina2", "z_image", "qwen_image", "ltx_video", "mochi", "allegro",
+        "skyreels_v2",
+    ]
+    assert len(supported_families()) >= 20
     cfg = {f.name: f.cfg for f in FAMILIES}
+    # how each runs CFG, measured on its tiny pipeline (tests/test_factories.py::test_guidance_layout)
     assert cfg == {
         "flux": "context", "sd3": "batch", "pixart": "batch", "sana": "batch", "wan": "context",
-        "cogvideox": "batch", "hunyuan_video": "embedded", "sd": "batch",
+        "cogvideox": "batch", "hunyuan_video": "embedded", "sd": "batch", "chroma": "calls", "auraflow": "batch",
+        "bria": "batch", "cogview3plus": "batch", "cogview4": "context", "lumina2": "calls", "z_image": "batch",
+        "qwen_image": "context", "ltx_video": "batch", "mochi": "batch", "allegro": "batch", "skyreels_v2": "context",
     }
     assert [f.name for f in FAMILIES if f.kind == "unet"] == ["sd"]
-    assert [f.name for f in FAMILIES if f.video] == ["wan", "cogvideox", "hunyuan_video"]
+    assert [f.name for f in FAMILIES if f.video] == [
+        "wan", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro", "skyreels_v2"
+    ]
 
 
 def test_detection_by_denoiser_class():
@@ -93,7 +103,8 @@ def test_unsupported_pipeline_message():
     assert str(err.value) == (
         "diffboost does not support Odd (denoiser: MysteryTransformer): no known family and no block list with "
         "known blocks was found; supported families: flux, sd3, pixart, sana, wan, cogvideox, hunyuan_video, sd, "
-        "sdxl; a custom model can be added with diffboost.register_family(...)"
+        "sdxl, chroma, auraflow, bria, cogview3plus, cogview4, lumina2, z_image, qwen_image, ltx_video, mochi, "
+        "allegro, skyreels_v2; a custom model can be added with diffboost.register_family(...)"
     )
     assert issubclass(UnsupportedPipelineError, TypeError)
 
@@ -313,3 +324,25 @@ def test_unregistering_forgets_the_block_layouts_too():
     finally:
         diffboost.unregister_family("toy3")
     assert block_layout(ToyBlock) is None
+
+
+def test_a_refused_taylorseer_leaves_no_hook_behind():
+    """Module-granularity TaylorSeer needs attention/feed-forward children; a model without them is
+    refused before any hook is registered, so that another configuration can be applied next."""
+    import diffboost
+    from diffboost import TaylorSeer
+
+    pipe = ToyPipeline()
+    base = pipe()
+    diffboost.register_family("toy", ToyTransformer2DModel, ["blocks"], block_outputs={ToyBlock: "h"})
+    try:
+        with pytest.raises(ValueError, match=r"found no attention/feed-forward modules .*granularity='block'"):
+            diffboost.apply(pipe, TaylorSeer())
+        for module in pipe.transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            assert (registry is None or not registry.hooks) and "forward" not in vars(module)
+        assert not hasattr(pipe, "_diffboost_handle") and "set_timesteps" not in vars(pipe.scheduler)
+        with diffboost.accelerated(pipe, TaylorSeer(interval=1, granularity="block")):
+            assert torch.equal(pipe(), base)
+    finally:
+        diffboost.unregister_family("toy")

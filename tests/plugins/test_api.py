@@ -338,7 +338,9 @@ def test_apply_installs_in_stack_order_and_remove_undoes_in_reverse(flux):
         assert flux._diffboost_handle is handle and handle.plugins == [inner, outer]
         assert log == [("install", "tokens", "flux", True), ("install", "cache", "flux", True)]
         assert [i.label for i in handle.installed] == ["tokens1", "tokens2", "cache1", "cache2"]
-        assert handle.tracker.installed is handle.installed and handle.tracker.listeners == [handle.reset]
+        (counter,) = [c for _, c in handle.counters]  # the runtime's call counter, outermost on the denoiser
+        assert handle.tracker.installed is handle.installed
+        assert handle.tracker.listeners == [handle.reset, counter.counts.clear]
         assert repr(handle) == f"Acceleration(FluxPipeline, plugins={[inner, outer]})"
         del log[:]
         run(flux, "flux", num_inference_steps=2)  # every call starts with a reset of everything installed
@@ -348,7 +350,9 @@ def test_apply_installs_in_stack_order_and_remove_undoes_in_reverse(flux):
         diffboost.remove(flux)
     assert log == [("remove", "cache2"), ("remove", "cache1"), ("remove", "tokens2"), ("remove", "tokens1")]
     assert handle.installed == [] and not hasattr(flux, "_diffboost_handle")
-    assert "set_timesteps" not in vars(flux.scheduler)
+    assert "set_timesteps" not in vars(flux.scheduler) and "step" not in vars(flux.scheduler)
+    registry = getattr(flux.transformer, "_diffusers_hook", None)  # the pipeline's cache_context may make one
+    assert "forward" not in vars(flux.transformer) and (registry is None or not registry.hooks)
     del log[:]
     handle.remove()  # a second remove finds nothing to undo
     assert log == []
@@ -403,9 +407,11 @@ def test_describe_reports_the_pipeline_the_plugins_and_the_calls(flux):
         "cfg": "context",
         "plugins": [repr(plugin)],
         "calls": 0,
+        "denoiser_calls": {"transformer": {}},
         "last_call": [{"item": "c1"}, {"item": "c2"}],
     }
-    assert second == {**first, "calls": 2}
+    # the last call's denoiser calls per branch (Flux names its conditional pass "cond")
+    assert second == {**first, "calls": 2, "denoiser_calls": {"transformer": {"cond": 2}}}
     assert diffboost.describe(flux) == {"pipeline": "FluxPipeline", "accelerated": False}
 
 

@@ -466,6 +466,25 @@ def test_instance_wrap_of_a_class_attribute():
     assert obj.method == "set later by someone else"
 
 
+@pytest.mark.parametrize("order", ["last first", "first first"])
+def test_instance_wraps_of_one_attribute_layer_and_come_off_in_any_order(order):
+    """The runtime and a sampler both wrap a scheduler's ``step``: each restore() takes off its own
+    layer, whichever goes first (a swapped scheduler is let go by both, in either order)."""
+    obj = Thing()
+    inner = InstanceWrap(obj, "method", lambda orig: lambda a: orig(a) + 1)  # (a * 3) + 1
+    outer = InstanceWrap(obj, "method", lambda orig: lambda a: 10 * orig(a))  # 10 * (a * 3 + 1)
+    assert obj.method(1) == 40 and inspect.signature(obj.method) == inspect.signature(Thing().method)
+    first, second = (outer, inner) if order == "last first" else (inner, outer)
+    first.restore()
+    assert obj.method(1) == (4 if first is outer else 30)
+    second.restore()
+    assert "method" not in vars(obj) and obj.method(1) == 3
+    third = InstanceWrap(obj, "method", lambda orig: lambda a: -orig(a))  # a fresh dispatcher
+    assert obj.method(1) == -3 and third.had_own is False
+    third.restore()
+    assert "method" not in vars(obj)
+
+
 def test_instance_wrap_of_an_instance_attribute():
     obj = Thing()
     own = lambda a: -a  # noqa: E731
@@ -791,3 +810,64 @@ def test_the_guard_passes_every_argument_through_and_names_the_other_thread():
         worker.join(10)
     pipe.scheduler.set_timesteps(3)  # free again
     tracker.remove()
+
+
+def test_set_branch_is_what_a_pipelines_cache_context_does():
+    """runtime.set_branch is the one use of diffusers' private ``_set_cache_context`` (checked on
+    diffusers 0.42.1): it names the branch for every stateful hook under the module, None clears it."""
+    from diffboost.plugins.runtime import BranchStates, set_branch
+
+    class Stateful(ModelHook):
+        _is_stateful = True
+
+        def __init__(self):
+            super().__init__()
+            self.state = BranchStates(_Box)
+
+        def reset_state(self, module):
+            return module
+
+    class _Box(BaseState):
+        def reset(self):
+            pass
+
+    outer, inner = torch.nn.Sequential(torch.nn.Linear(2, 2)), None
+    inner = outer[0]
+    hooks = []
+    for module in (outer, inner):
+        hook = Stateful()
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, "t")
+        hooks.append(hook)
+    set_branch(outer, "call1")
+    assert [h.state.branch for h in hooks] == ["call1", "call1"]
+    assert all(h.state._context == CacheContext("call1") for h in hooks)
+    set_branch(outer, None)
+    assert [h.state.branch for h in hooks] == ["default", "default"]
+
+
+@pytest.mark.parametrize("family, branches", [
+    ("chroma", {"default": 6, "call1": 6}),  # cond, then uncond, unnamed by the pipeline
+    ("lumina2", {"default": 6, "call1": 6}),
+    ("flux", {"cond": 6}),  # named by the pipeline
+    ("wan", {"cond": 6, "uncond": 6}),
+    ("sd3", {"default": 6}),  # one call on a doubled batch
+])
+def test_every_cfg_pass_gets_its_own_branch(family, branches):
+    """The runtime counts the denoiser calls of a call per CFG branch; a pipeline that runs its
+    conditional and unconditional passes as separate calls without naming them gets them named by
+    their order within the step, so that every plugin keeps one state per pass."""
+    import diffboost
+    from diffboost import TaylorSeer
+    from factories import FAMILIES, run
+
+    pipe = FAMILIES[family]()
+    base = run(pipe, family, num_inference_steps=6)
+    with diffboost.accelerated(pipe, TaylorSeer(interval=1)):
+        assert torch.equal(run(pipe, family, num_inference_steps=6), base)
+        info = diffboost.describe(pipe)
+    assert info["denoiser_calls"] == {"transformer": branches}
+    assert {b: s["steps"] for b, s in info["last_call"][0]["branches"].items()} == branches
+    with diffboost.accelerated(pipe, TaylorSeer(interval=3, warmup=1)):
+        run(pipe, family, num_inference_steps=6)
+        info = diffboost.describe(pipe)
+    assert {b: s["full_steps"] for b, s in info["last_call"][0]["branches"].items()} == {b: [0, 3] for b in branches}

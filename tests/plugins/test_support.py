@@ -31,6 +31,18 @@ SUPPORT: dict[str, set[str]] = {
     "hunyuan_video": {"sada", "bottleneck"},
     "sd": {"sada", "tokens", "sada_tokens"},
     "sdxl": {"sada", "tokens", "sada_tokens"},
+    "chroma": {"sada"},
+    "auraflow": {"sada"},
+    "bria": {"sada"},
+    "cogview3plus": set(),  # CogVideoXDDIMScheduler
+    "cogview4": {"sada"},
+    "lumina2": {"sada"},
+    "z_image": {"sada"},
+    "qwen_image": {"sada"},
+    "ltx_video": {"sada"},
+    "mochi": {"sada"},
+    "allegro": set(),  # EulerAncestralDiscreteScheduler (stochastic)
+    "skyreels_v2": set(),  # UniPCMultistepScheduler
 }
 #: README rows: family -> (what users know it as, the pipeline tested)
 NAMES: dict[str, tuple[str, str]] = {
@@ -43,6 +55,18 @@ NAMES: dict[str, tuple[str, str]] = {
     "hunyuan_video": ("HunyuanVideo", "HunyuanVideoPipeline"),
     "sd": ("Stable Diffusion 1.x / 2.x", "StableDiffusionPipeline"),
     "sdxl": ("SDXL", "StableDiffusionXLPipeline"),
+    "chroma": ("Chroma", "ChromaPipeline"),
+    "auraflow": ("AuraFlow", "AuraFlowPipeline"),
+    "bria": ("Bria 3.2", "BriaPipeline"),
+    "cogview3plus": ("CogView3-Plus", "CogView3PlusPipeline"),
+    "cogview4": ("CogView4", "CogView4Pipeline"),
+    "lumina2": ("Lumina-Image 2.0", "Lumina2Pipeline"),
+    "z_image": ("Z-Image", "ZImagePipeline"),
+    "qwen_image": ("Qwen-Image", "QwenImagePipeline"),
+    "ltx_video": ("LTX-Video", "LTXPipeline"),
+    "mochi": ("Mochi 1", "MochiPipeline"),
+    "allegro": ("Allegro", "AllegroPipeline"),
+    "skyreels_v2": ("SkyReels-V2", "SkyReelsV2Pipeline"),
 }
 
 

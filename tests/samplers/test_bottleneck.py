@@ -389,7 +389,8 @@ class _Stacked:
 
 def _install(cfg, family, sigmas, *stacked, step_index=0, config=None):
     sched = _Scheduler(sigmas, step_index, config)
-    tracker = SimpleNamespace(installed=[])
+    tracker = SimpleNamespace(installed=[], steps_done=[])
+    tracker.step_done = lambda: tracker.steps_done.append(len(tracker.steps_done))
     (b,) = cfg.install(_Adapter(family, sched), tracker)
     tracker.installed[:] = [*stacked, b]
     return b, sched
@@ -458,6 +459,9 @@ def test_stage_switch_math_image_latents():
     expected_t = [1000.0, 875.0] + [1000 * s for s in STAGE1[:4]] + [1000 * s for s in STAGE2[:2]]
     assert timesteps == pytest.approx(expected_t, rel=1e-6)
     assert sched.own_steps == [1000.0] and sched._step_index == 8
+    # the 7 steps it integrated itself are reported to the runtime as steps (the scheduler's own step
+    # reports itself through the runtime's wrapper)
+    assert len(b.tracker.steps_done) == 7
     stats = b.stats()
     assert (stats["steps_taken"], stats["denoiser_calls"], stats["stacked_per_stage"]) == (8, 8, [[], []])
     assert stats["plugin"] == repr(PLAN8)
