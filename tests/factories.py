@@ -21,7 +21,22 @@ cogvideox       CogVideoXPipeline            CogVideoXTransformer3DModel (2 bloc
 hunyuan_video   HunyuanVideoPipeline         HunyuanVideoTransformer3DModel (2 dual + 2 single)
 sd              StableDiffusionPipeline      UNet2DConditionModel (2 down / 2 up blocks)
 sdxl            StableDiffusionXLPipeline    UNet2DConditionModel, text_time embedding
+chroma          ChromaPipeline               ChromaTransformer2DModel (2 dual + 2 single on the joined stream)
+auraflow        AuraFlowPipeline             AuraFlowTransformer2DModel (2 joint + 2 single), tiny UMT5
+bria            BriaPipeline                 BriaTransformer2DModel (2 dual + 2 single)
+cogview3plus    CogView3PlusPipeline         CogView3PlusTransformer2DModel (2 blocks)
+cogview4        CogView4Pipeline             CogView4Transformer2DModel (2 blocks), tiny GlmModel
+lumina2         Lumina2Pipeline              Lumina2Transformer2DModel (2 layers + 2 refiners), tiny Gemma2
+z_image         ZImagePipeline               ZImageTransformer2DModel (2 layers + 2 refiners), tiny Qwen3
+qwen_image      QwenImagePipeline            QwenImageTransformer2DModel (2 blocks), tiny Qwen2.5-VL
+ltx_video       LTXPipeline                  LTXVideoTransformer3DModel (2 blocks)
+mochi           MochiPipeline                MochiTransformer3DModel (2 blocks)
+allegro         AllegroPipeline              AllegroTransformer3DModel (2 blocks)
+skyreels_v2     SkyReelsV2Pipeline           SkyReelsV2Transformer3DModel (2 blocks), tiny UMT5
 =============== ============================ =====================================
+
+T5-family text encoders unless said otherwise. The text length of every default call differs from
+its image token count, so that a swapped (text, image) block output fails loudly.
 
 ``default_call_kwargs(family)`` gives the smallest call that exercises the
 denoising loop with classifier-free guidance switched on wherever the pipeline
@@ -69,6 +84,18 @@ __all__ = [
     "make_hunyuan_video",
     "make_sd",
     "make_sdxl",
+    "make_chroma",
+    "make_auraflow",
+    "make_bria",
+    "make_cogview3plus",
+    "make_cogview4",
+    "make_lumina2",
+    "make_z_image",
+    "make_qwen_image",
+    "make_ltx_video",
+    "make_mochi",
+    "make_allegro",
+    "make_skyreels_v2",
     "make_tokenizer",
 ]
 

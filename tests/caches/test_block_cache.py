@@ -299,6 +299,58 @@ def test_reused_steps_add_the_cached_middle_residual(order):
         assert not torch.allclose(res[2], res[3], atol=1e-4)  # forecast, not reuse
 
 
+@pytest.mark.parametrize("order", [0, 1])
+def test_across_a_text_image_join_the_residual_is_added_to_the_joined_stream(order):
+    """Chroma's middle starts at a dual-stream block (image and text apart) and ends at a single-stream
+    block on cat([text, image]): the residual is the last block's output minus the first block's
+    inputs joined, and a reused step adds it to the joined stream the last block receives."""
+    from factories import make_chroma
+
+    pipe = make_chroma()
+    den = pipe.transformer
+    first_mid, last_mid = den.transformer_blocks[1], den.single_transformer_blocks[0]
+    mid_in, last_in, mid_out = [], [], []
+    handles = [
+        first_mid.register_forward_pre_hook(
+            lambda m, a, kw: mid_in.append(torch.cat([kw["encoder_hidden_states"], kw["hidden_states"]], 1)), with_kwargs=True
+        ),
+        last_mid.register_forward_pre_hook(lambda m, a, kw: last_in.append(kw["hidden_states"].clone()), with_kwargs=True),
+        last_mid.register_forward_hook(lambda m, a, kw, out: mid_out.append(out.clone()), with_kwargs=True),
+    ]
+    plugin = AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1, taylor_order=order)
+    try:
+        with diffboost.accelerated(pipe, plugin):
+            run(pipe, "chroma", num_inference_steps=8, guidance_scale=1.0)  # one pass per step
+            branch = diffboost.describe(pipe)["last_call"][0]["branches"]["default"]
+    finally:
+        for h in handles:
+            h.remove()
+    full = [0, 1, 4, 7]
+    assert branch["full_steps"] == full
+    res = [o - i for i, o in zip(mid_in, mid_out)]
+    factors = TaylorFactors(order)
+    for step in range(8):
+        if step in full:
+            factors.update(res[step], step)
+        else:
+            # the middle passed its input through: the last block received the joined first inputs
+            torch.testing.assert_close(last_in[step], mid_in[step], rtol=0, atol=0)
+            expected = factors.forecast(step) if order else factors.latest()
+            torch.testing.assert_close(res[step], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_joined_input_is_text_then_image_and_anything_else_is_refused():
+    from diffboost import UnsupportedPipelineError
+    from diffboost.caches.block_cache import joined_input
+
+    h0, e0 = torch.randn(2, 16, 4), torch.randn(2, 8, 4)
+    assert torch.equal(joined_input(h0, e0, torch.empty(2, 24, 4), torch.nn.Identity()), torch.cat([e0, h0], 1))
+    for h, e in ((torch.empty(2, 20, 4), e0), (torch.empty(2, 24, 4), None), (torch.empty(1, 24, 4), e0),
+                 (torch.empty(2, 24, 8), e0)):
+        with pytest.raises(UnsupportedPipelineError, match=r"Identity returns .* not the text and image streams joined"):
+            joined_input(h0, e, h, torch.nn.Identity())
+
+
 def test_unet_reused_steps_return_the_cached_deep_features():
     pipe = make_sd()
     unet = pipe.unet

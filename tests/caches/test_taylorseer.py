@@ -410,3 +410,36 @@ def test_a_module_run_twice_in_a_block_keeps_one_series_per_run():
     assert outs == [(1, 64, 32), (1, 16, 32)] * (6 * 2)
     # ... and the module itself ran on full steps only, twice per branch
     assert len(inner) == 2 * sum(b["full"] for b in stats.values()) < len(outs)
+
+
+def test_unit_calls_keep_one_series_per_run_within_a_denoiser_call():
+    from diffboost.caches.taylorseer import _UnitCalls
+
+    calls = _UnitCalls(order=1)
+    a, b, c = calls.next(run=1), calls.next(run=1), calls.next(run=1)
+    assert len({id(a), id(b), id(c)}) == 3 and calls.calls == [a, b, c]
+    assert [calls.next(run=2), calls.next(run=2), calls.next(run=2)] == [a, b, c]  # the next run starts over
+    assert calls.next(run=3) is a and calls.index == 1
+    calls.reset()
+    assert calls.calls == [] and calls.next(run=3) is not a
+
+
+def test_a_refused_second_expert_leaves_the_first_one_untouched():
+    """Wan 2.2 has two denoisers; when the second cannot take TaylorSeer, the first one's hooks are
+    taken off again and the pipeline is as before."""
+    from diffboost import UnsupportedPipelineError
+    from factories import make_wan
+
+    class Weird(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    pipe = make_wan(two_experts=True)
+    pipe.transformer_2.blocks = torch.nn.ModuleList([Weird()])
+    with pytest.raises(UnsupportedPipelineError, match="block class Weird"):
+        diffboost.apply(pipe, TaylorSeer(granularity="block"))
+    for den in (pipe.transformer, pipe.transformer_2):
+        for module in den.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            assert (registry is None or not registry.hooks) and "forward" not in vars(module)
+    assert not hasattr(pipe, "_diffboost_handle")
