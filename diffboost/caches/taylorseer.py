@@ -275,31 +275,32 @@ def _install_taylorseer(cfg: TaylorSeer, d: Denoiser, adapter: PipelineAdapter, 
         return HookedCache(cfg, d, hooks, clock, skipped, {"forecast": [d.module]})
 
     units: list[tuple[torch.nn.Module, bool]] = []
+    ios: list[BlockIO] | None = None  # block granularity: each block's layout
     if adapter.kind == "unet":
         units = [(block, block is d.blocks[-1]) for block in d.blocks]
-        # everything the blocks compute is skipped on forecast steps
-        skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
     elif cfg.granularity == "block":
         ios = [d.block_io(block) for block in d.blocks]  # refuses an unknown layout before any hook
-        clock = StepClock(tracker, cfg.policy, cfg.check_finite, name="TaylorSeer")
-        hooks.add(d.module, clock)
+    else:
+        for block in d.blocks:
+            units.extend(_transformer_units(block))
+        if not units:
+            raise ValueError(
+                f"TaylorSeer found no attention/feed-forward modules (children named {', '.join(_FORECAST_CHILDREN)}) "
+                f"in the blocks of {type(d.module).__name__}; use TaylorSeer(granularity='block') or TaylorSeer(lite=True)"
+            )
+    clock = StepClock(tracker, cfg.policy, cfg.check_finite, name="TaylorSeer")
+    hooks.add(d.module, clock)
+    if ios is not None:
         for block, io in zip(d.blocks, ios):
             hooks.add(block, BlockForecastHook(clock, cfg.order, io))
         skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
         return HookedCache(cfg, d, hooks, clock, skipped, {"forecast": list(d.blocks)})
-    else:
-        for block in d.blocks:
-            units.extend(_transformer_units(block))
-        skipped = sum(p.numel() for m, _ in units for p in m.parameters())
-    if not units:
-        raise ValueError(
-            f"TaylorSeer found no attention/feed-forward modules (children named {', '.join(_FORECAST_CHILDREN)}) in "
-            f"the blocks of {type(d.module).__name__}; use TaylorSeer(granularity='block') or TaylorSeer(lite=True)"
-        )
-    clock = StepClock(tracker, cfg.policy, cfg.check_finite, name="TaylorSeer")
-    hooks.add(d.module, clock)
     for module, forecast in units:
         hooks.add(module, ForecastUnitHook(clock, cfg.order, forecast))
+    if adapter.kind == "unet":  # everything the blocks compute is skipped on forecast steps
+        skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
+    else:
+        skipped = sum(p.numel() for m, _ in units for p in m.parameters())
     roles = {
         "forecast": [m for m, f in units if f],
         "skipped (output unused on forecast steps)": [m for m, f in units if not f],

@@ -851,6 +851,7 @@ def test_set_branch_is_what_a_pipelines_cache_context_does():
     ("flux", {"cond": 6}),  # named by the pipeline
     ("wan", {"cond": 6, "uncond": 6}),
     ("sd3", {"default": 6}),  # one call on a doubled batch
+    ("z_image", {"default": 6}),  # a doubled batch passed positionally, as lists
 ])
 def test_every_cfg_pass_gets_its_own_branch(family, branches):
     """The runtime counts the denoiser calls of a call per CFG branch; a pipeline that runs its
@@ -871,3 +872,81 @@ def test_every_cfg_pass_gets_its_own_branch(family, branches):
         run(pipe, family, num_inference_steps=6)
         info = diffboost.describe(pipe)
     assert {b: s["full_steps"] for b, s in info["last_call"][0]["branches"].items()} == {b: [0, 3] for b in branches}
+
+
+def test_every_denoiser_run_gets_the_next_run_number_also_a_fallback():
+    """StepPlan.run tells units which denoiser run a call of theirs belongs to (a module run twice in a
+    block keeps one series per run): one more at every run, and at the NaN fallback's second run."""
+    class RunProbe(Probe):
+        def forward(self, x):
+            runs.append(self.clock.plan.run)
+            return super().forward(x)
+
+    runs: list[int] = []
+    pipe = StubPipe(StubScheduler())
+    tracker = CallTracker(pipe)
+    clock = StepClock(tracker, every(2))
+    probe = RunProbe()
+    probe.clock, probe.nan_on_forecast = clock, {1}
+    hooks = HookSet("test", probe)
+    hooks.add(probe, clock)
+    pipe.scheduler.set_timesteps(4)
+    outs = [probe(x=X) for _ in range(4)]  # keyword arguments reach the fallback's run too
+    assert all(torch.equal(o, 2 * X) for o in outs)
+    # step 1 is a forecast step that returns NaN: the clock runs it again in full
+    assert runs == [1, 2, 3, 4, 5] and clock.stats()["default"]["nan_fallbacks"] == 1
+
+
+class StepScheduler(StubScheduler):
+    def step(self, model_output, timestep, sample, *, scale=1.0, return_dict=True):
+        return (sample + scale * model_output,)
+
+
+class Named(ModelHook):
+    """An inner stateful hook: records the branch it sees at each call."""
+
+    _is_stateful = True
+
+    def __init__(self, seen):
+        super().__init__()
+        self.state = BranchStates(Box)
+        self.seen = seen
+
+    def new_forward(self, module, *args, **kwargs):
+        self.seen.append(self.state.branch)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    def reset_state(self, module):
+        return module
+
+
+def test_unnamed_passes_are_named_by_their_order_within_a_step():
+    """Three denoiser calls per step that the pipeline does not name: "default", "call1", "call2" for
+    every hook inside; named ones keep the pipeline's name; the scheduler's step (keyword arguments
+    passed through) starts the order again, and the counts are the last call's."""
+    from diffboost.plugins.runtime import DenoiserCalls
+
+    pipe = StubPipe(StepScheduler())
+    tracker = CallTracker(pipe)
+    model = torch.nn.Linear(3, 3)
+    seen: list[str] = []
+    inner, outer = HookSet("inner", model), HookSet("calls", model)
+    inner.add(model, Named(seen))
+    counter = outer.add(model, DenoiserCalls(tracker))
+    x = torch.ones(1, 3)
+    for _ in range(2):  # two pipeline calls: the counts are the last one's
+        pipe.scheduler.set_timesteps(2)
+        for _ in range(2):
+            outs = [model(x), model(input=x), model(x)]
+            assert pipe.scheduler.step(outs[0], 0, x, scale=0.0)[0] is not None
+        with torch.no_grad():
+            _set_cache_context(model, CacheContext("cond"))
+            model(x)
+            _set_cache_context(model, None)
+    assert pipe.scheduler.step(torch.ones(1), 0, torch.zeros(1), scale=2.0) == (torch.full((1,), 2.0),)
+    assert seen == (["default", "call1", "call2"] * 2 + ["cond"]) * 2
+    assert counter.counts == {"default": 2, "call1": 2, "call2": 2, "cond": 1}
+    outer.remove()
+    inner.remove()
+    tracker.remove()
+    assert "step" not in vars(pipe.scheduler) and "set_timesteps" not in vars(pipe.scheduler)
