@@ -66,7 +66,7 @@ MODULES: dict[str, list[str]] = {
         " or stacks_with or pixart)",
     ],
     "plugins/runtime.py": ["tests/plugins/test_runtime.py"],
-    "plugins/base.py": ["tests/plugins/test_base.py", "tests/caches/test_configs.py"],
+    "plugins/base.py": ["tests/plugins/test_base.py", "tests/caches/test_configs.py", "tests/plugins/test_stats.py"],
     "plugins/stacking.py": ["tests/plugins/test_stacking.py"],
     # presets are data now (diffboost/presets/*.toml, pinned by tests/plugins/test_presets.py); the code
     # that reads and checks them is the stack-file module

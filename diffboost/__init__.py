@@ -13,8 +13,8 @@
 from .caches.block_cache import AdaptiveBlockCache, ErrorControlledCache
 from .caches.taylorseer import TaylorSeer
 from .plugins.adapters import UnsupportedPipelineError, register_family, supported_families, unregister_family
-from .plugins.api import Acceleration, accelerated, apply, describe, remove
-from .plugins.base import Plugin, PluginKind
+from .plugins.api import Acceleration, accelerated, apply, call_stats, describe, remove
+from .plugins.base import CallStats, Plugin, PluginKind
 from .plugins.presets import PRESETS
 from .plugins.runtime import ConcurrentCallError
 from .plugins.stacking import IncompatiblePluginsError
@@ -29,6 +29,7 @@ __all__ = [
     "Acceleration",
     "AdaptiveBlockCache",
     "BottleneckSampling",
+    "CallStats",
     "ConcurrentCallError",
     "ErrorControlledCache",
     "IncompatiblePluginsError",
@@ -43,6 +44,7 @@ __all__ = [
     "UnsupportedPipelineError",
     "accelerated",
     "apply",
+    "call_stats",
     "describe",
     "load",
     "register_family",

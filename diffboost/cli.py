@@ -141,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"plugins: {', '.join(info.get('plugins', [])) or 'none (plain pipeline)'}")
     counts = call_counts(info)
     if counts is not None:
-        print(f"denoiser calls computed in full: {counts[0]}/{counts[1]}")
+        print(f"denoiser calls computed: {counts[0]}/{counts[1]} (the others reused, forecast or skipped)")
     print(f"{'accelerated' if stack else 'plain'}: {t_fast:.3f} s -> {out}")
     if args.compare:
         from .fidelity import psnr

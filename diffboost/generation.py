@@ -189,10 +189,10 @@ def save_image_atomic(image: Any, path: str | Path) -> None:
 
 
 def call_counts(info: dict[str, Any]) -> tuple[int, int] | None:
-    """(denoiser calls computed in full, all denoiser calls) in the last call, from the plugins that
-    report them (caches); None when none does."""
-    branches = [b for item in info.get("last_call", []) for b in (item.get("branches") or {}).values()
-                if isinstance(b, dict) and "full" in b and "steps" in b]
-    if not branches:
+    """(denoiser calls computed, all denoiser calls) in the last call of an accelerated pipeline, from
+    ``describe()``'s summary (every plugin kind reports the calls it reused or skipped); None when the
+    pipeline is not accelerated."""
+    summary = info.get("summary")
+    if not summary:
         return None
-    return sum(b["full"] for b in branches), sum(b["steps"] for b in branches)
+    return summary["computed"], summary["denoiser_calls"]

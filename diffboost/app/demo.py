@@ -3,7 +3,7 @@
     diffboost demo [--model PATH] [--host 127.0.0.1] [--port 7860]
 
 The page shows both images, both wall times, the speedup, PSNR / SSIM of the accelerated image
-against the plain one and how many denoiser calls ran in full. It binds to 127.0.0.1 unless
+against the plain one and how many denoiser calls were computed. It binds to 127.0.0.1 unless
 ``--host`` says otherwise and takes no uploads (text and numbers only). One pipeline serves every
 request, one request at a time (Gradio's queue and a lock), so timings are not mixed up.
 """
@@ -37,7 +37,7 @@ class Comparison:
     accelerated_s: float
     psnr_db: float
     ssim: float
-    full_calls: int | None  # None: no plugin of the stack counts denoiser calls (SADA, token merging)
+    computed_calls: int | None  # denoiser calls computed (the others reused, forecast or skipped)
     total_calls: int | None
     plugins: list[str] = field(default_factory=list)
 
@@ -51,8 +51,8 @@ class Comparison:
             "| | plain | accelerated |",
             "|---|---|---|",
             f"| wall time | {self.baseline_s:.3f} s | {self.accelerated_s:.3f} s |",
-            *([f"| denoiser calls in full | {self.total_calls} | {self.full_calls} |"]
-              if self.full_calls is not None else []),
+            *([f"| denoiser calls computed | {self.total_calls} | {self.computed_calls} |"]
+              if self.computed_calls is not None else []),
             "",
             f"**{self.speedup:.2f}x faster**; accelerated vs plain: PSNR {psnr}, SSIM {self.ssim:.4f}.",
             f"Plugins: {', '.join(self.plugins)}.",
@@ -117,7 +117,7 @@ class DemoModel:
         return Comparison(
             baseline=base, accelerated=fast, baseline_s=t_base, accelerated_s=t_fast,
             psnr_db=float(psnr(a, b)), ssim=float(ssim(a, b)),
-            full_calls=counts[0], total_calls=counts[1],
+            computed_calls=counts[0], total_calls=counts[1],
             plugins=list(info["plugins"]),
         )
 

@@ -35,7 +35,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter
-from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_choice, check_int
+from ..plugins.base import CallStats, Installed, Plugin, PluginKind, check_bools, check_choice, check_int
 from ..plugins.runtime import compiled_around, BranchStates, CallTracker, ClockState, HookSet, StepClock, StepPlan, _all_finite, logger
 from .taylor import TaylorFactors
 
@@ -248,6 +248,12 @@ class HookedCache(Installed):
 
     def remove(self) -> None:
         self.hooks.remove()
+
+    def call_stats(self) -> CallStats:
+        details = self.stats()
+        branches = details["branches"]
+        forecast = sorted({s for b in branches.values() for s in range(b["steps"]) if s not in b["full_steps"]})
+        return CallStats(details["plugin"], {name: b["forecast"] for name, b in branches.items()}, tuple(forecast), details)
 
     def stats(self) -> dict[str, Any]:
         branches = self.clock.stats()

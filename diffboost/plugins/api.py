@@ -6,7 +6,7 @@ import contextlib
 from typing import Any, Iterator
 
 from .adapters import PipelineAdapter
-from .base import Installed, Plugin
+from .base import CallStats, Installed, Plugin
 from .presets import resolve
 from .runtime import CallTracker, DenoiserCalls, HookSet
 from .stacking import check_stack
@@ -56,14 +56,24 @@ class Acceleration:
         if getattr(self.pipe, _HANDLE_ATTR, None) is self:
             delattr(self.pipe, _HANDLE_ATTR)
 
+    def call_stats(self) -> list[CallStats]:
+        """Each installed plugin's statistics of the current (or last) call, typed."""
+        return [item.call_stats() for item in self.installed]
+
     def describe(self) -> dict[str, Any]:
+        stats = self.call_stats()
+        # the pipeline's denoiser calls in the current (or last) call, per denoiser and CFG pass
+        calls = {d.attr: dict(counter.counts) for d, (_, counter) in zip(self.adapter, self.counters)}
+        total = sum(n for per_pass in calls.values() for n in per_pass.values())
+        # a call that one plugin answers never reaches the plugins inside it: no call counts twice
+        reused = sum(s.reused_calls for s in stats)
         return {
             **self.adapter.describe(),
             "plugins": [repr(p) for p in self.plugins],
             "calls": self.tracker.calls,
-            # the pipeline's denoiser calls in the current (or last) call, per denoiser and CFG branch
-            "denoiser_calls": {d.attr: dict(counter.counts) for d, (_, counter) in zip(self.adapter, self.counters)},
-            "last_call": [item.stats() for item in self.installed],
+            "denoiser_calls": calls,
+            "summary": {"denoiser_calls": total, "computed": total - reused, "reused": reused},
+            "last_call": [s.as_dict() for s in stats],
         }
 
     def __repr__(self) -> str:
@@ -124,6 +134,14 @@ def accelerated(pipe: Any, *plugins: Any) -> Iterator[Acceleration]:
         yield handle
     finally:
         handle.remove()
+
+
+def call_stats(pipe: Any) -> list[CallStats]:
+    """What each plugin on ``pipe`` did in its last call, as typed records (empty when not accelerated):
+    the common part (``reused`` denoiser calls per CFG pass, ``skipped_steps``) and the plugin's own
+    ``details``."""
+    handle = getattr(pipe, _HANDLE_ATTR, None)
+    return handle.call_stats() if handle is not None else []
 
 
 def describe(pipe: Any) -> dict[str, Any]:

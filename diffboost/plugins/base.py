@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import PipelineAdapter
@@ -38,6 +38,37 @@ class PluginKind(str, enum.Enum):
     VLM = "vlm"
 
 
+@dataclasses.dataclass(frozen=True)
+class CallStats:
+    """What one installed plugin did in the last pipeline call, as :func:`diffboost.call_stats`
+    returns it. The common part is read by the CLI, the demo and the bench without knowing the plugin.
+
+    Attributes:
+        plugin: the plugin's configuration (its ``repr``).
+        reused: per CFG pass (``"cond"``, ``"uncond"``, ``"default"``, ...), the denoiser calls whose
+            work the plugin replaced by reused, forecast or skipped results. Plugins that make calls
+            cheaper instead (fewer tokens, lower resolution) report none here; their savings are in
+            ``details``.
+        skipped_steps: the step indices on which it did so (any pass), ascending.
+        details: the plugin's own numbers (per-pass schedules, token shares, stages, ...).
+    """
+
+    plugin: str
+    reused: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    skipped_steps: tuple[int, ...] = ()
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def reused_calls(self) -> int:
+        """Denoiser calls reused, forecast or skipped, over all passes."""
+        return sum(self.reused.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The details with the common part (what ``describe()["last_call"]`` lists)."""
+        return {**self.details, "plugin": self.plugin, "reused_calls": self.reused_calls,
+                "reused_per_pass": dict(self.reused), "skipped_steps": list(self.skipped_steps)}
+
+
 class Installed:
     """Something a plugin put on a pipeline; ``remove`` must restore the exact previous state."""
 
@@ -48,8 +79,14 @@ class Installed:
         """Forget per-call state (called at the start of every pipeline call)."""
 
     def stats(self) -> dict[str, Any]:
-        """Per-call statistics for :func:`diffboost.describe`."""
+        """The plugin's own per-call numbers (the ``details`` of :meth:`call_stats`)."""
         return {}
+
+    def call_stats(self) -> CallStats:
+        """The last call's statistics, typed; plugins that reuse or skip denoiser work override it to
+        fill in the common part."""
+        details = self.stats()
+        return CallStats(str(details.get("plugin", type(self).__name__)), details=details)
 
 
 @dataclasses.dataclass(frozen=True)

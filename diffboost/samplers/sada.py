@@ -67,7 +67,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_choice, check_float, check_int
+from ..plugins.base import CallStats, Installed, Plugin, PluginKind, check_bools, check_choice, check_float, check_int
 from ..plugins.runtime import BranchStates, CallTracker, HookSet, InstanceWrap, compiled_around
 from .sada_tokens import TokenSparsity, install_tokens
 
@@ -323,6 +323,7 @@ class CallState:
         self.skipped: list[int] = []
         self.lagrange_steps: list[int] = []
         self.saved_calls = 0  # denoiser calls replaced by a stand-in
+        self.saved_per_pass: dict[str, int] = {}  # the same, per CFG pass
         self.last_m: float | None = None
         self.kappa: float | None = None  # curvature criterion: kappa of the last real triple (_kappa)
         # token sparsity: the stability map (H, W) after the last solved step, the plan of the
@@ -530,11 +531,17 @@ class SADARuntime(Installed):
             "skipped_steps": list(st.skipped),
             "lagrange_steps": list(st.lagrange_steps),
             "denoiser_calls_saved": st.saved_calls,
+            "saved_per_pass": dict(st.saved_per_pass),
         }
         if self.tokens is not None:
             out["token_pruned_steps"] = list(st.token_pruned_steps)
             out.update(self.tokens.stats())
         return out
+
+    def call_stats(self) -> CallStats:
+        details = self.stats()
+        return CallStats(details["plugin"], dict(details.get("saved_per_pass", {})),
+                         tuple(details.get("skipped_steps", ())), details)
 
     def stats(self) -> dict[str, Any]:
         current = self._call_stats() if self.state.step else dict(self.last_stats)
@@ -630,6 +637,8 @@ class SkipHook(ModelHook):
         st: _LastOutput = self.last.get_state()
         if rt.state.skip_current and st.output is not None:
             rt.state.saved_calls += 1
+            per_pass = rt.state.saved_per_pass
+            per_pass[self.last.branch] = per_pass.get(self.last.branch, 0) + 1
             return st.output  # a stand-in: the wrapped scheduler step replaces it
         out = self.fn_ref.original_forward(*args, **kwargs)
         st.output = out

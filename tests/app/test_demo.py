@@ -19,7 +19,7 @@ def model(tmp_path_factory):
 def test_compare_measures_both_and_leaves_the_pipeline_plain(model):
     result = model.compare("a red circle", "turbo", steps=10, seed=3)
     assert result.baseline.size == result.accelerated.size == (64, 64)
-    assert (result.full_calls, result.total_calls) == (6, 10)  # turbo: warm-up 6, then every 5th
+    assert (result.computed_calls, result.total_calls) == (6, 10)  # turbo: warm-up 6, then every 5th
     assert result.baseline_s > 0 and result.accelerated_s > 0 and result.speedup > 0
     assert np.isfinite(result.psnr_db) and -1 <= result.ssim <= 1
     assert "TaylorSeer" in result.plugins[0] and "faster" in result.summary_markdown()
@@ -83,14 +83,15 @@ def test_demo_listens_on_localhost_by_default():
     assert args.host == "127.0.0.1" and args.port == 7860
 
 
-def test_a_stack_file_is_offered_and_a_stack_without_call_counts_works(model):
-    """``diffboost demo --plugins FILE``: the file's stack is a choice of its own; a stack whose plugins
-    count no denoiser calls (SADA) shows no count row instead of failing."""
-    model.stacks["mine.toml"] = [diffboost.SADA(acc_range=(2, 8), max_interval=1)]
+def test_a_stack_file_is_offered_and_a_step_skipping_stack_reports_its_calls(model):
+    """``diffboost demo --plugins FILE``: the file's stack is a choice of its own; a stack that skips
+    whole steps (SADA) reports the denoiser calls it saved like a cache does."""
+    model.stacks["mine.toml"] = [diffboost.SADA(schedule=(3, 5), max_interval=1)]
     try:
         result = model.compare("a red circle", "mine.toml", steps=10, seed=3)
-        assert result.plugins[0].startswith("SADA(") and result.full_calls is None
-        assert "denoiser calls in full" not in result.summary_markdown()
+        assert result.plugins[0].startswith("SADA(")
+        assert (result.computed_calls, result.total_calls) == (8, 10)  # steps 3 and 5 skipped
+        assert "| denoiser calls computed | 10 | 8 |" in result.summary_markdown()
         gr = pytest.importorskip("gradio")
         app = build_app(model)
         (dropdown,) = [b for b in app.blocks.values() if isinstance(b, gr.Dropdown)]

@@ -25,7 +25,7 @@ def test_generate_compare_writes_images_and_reports(flux_folder, tmp_path, capsy
     assert code == 0
     assert Image.open(out).size == (64, 64)
     assert Image.open(tmp_path / "img_compare.png").size == (128, 64)
-    for needle in ("baseline:", "speedup:", "PSNR vs baseline:", "computed in full: 6/10"):
+    for needle in ("baseline:", "speedup:", "PSNR vs baseline:", "denoiser calls computed: 6/10"):
         assert needle in text, text
     assert not list(tmp_path.glob(".img*")), "temporary files left behind"
 
@@ -165,7 +165,7 @@ def test_plugins_file_in_generate_and_batch(flux_folder, tmp_path, capsys):
     assert main(["generate", "--model", str(flux_folder), "--steps", "8", "--size", "64", "--plugins", str(stack),
                  "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "plugins: TaylorSeer(interval=3, order=1, warmup=2" in text and "computed in full: 4/8" in text
+    assert "plugins: TaylorSeer(interval=3, order=1, warmup=2" in text and "denoiser calls computed: 4/8" in text
     with pytest.raises(SystemExit):  # one or the other
         main(["generate", "--preset", "safe", "--plugins", str(stack)])
     assert "not allowed with argument" in capsys.readouterr().err

@@ -408,10 +408,16 @@ def test_describe_reports_the_pipeline_the_plugins_and_the_calls(flux):
         "plugins": [repr(plugin)],
         "calls": 0,
         "denoiser_calls": {"transformer": {}},
-        "last_call": [{"item": "c1"}, {"item": "c2"}],
+        "summary": {"denoiser_calls": 0, "computed": 0, "reused": 0},
+        # a plugin that reports only its own numbers gets the common part of the typed stats empty
+        "last_call": [
+            {"item": f"c{i}", "plugin": "Item", "reused_calls": 0, "reused_per_pass": {}, "skipped_steps": []}
+            for i in (1, 2)
+        ],
     }
-    # the last call's denoiser calls per branch (Flux names its conditional pass "cond")
-    assert second == {**first, "calls": 2, "denoiser_calls": {"transformer": {"cond": 2}}}
+    # the last call's denoiser calls per pass (Flux names its conditional pass "cond")
+    assert second == {**first, "calls": 2, "denoiser_calls": {"transformer": {"cond": 2}},
+                      "summary": {"denoiser_calls": 2, "computed": 2, "reused": 0}}
     assert diffboost.describe(flux) == {"pipeline": "FluxPipeline", "accelerated": False}
 
 
