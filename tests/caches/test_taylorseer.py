@@ -325,6 +325,10 @@ def test_describe_reports_the_call_exactly(flux, lite):
         "hooked_modules": 1 + (0 if lite else 12),
         "modules": modules,
         "flops_saved_est": round(skipped / total * 4 / 8, 4),
+        # the common part of the typed statistics: the forecast steps are the reused calls
+        "reused_calls": 4,
+        "reused_per_pass": {"cond": 4},
+        "skipped_steps": [2, 3, 5, 6],
     }
     assert 0 < entry["flops_saved_est"] <= 0.5  # at most the share of forecast steps
 
@@ -355,6 +359,10 @@ def test_describe_in_block_granularity_and_before_any_call(flux):
         "hooked_modules": 1 + len(blocks),
         "modules": {"forecast": names},
         "flops_saved_est": round(skipped / total * 4 / 8, 4),
+        # the common part of the typed statistics: the forecast steps are the reused calls
+        "reused_calls": 4,
+        "reused_per_pass": {"cond": 4},
+        "skipped_steps": [2, 3, 5, 6],
     }
 
 
