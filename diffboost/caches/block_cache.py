@@ -27,7 +27,7 @@ forecast of the probe's residual, made from the last full steps, matches its liv
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.hooks import ModelHook
@@ -59,6 +59,8 @@ class AdaptiveBlockCache(Plugin):
         check_finite: recompute a reused step whose output has NaN/Inf. Default True.
     """
 
+    kind: ClassVar[PluginKind] = PluginKind.CACHE
+
     threshold: float = 0.08
     front_blocks: int = 1
     back_blocks: int = 0
@@ -70,7 +72,6 @@ class AdaptiveBlockCache(Plugin):
 
     def __post_init__(self) -> None:
         check_bools(self)
-        object.__setattr__(self, "kind", PluginKind.CACHE)
         check_float(self, "threshold", 0.0, 10.0)
         check_int(self, "front_blocks", 1, 1000)
         check_int(self, "back_blocks", 0, 1000)
@@ -119,6 +120,8 @@ class ErrorControlledCache(Plugin):
         check_finite: recompute a forecast step whose output has NaN/Inf. Default True.
     """
 
+    kind: ClassVar[PluginKind] = PluginKind.CACHE
+
     tolerance: float = 0.05
     order: int = 1
     probe_blocks: int = 1
@@ -129,7 +132,6 @@ class ErrorControlledCache(Plugin):
 
     def __post_init__(self) -> None:
         check_bools(self)
-        object.__setattr__(self, "kind", PluginKind.CACHE)
         check_float(self, "tolerance", 0.0, 10.0)
         check_int(self, "order", 0, 4)
         check_int(self, "probe_blocks", 1, 1000)

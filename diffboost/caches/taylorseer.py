@@ -28,7 +28,7 @@ Each CFG branch (``cache_context("cond"/"uncond")`` or the doubled batch) keeps 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.hooks import ModelHook
@@ -59,6 +59,8 @@ class TaylorSeer(Plugin):
         check_finite: recompute a forecast step whose output has NaN/Inf (logged once). Default True.
     """
 
+    kind: ClassVar[PluginKind] = PluginKind.CACHE
+
     interval: int = 5
     order: int = 1
     warmup: int = 3
@@ -69,7 +71,6 @@ class TaylorSeer(Plugin):
 
     def __post_init__(self) -> None:
         check_bools(self)
-        object.__setattr__(self, "kind", PluginKind.CACHE)
         check_int(self, "interval", 1, 1000)
         check_int(self, "order", 0, 4)
         check_int(self, "warmup", 0, 10_000)

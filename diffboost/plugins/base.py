@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import PipelineAdapter
@@ -93,8 +93,8 @@ class Installed:
 class Plugin:
     """Base class of every plugin config. Subclasses are frozen dataclasses."""
 
-    #: Set by subclasses.
-    kind: PluginKind = dataclasses.field(default=PluginKind.CACHE, init=False, repr=False)
+    #: Where the plugin acts (a class attribute, set by each plugin class; not a field).
+    kind: ClassVar[PluginKind] = PluginKind.CACHE
 
     @property
     def name(self) -> str:

@@ -163,6 +163,9 @@ class CallTracker:
         #: plugin can reset its siblings, e.g. a sampler at a resolution switch
         self.installed: list[Any] = []
         self.num_steps: int | None = None
+        #: a step plugin that decides the steps a sampler integrates on its own sigmas (SADA registers
+        #: itself: ``solve_flow_step``); None when the stack has none
+        self.step_solver: Any = None
         self.calls = 0
         self.scheduler = None
         self._patch: InstanceWrap | None = None
@@ -442,6 +445,19 @@ class StepClock(ModelHook):
                 "nan_fallbacks": st.fallbacks,
             }
         return out
+
+
+def advance_step_index(scheduler: Any) -> None:
+    """Count a step that a sampler integrated itself (instead of calling ``scheduler.step``) on the
+    scheduler's step index, as its own ``step`` would have, so that everything reading the index
+    (the pipeline, :meth:`CallTracker.steps_left`) stays right.
+
+    The one write of a private diffusers attribute (``_step_index``; checked on diffusers 0.42.1, whose
+    schedulers expose it read-only as ``step_index``); ``tests/plugins/test_runtime.py`` pins it. A
+    scheduler without a started index is left alone.
+    """
+    if getattr(scheduler, "_step_index", None) is not None:
+        scheduler._step_index += 1
 
 
 def set_branch(module: torch.nn.Module, name: str | None) -> None:

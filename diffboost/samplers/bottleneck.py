@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ from diffusers.hooks import ModelHook
 
 from ..plugins.adapters import PipelineAdapter, UnsupportedPipelineError
 from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_int
-from ..plugins.runtime import CallTracker, HookSet, InstanceWrap, compiled_around
+from ..plugins.runtime import CallTracker, HookSet, InstanceWrap, advance_step_index, compiled_around
 
 HOOK_NAME = "diffboost.bottleneck"
 
@@ -97,6 +97,8 @@ class BottleneckSampling(Plugin):
             seeded generator gives a reproducible call). Default None.
     """
 
+    kind: ClassVar[PluginKind] = PluginKind.SAMPLER
+
     stages: tuple = ((1.0, 0.2), (0.5, 0.6), (1.0, 0.2))
     shift: Any = 2.0
     renoise: Any = 0.1
@@ -104,7 +106,6 @@ class BottleneckSampling(Plugin):
 
     def __post_init__(self) -> None:
         check_bools(self)
-        object.__setattr__(self, "kind", PluginKind.SAMPLER)
         for name in ("stages", "shift", "renoise"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
         self._check_stages()
@@ -438,8 +439,7 @@ class _Bottleneck(Installed):
             self._reset_stacked()
         self.tracker.step_done()  # the scheduler's own step did not run: tell the runtime a step ended
         self.i += 1
-        if getattr(self.scheduler, "_step_index", None) is not None:
-            self.scheduler._step_index += 1
+        advance_step_index(self.scheduler)
         out = x.to(model_output.dtype)
         if not return_dict:
             return (out,)
@@ -448,11 +448,9 @@ class _Bottleneck(Installed):
         return SchedulerOutput(prev_sample=out)
 
     def _step_plugin(self) -> Any:
-        """A stacked step plugin (SADA) that can follow steps integrated on the stage's sigmas."""
-        for item in self.tracker.installed:
-            if item is not self and hasattr(item, "solve_flow_step"):
-                return item
-        return None
+        """A stacked step plugin (SADA) that can follow steps integrated on the stage's sigmas, as the
+        runtime knows it."""
+        return getattr(self.tracker, "step_solver", None)
 
     def _resize(self, x: torch.Tensor, size: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
         if self.layout == "packed":

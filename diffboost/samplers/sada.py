@@ -60,7 +60,7 @@ denoiser calls that happen; a SADA-skipped step is counted by SADA alone (see
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.hooks import ModelHook
@@ -130,6 +130,8 @@ class SADA(Plugin):
             41.6 / 37.3 dB (benchmarks/RESULTS.md, "SADA").
     """
 
+    kind: ClassVar[PluginKind] = PluginKind.STEP
+
     acc_range: tuple[int, int] = (10, 47)
     max_interval: int = 4
     lagrange_int: int = 4
@@ -145,7 +147,6 @@ class SADA(Plugin):
 
     def __post_init__(self) -> None:
         check_bools(self)
-        object.__setattr__(self, "kind", PluginKind.STEP)
         rng = self.acc_range
         if not isinstance(rng, (tuple, list)) or len(rng) != 2:
             raise TypeError(f"SADA.acc_range must be a (start, end) pair of step indices, got {rng!r}")
@@ -284,9 +285,11 @@ def read_step(scheduler: Any, timestep: Any) -> Coords:
         abar = max(_float(scheduler.alphas_cumprod[t]), 2.0**-24)
         alpha, sigma_t = abar**0.5, (1.0 - abar) ** 0.5
         return Coords("vp", sigma_t / alpha, alpha, sigma_t, pred)
-    if getattr(scheduler, "step_index", None) is None:
-        scheduler._init_step_index(timestep)
-    sigma = _float(scheduler.sigmas[scheduler.step_index])
+    index = getattr(scheduler, "step_index", None)
+    if index is None:  # before the scheduler's first step: where that step will start, without touching it
+        begin = getattr(scheduler, "begin_index", None)
+        index = begin if begin is not None else scheduler.index_for_timestep(timestep)
+    sigma = _float(scheduler.sigmas[index])
     if name == "FlowMatchEulerDiscreteScheduler" or pred == "flow_prediction":
         return Coords("flow", sigma, prediction=pred)
     alpha = 1.0 / (sigma * sigma + 1.0) ** 0.5
@@ -342,6 +345,9 @@ class SADARuntime(Installed):
         self.cfg = cfg
         self.adapter = adapter
         self.tracker = tracker
+        # a sampler that integrates steps itself (bottleneck sampling) hands them to SADA through the
+        # runtime, without looking for it among the installed plugins
+        tracker.step_solver = self
         self.pipe = adapter.pipe
         self.hooks: list[HookSet] = []  # one per denoiser
         self.state = CallState()
@@ -515,6 +521,8 @@ class SADARuntime(Installed):
             self.tokens.reset()
 
     def remove(self) -> None:
+        if self.tracker.step_solver is self:
+            self.tracker.step_solver = None
         for hooks in reversed(self.hooks):
             hooks.remove()
         self.hooks.clear()

@@ -43,7 +43,7 @@ bit-identical to the unpatched pipeline.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,8 @@ class TokenMerging(Plugin):
         merge_mlp: merge for the feed-forward (``ff``) too. Default False.
     """
 
+    kind: ClassVar[PluginKind] = PluginKind.TOKENS
+
     ratio: float = 0.5
     sx: int = 2
     sy: int = 2
@@ -98,7 +100,6 @@ class TokenMerging(Plugin):
 
     def __post_init__(self) -> None:
         check_bools(self)
-        object.__setattr__(self, "kind", PluginKind.TOKENS)
         check_float(self, "ratio", 0.0, 1.0)
         check_int(self, "sx", 1, 64)
         check_int(self, "sy", 1, 64)
@@ -132,13 +133,14 @@ class TokenDownsampling(Plugin):
             subsampling of the paper) or ``"avg"`` (the cell's mean). Default "nearest".
     """
 
+    kind: ClassVar[PluginKind] = PluginKind.TOKENS
+
     factor: int = 2
     max_downsample: int = 1
     mode: str = "nearest"
 
     def __post_init__(self) -> None:
         check_bools(self)
-        object.__setattr__(self, "kind", PluginKind.TOKENS)
         check_int(self, "factor", 1, 8)
         check_choice(self, "max_downsample", DOWNSAMPLE_CHOICES)
         check_choice(self, "mode", ("nearest", "avg"))

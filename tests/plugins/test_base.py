@@ -179,3 +179,19 @@ def test_every_bool_field_refuses_non_bools():
                 checked.append(f"{cls.__name__}.{f.name}")
     assert {"TaylorSeer.lite", "TaylorSeer.check_finite", "SADA.token_sparsity", "TokenMerging.merge_attn",
             "AdaptiveBlockCache.check_finite", "ErrorControlledCache.check_finite"} <= set(checked), checked
+
+
+def test_an_installed_thing_without_its_own_call_stats_gets_an_empty_common_part():
+    from diffboost.plugins.base import CallStats, Installed
+
+    class Counter(Installed):
+        def stats(self):
+            return {"n": 1}
+
+    class Named(Counter):
+        def stats(self):
+            return {"n": 2, "plugin": "Named(x=1)"}
+
+    assert Counter().call_stats() == CallStats("Counter", details={"n": 1})
+    assert Named().call_stats() == CallStats("Named(x=1)", details={"n": 2, "plugin": "Named(x=1)"})
+    assert Installed().call_stats() == CallStats("Installed", details={})

@@ -950,3 +950,37 @@ def test_unnamed_passes_are_named_by_their_order_within_a_step():
     inner.remove()
     tracker.remove()
     assert "step" not in vars(pipe.scheduler) and "set_timesteps" not in vars(pipe.scheduler)
+
+
+def test_advance_step_index_is_what_a_schedulers_own_step_does():
+    """runtime.advance_step_index is the one write of diffusers' private ``_step_index`` (checked on
+    diffusers 0.42.1): a step a sampler integrated itself moves the index as the scheduler's step would."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffboost.plugins.runtime import advance_step_index
+
+    a, b = FlowMatchEulerDiscreteScheduler(), FlowMatchEulerDiscreteScheduler()
+    for s in (a, b):
+        s.set_timesteps(4)
+    advance_step_index(a)  # not started: left alone
+    assert a.step_index is None
+    x = torch.zeros(1)
+    for s in (a, b):
+        s.step(torch.ones(1), s.timesteps[0], x)
+    advance_step_index(a)
+    b.step(torch.ones(1), b.timesteps[1], x)
+    assert a.step_index == b.step_index == 2
+
+
+def test_sada_is_the_runtimes_step_solver_while_installed():
+    import diffboost
+    from factories import make_flux
+
+    pipe = make_flux()
+    handle = diffboost.apply(pipe, diffboost.SADA(), diffboost.TaylorSeer())
+    (sada,) = [i for i in handle.installed if type(i).__name__ == "SADARuntime"]
+    assert handle.tracker.step_solver is sada
+    handle.remove()
+    assert handle.tracker.step_solver is None
+    with diffboost.accelerated(pipe, diffboost.TaylorSeer()) as other:
+        assert other.tracker.step_solver is None

@@ -393,6 +393,8 @@ def _install(cfg, family, sigmas, *stacked, step_index=0, config=None):
     tracker.step_done = lambda: tracker.steps_done.append(len(tracker.steps_done))
     (b,) = cfg.install(_Adapter(family, sched), tracker)
     tracker.installed[:] = [*stacked, b]
+    # what SADA does at install: the runtime knows it as the step solver
+    tracker.step_solver = next((p for p in stacked if hasattr(p, "solve_flow_step")), None)
     return b, sched
 
 

@@ -660,11 +660,18 @@ def test_read_step_known_values():
     assert c.alpha == 2.0**-12 and c.sigma_t == (1 - 2.0**-24) ** 0.5 and c.prediction == "v_prediction"
     euler = EulerDiscreteScheduler()
     euler.set_timesteps(10)
-    c = read_step(euler, euler.timesteps[0])  # initialises the step index
-    assert euler.step_index == 0
-    euler._step_index = 2  # an existing step index is used, not re-derived from the timestep
+    c = read_step(euler, euler.timesteps[3])  # before the first step: read where the timestep is ...
+    assert euler.step_index is None  # ... without initialising the scheduler's own index
+    sigma = float(euler.sigmas[3])
+    assert c == Coords("ve", sigma, 1.0 / (sigma * sigma + 1.0) ** 0.5, sigma / (sigma * sigma + 1.0) ** 0.5, "epsilon")
+    euler.set_begin_index(5)  # img2img: the pipeline says where the schedule starts
+    assert read_step(euler, euler.timesteps[3]).s == float(euler.sigmas[5])
+    euler.step(torch.zeros(1), euler.timesteps[5], torch.zeros(1))
+    euler.step(torch.zeros(1), euler.timesteps[6], torch.zeros(1))
+    euler.set_begin_index(0)
+    assert euler.step_index == 7  # an existing step index is used, not re-derived from the timestep
     c = read_step(euler, euler.timesteps[0])
-    sigma = float(euler.sigmas[2])
+    sigma = float(euler.sigmas[7])
     alpha = 1.0 / (sigma * sigma + 1.0) ** 0.5
     assert c == Coords("ve", sigma, alpha, sigma * alpha, "epsilon")
     dpm = DPMSolverMultistepScheduler()
