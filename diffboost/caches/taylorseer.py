@@ -304,10 +304,8 @@ def _install_taylorseer(cfg: TaylorSeer, d: Denoiser, adapter: PipelineAdapter, 
         return HookedCache(cfg, d, hooks, clock, skipped, {"forecast": list(d.blocks)})
     for module, forecast in units:
         hooks.add(module, ForecastUnitHook(clock, cfg.order, forecast))
-    if adapter.kind == "unet":  # everything the blocks compute is skipped on forecast steps
-        skipped = sum(p.numel() for b in d.blocks for p in b.parameters())
-    else:
-        skipped = sum(p.numel() for m, _ in units for p in m.parameters())
+    # a UNet's units are its blocks: everything they compute is skipped on forecast steps
+    skipped = sum(p.numel() for m, _ in units for p in m.parameters())
     roles = {
         "forecast": [m for m, f in units if f],
         "skipped (output unused on forecast steps)": [m for m, f in units if not f],
