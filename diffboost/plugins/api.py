@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from .adapters import PipelineAdapter
 from .base import CallStats, Installed, Plugin
 from .presets import resolve
-from .runtime import CallTracker, DenoiserCalls, HookSet
+from .runtime import CallTracker, DenoiserCalls, HookSet, StageSwitched
 from .stacking import check_stack
 
 _HANDLE_ATTR = "_diffboost_handle"
@@ -23,9 +23,11 @@ class Acceleration:
         self.plugins = plugins
         self.tracker = CallTracker(pipe)
         self.installed: list[Installed] = []
-        self.tracker.installed = self.installed
         self.tracker.listeners.append(self.reset)
+        self.tracker.subscribe(StageSwitched, self._stage_switched)
         self.counters: list[tuple[HookSet, DenoiserCalls]] = []
+        #: per finished stage of a multi-resolution sampler: the other plugins' statistics
+        self.per_stage: list[list[dict[str, Any]]] = []
 
     def _install(self) -> None:
         try:
@@ -42,7 +44,16 @@ class Acceleration:
 
     def reset(self) -> None:
         """Forget all per-call state (done automatically at the start of every pipeline call)."""
+        self.per_stage = []
         for item in self.installed:
+            item.reset()
+
+    def _stage_switched(self, event: StageSwitched) -> None:
+        """A sampler changed resolution: every other plugin keeps the finished stage's statistics
+        here and forgets its stored features."""
+        others = [item for item in self.installed if item is not event.source]
+        self.per_stage.append([item.call_stats().as_dict() for item in others])
+        for item in others:
             item.reset()
 
     def remove(self) -> None:
@@ -74,6 +85,9 @@ class Acceleration:
             "denoiser_calls": calls,
             "summary": {"denoiser_calls": total, "computed": total - reused, "reused": reused},
             "last_call": [s.as_dict() for s in stats],
+            # with a multi-resolution sampler: the other plugins' statistics of each finished stage
+            # (they reset at every switch; the last stage's are their "last_call" entries)
+            "per_stage": list(self.per_stage),
         }
 
     def __repr__(self) -> str:

@@ -152,16 +152,31 @@ class _LoopBar:
         return getattr(self._bar, name)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepEnded:
+    """Event: a solver step was taken (the scheduler's ``step`` ran, or a sampler integrated one)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSwitched:
+    """Event: a sampler moved the latents to another resolution; features stored for the previous
+    stage no longer match (sent by bottleneck sampling; the handle resets the other plugins)."""
+
+    stage: int
+    size: tuple[int, ...]
+    source: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+
 class CallTracker:
     """Signals the start of every pipeline call by wrapping the scheduler instance's ``set_timesteps``,
     and refuses a call that starts while another one's denoising loop runs (see the module doc)."""
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
+        #: called (without arguments) at the start of every pipeline call
         self.listeners: list[Callable[[], None]] = []
-        #: everything installed on this pipeline by the same apply() (set by the handle), so that a
-        #: plugin can reset its siblings, e.g. a sampler at a resolution switch
-        self.installed: list[Any] = []
+        #: event type -> handlers (called with the event), see :meth:`subscribe`
+        self._handlers: dict[type, list[Callable[[Any], None]]] = {}
         self.num_steps: int | None = None
         #: a step plugin that decides the steps a sampler integrates on its own sigmas (SADA registers
         #: itself: ``solve_flow_step``); None when the stack has none
@@ -272,10 +287,20 @@ class CallTracker:
         position = index if isinstance(index, int) else branch_step
         return self.num_steps - position
 
+    def subscribe(self, event_type: type, handler: Callable[[Any], None]) -> None:
+        """Call ``handler(event)`` for every :meth:`emit` of ``event_type`` (:class:`StepEnded`,
+        :class:`StageSwitched`); plugins talk to each other through these, never directly."""
+        self._handlers.setdefault(event_type, []).append(handler)
+
+    def emit(self, event: Any) -> None:
+        for handler in list(self._handlers.get(type(event), ())):
+            handler(event)
+
     def step_done(self) -> None:
         """A solver step was taken: the scheduler's ``step`` (wrapped here) ran, or a plugin that
         integrates a step itself instead of calling it (bottleneck sampling) says so."""
         self.calls_since_step = 0
+        self.emit(StepEnded())
 
     def new_call(self) -> None:
         self.calls += 1
@@ -298,6 +323,7 @@ class CallTracker:
             patch.restore()
         self._pipe_patches.clear()
         self.listeners.clear()
+        self._handlers.clear()
 
 
 class BranchStates(StateManager):

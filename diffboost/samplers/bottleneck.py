@@ -61,7 +61,7 @@ from diffusers.hooks import ModelHook
 
 from ..plugins.adapters import PipelineAdapter, UnsupportedPipelineError
 from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_int
-from ..plugins.runtime import CallTracker, HookSet, InstanceWrap, advance_step_index, compiled_around
+from ..plugins.runtime import CallTracker, HookSet, InstanceWrap, StageSwitched, advance_step_index, compiled_around
 
 HOOK_NAME = "diffboost.bottleneck"
 
@@ -329,7 +329,6 @@ class _Bottleneck(Installed):
         self.full_size: tuple[int, int] | None = None
         self.noise_seed: int | None = None
         self.denoiser_calls = 0
-        self.stacked_stats: list[list[dict[str, Any]]] = []
 
     def stages_taken(self) -> bool:
         return getattr(self, "plan", None) is not None
@@ -435,8 +434,8 @@ class _Bottleneck(Installed):
             x = stepper.solve_flow_step(self.i, sigma, model_output, sample, integrate)
         else:
             x = integrate(model_output)
-        if switch:
-            self._reset_stacked()
+        if switch:  # the other plugins' stored features are for the old resolution
+            self.tracker.emit(StageSwitched(k + 1, tuple(self.plan[k + 1].size), source=self))
         self.tracker.step_done()  # the scheduler's own step did not run: tell the runtime a step ended
         self.i += 1
         advance_step_index(self.scheduler)
@@ -462,13 +461,6 @@ class _Bottleneck(Installed):
         gen = torch.Generator("cpu").manual_seed((self.noise_seed + 7919 * (switch + 1)) % (2**63))
         return torch.randn(like.shape, generator=gen, dtype=torch.float32).to(like.device)
 
-    def _reset_stacked(self) -> None:
-        """Resolution switch: caches and step plugins of the same stack forget their stored features."""
-        others = [item for item in self.tracker.installed if item is not self]
-        self.stacked_stats.append([item.stats() for item in others])  # keep each stage's statistics
-        for item in others:
-            item.reset()
-
     def stats(self) -> dict[str, Any]:
         if not self.stages_taken():
             return dict(self.last_stats)
@@ -480,9 +472,6 @@ class _Bottleneck(Installed):
             ],
             "steps_taken": self.i,
             "denoiser_calls": self.denoiser_calls,
-            # statistics of the stacked caches / step plugins for each finished stage (they reset at
-            # every switch; the last stage's are their own entries in describe()["last_call"])
-            "stacked_per_stage": list(self.stacked_stats),
         }
 
 

@@ -984,3 +984,24 @@ def test_sada_is_the_runtimes_step_solver_while_installed():
     assert handle.tracker.step_solver is None
     with diffboost.accelerated(pipe, diffboost.TaylorSeer()) as other:
         assert other.tracker.step_solver is None
+
+
+def test_plugins_talk_through_typed_events():
+    """The tracker delivers events to their subscribers only: a scheduler step (or a sampler's own,
+    via step_done) is a StepEnded; a StageSwitched reaches its own handlers; remove() forgets them."""
+    from diffboost.plugins.runtime import StageSwitched, StepEnded
+
+    pipe = StubPipe(StepScheduler())
+    tracker = CallTracker(pipe)
+    heard: list = []
+    tracker.subscribe(StepEnded, heard.append)
+    tracker.subscribe(StageSwitched, lambda e: heard.append(("stage", e.stage, e.size)))
+    pipe.scheduler.set_timesteps(2)
+    pipe.scheduler.step(torch.ones(1), 0, torch.zeros(1))
+    tracker.step_done()
+    tracker.emit(StageSwitched(1, (4, 4), source=object()))
+    assert heard == [StepEnded(), StepEnded(), ("stage", 1, (4, 4))]
+    assert StageSwitched(1, (4, 4), source=1) == StageSwitched(1, (4, 4), source=2)  # the source is not data
+    tracker.remove()
+    tracker.emit(StepEnded())
+    assert len(heard) == 3

@@ -6,6 +6,7 @@ import torch
 
 import diffboost
 from diffboost import BottleneckSampling, TaylorSeer
+from diffboost.plugins.runtime import StageSwitched
 from diffboost.samplers.bottleneck import flux_positions, pack_flux, stage_sigmas, unpack_flux
 from factories import FAMILIES, make_wan, run
 
@@ -70,11 +71,13 @@ def test_stacks_with_taylorseer(family_pipe):
     with diffboost.accelerated(pipe, plugin, TaylorSeer(interval=2, warmup=1)) as handle:
         kinds = [type(p).__name__ for p in handle.plugins]
         out = run(pipe, family, num_inference_steps=8)
-        stats = diffboost.describe(pipe)["last_call"]
+        info = diffboost.describe(pipe)
+    stats = info["last_call"]
     assert kinds == ["TaylorSeer", "BottleneckSampling"]
     assert out.shape == base.shape and torch.isfinite(out).all()
-    # the cache resets at each resolution switch: earlier stages' statistics are kept by the sampler
-    per_stage = stats[-1]["stacked_per_stage"] + [stats[:-1]]
+    # the cache resets at each resolution switch (the sampler's StageSwitched event): the handle keeps
+    # the finished stages' statistics
+    per_stage = info["per_stage"] + [stats[:-1]]
     assert len(per_stage) == 3
     forecast = sum(b["forecast"] for stage in per_stage for item in stage for b in item["branches"].values())
     assert forecast > 0, stats
@@ -177,10 +180,10 @@ def test_flux_packing_matches_the_pipeline():
     assert torch.equal(flux_positions((5, 3), torch.device("cpu"), torch.float32), ids)
 
 
-def _sada_stats(stats: list) -> list:
-    """SADA's statistics of every stage (the sampler keeps the finished stages', SADA the last)."""
-    finished = [item for stage in stats[-1]["stacked_per_stage"] for item in stage]
-    return [item for item in finished + stats[:-1] if "skipped_steps" in item]
+def _sada_stats(info: dict) -> list:
+    """SADA's statistics of every stage (the handle keeps the finished stages', SADA the last)."""
+    finished = [item for stage in info["per_stage"] for item in stage]
+    return [item for item in finished + info["last_call"] if item["plugin"].startswith("SADA(")]
 
 
 def test_stacks_with_sada(family_pipe):
@@ -196,9 +199,9 @@ def test_stacks_with_sada(family_pipe):
     with diffboost.accelerated(pipe, plugin, diffboost.SADA(schedule=(1, 6, 7))) as handle:
         kinds = [type(p).__name__ for p in handle.plugins]
         out = run(pipe, family, num_inference_steps=12)
-        stats = diffboost.describe(pipe)["last_call"]
+        info = diffboost.describe(pipe)
     assert kinds == ["SADA", "BottleneckSampling"]
-    sada = _sada_stats(stats)
+    sada = _sada_stats(info)
     assert sorted(n for item in sada for n in item["skipped_steps"]) == [6, 7], sada
     calls_per_step = 2 if family == "wan" else 1  # the tiny Wan pipeline runs CFG as two calls
     assert sum(item["denoiser_calls_saved"] for item in sada) == 2 * calls_per_step
@@ -389,10 +392,17 @@ class _Stacked:
 
 def _install(cfg, family, sigmas, *stacked, step_index=0, config=None):
     sched = _Scheduler(sigmas, step_index, config)
-    tracker = SimpleNamespace(installed=[], steps_done=[])
+    tracker = SimpleNamespace(steps_done=[], events=[], per_stage=[])
     tracker.step_done = lambda: tracker.steps_done.append(len(tracker.steps_done))
+
+    def emit(event):  # what the handle does with the sampler's StageSwitched event
+        tracker.events.append(event)
+        tracker.per_stage.append([p.stats() for p in stacked])
+        for p in stacked:
+            p.reset()
+
+    tracker.emit = emit
     (b,) = cfg.install(_Adapter(family, sched), tracker)
-    tracker.installed[:] = [*stacked, b]
     # what SADA does at install: the runtime knows it as the step solver
     tracker.step_solver = next((p for p in stacked if hasattr(p, "solve_flow_step")), None)
     return b, sched
@@ -465,7 +475,10 @@ def test_stage_switch_math_image_latents():
     # reports itself through the runtime's wrapper)
     assert len(b.tracker.steps_done) == 7
     stats = b.stats()
-    assert (stats["steps_taken"], stats["denoiser_calls"], stats["stacked_per_stage"]) == (8, 8, [[], []])
+    assert (stats["steps_taken"], stats["denoiser_calls"]) == (8, 8)
+    # two resolution switches, announced to the runtime as events (to stage 1 at 4 x 4, stage 2 at 8 x 8)
+    assert b.tracker.events == [StageSwitched(1, (4, 4)), StageSwitched(2, (8, 8))]
+    assert all(e.source is b for e in b.tracker.events)
     assert stats["plugin"] == repr(PLAN8)
     with pytest.raises(RuntimeError, match="pipeline step 8 is past the plan of 8 steps"):
         b.stage_inputs({"hidden_states": x, "timestep": torch.tensor([0.0])})
@@ -637,7 +650,7 @@ def test_stacked_plugins_reset_at_switches_and_sada_sees_every_stage_step():
     assert [sig for _, sig in sada.calls] == pytest.approx([0.875, *STAGE1[:4], *STAGE2[:2]])
     # both stacked plugins reset at the two switches; their statistics are kept per finished stage
     assert cache.resets == 2 and sada.resets == 2
-    assert b.stats()["stacked_per_stage"] == [[{"resets_before": 0}] * 2, [{"resets_before": 1}] * 2]
+    assert b.tracker.per_stage == [[{"resets_before": 0}] * 2, [{"resets_before": 1}] * 2]
 
 
 def test_install_rules():
