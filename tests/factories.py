@@ -592,12 +592,25 @@ def make_wan(seed: int = 0, two_experts: bool = False):
     return _finish(pipe)
 
 
+def _cogvideox_ddim():
+    """The DDIM scheduler CogVideoX and CogView3-Plus ship: v-prediction, zero terminal SNR."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    return CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )
+
+
 def make_cogvideox(seed: int = 0):
     """CogVideoXPipeline: CogVideoXTransformer3DModel (2 blocks, sincos
     positions, CogVideoX-2B style), T5EncoderModel, AutoencoderKLCogVideoX."""
     from diffusers import (
         AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
@@ -631,14 +644,7 @@ def make_cogvideox(seed: int = 0):
         norm_num_groups=2,
         temporal_compression_ratio=4,
     )
-    scheduler = CogVideoXDDIMScheduler(
-        beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        timestep_spacing="trailing",
-        set_alpha_to_one=True,
-        clip_sample=False,
-    )
+    scheduler = _cogvideox_ddim()
     pipe = CogVideoXPipeline(
         tokenizer=make_tokenizer(16),
         text_encoder=text_encoder,
@@ -825,7 +831,7 @@ def make_cogview3plus(seed: int = 0):
     """CogView3PlusPipeline: CogView3PlusTransformer2DModel (2 blocks with joint text+image
     attention, 2 heads x 16, SDXL-style size conditioning), T5EncoderModel, AutoencoderKL /8,
     CogVideoXDDIMScheduler (v-prediction, zero-SNR, trailing)."""
-    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+    from diffusers import CogView3PlusPipeline, CogView3PlusTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = CogView3PlusTransformer2DModel(
@@ -843,14 +849,7 @@ def make_cogview3plus(seed: int = 0):
     )
     text_encoder = _t5(seed)
     vae = _vae_kl(seed)
-    scheduler = CogVideoXDDIMScheduler(
-        beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        timestep_spacing="trailing",
-        set_alpha_to_one=True,
-        clip_sample=False,
-    )
+    scheduler = _cogvideox_ddim()
     pipe = CogView3PlusPipeline(
         tokenizer=make_tokenizer(16),
         text_encoder=text_encoder,

@@ -262,6 +262,19 @@ def test_schedule_follows_the_rule_on_the_recorded_probes(family, make, plugin):
     assert branch["forecast"] > 0 and gated_full, (expected, branch)
 
 
+def _run_hooked(pipe, family: str, order: int, handles: list, **call) -> dict:
+    """8 steps under AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1):
+    full steps 0, 1, 4, 7. Takes the recording hooks off afterwards; returns the per-branch counts."""
+    plugin = AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1, taylor_order=order)
+    try:
+        with diffboost.accelerated(pipe, plugin):
+            run(pipe, family, num_inference_steps=8, **call)
+            return diffboost.describe(pipe)["last_call"][0]["branches"]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("order", [0, 1])
 def test_reused_steps_add_the_cached_middle_residual(order):
     pipe = make_flux()
@@ -274,14 +287,7 @@ def test_reused_steps_add_the_cached_middle_residual(order):
         back.attn.register_forward_pre_hook(lambda m, a: back_runs.append(1)),
         first_mid.attn.register_forward_pre_hook(lambda m, a: mid_runs.append(1)),
     ]
-    plugin = AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1, taylor_order=order)
-    try:
-        with diffboost.accelerated(pipe, plugin):
-            run(pipe, "flux", num_inference_steps=8)
-            branch = diffboost.describe(pipe)["last_call"][0]["branches"]["cond"]
-    finally:
-        for h in handles:
-            h.remove()
+    branch = _run_hooked(pipe, "flux", order, handles)["cond"]
     full = [0, 1, 4, 7]
     assert branch["full_steps"] == full
     assert len(back_runs) == 8 and len(mid_runs) == len(full)  # back blocks always run, middle ones only when full
@@ -317,14 +323,7 @@ def test_across_a_text_image_join_the_residual_is_added_to_the_joined_stream(ord
         last_mid.register_forward_pre_hook(lambda m, a, kw: last_in.append(kw["hidden_states"].clone()), with_kwargs=True),
         last_mid.register_forward_hook(lambda m, a, kw, out: mid_out.append(out.clone()), with_kwargs=True),
     ]
-    plugin = AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1, taylor_order=order)
-    try:
-        with diffboost.accelerated(pipe, plugin):
-            run(pipe, "chroma", num_inference_steps=8, guidance_scale=1.0)  # one pass per step
-            branch = diffboost.describe(pipe)["last_call"][0]["branches"]["default"]
-    finally:
-        for h in handles:
-            h.remove()
+    branch = _run_hooked(pipe, "chroma", order, handles, guidance_scale=1.0)["default"]  # one pass per step
     full = [0, 1, 4, 7]
     assert branch["full_steps"] == full
     res = [o - i for i, o in zip(mid_in, mid_out)]
