@@ -33,6 +33,7 @@ ltx_video       LTXPipeline                  LTXVideoTransformer3DModel (2 block
 mochi           MochiPipeline                MochiTransformer3DModel (2 blocks)
 allegro         AllegroPipeline              AllegroTransformer3DModel (2 blocks)
 skyreels_v2     SkyReelsV2Pipeline           SkyReelsV2Transformer3DModel (2 blocks), tiny UMT5
+flux2           Flux2KleinPipeline           Flux2Transformer2DModel (2 dual + 2 single), tiny Qwen3
 =============== ============================ =====================================
 
 T5-family text encoders unless said otherwise. The text length of every default call differs from
@@ -96,6 +97,7 @@ __all__ = [
     "make_mochi",
     "make_allegro",
     "make_skyreels_v2",
+    "make_flux2",
     "make_tokenizer",
 ]
 
@@ -1038,6 +1040,81 @@ def make_z_image(seed: int = 0):
     return _finish(pipe)
 
 
+# Flux2KleinPipeline stacks the text encoder's hidden states 9, 18 and 27 (its default
+# text_encoder_out_layers): the tiny Qwen3 needs 27 layers for them to exist (hidden size 32).
+_KLEIN_TEXT_LAYERS = 27
+
+
+def make_flux2(seed: int = 0):
+    """Flux2KleinPipeline: Flux2Transformer2DModel (2 double-stream + 2 single-stream blocks,
+    2 heads x 16, in 16 = 4 latent ch x 2x2 patch, rope axes (4, 4, 4, 4) over (T, H, W, L), no
+    guidance embedding: Klein passes ``guidance=None``), tiny Qwen3ForCausalLM (hidden 32, 27 layers
+    so that hidden_states 9/18/27 exist; joint_attention_dim = 3 x 32), AutoencoderKLFlux2 /8 with
+    4 latent channels (batch-norm over the 16 patchified channels), FlowMatchEulerDiscreteScheduler
+    (Klein passes ``mu``, so dynamic shifting is on).  ``is_distilled=False``: guidance_scale > 1
+    runs true CFG (two transformer calls per step, cache_context "cond" / "uncond")."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 32,  # 3 stacked Qwen3 hidden states of size 32
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),  # sums to the head dim (16)
+        guidance_embeds=False,
+    )
+    cfg = Qwen3Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=_KLEIN_TEXT_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(cfg)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    torch.manual_seed(seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    pipe = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_chat_tokenizer(16),
+        transformer=transformer,
+        is_distilled=False,
+    )
+    return _finish(pipe)
+
+
+# Defaults entry for ``factories._DEFAULTS``:
+# true CFG: two transformer calls per step (cache_context "cond" / "uncond", batch 1 each), the
+# negative prompt is always ""; 8 text tokens vs 16 image tokens (64 px -> 8x8 latents -> 4x4 patches).
+
+
 def make_qwen_image(seed: int = 0):
     """QwenImagePipeline: QwenImageTransformer2DModel (2 dual-stream blocks, 2 heads x 16,
     in 16 = 4 latent ch x 2x2 packing), tiny Qwen2_5_VLForConditionalGeneration (2 text layers,
@@ -1379,6 +1456,7 @@ FAMILIES: dict[str, Callable[..., Any]] = {
     "mochi": make_mochi,
     "allegro": make_allegro,
     "skyreels_v2": make_skyreels_v2,
+    "flux2": make_flux2,
 }
 
 VIDEO_FAMILIES = frozenset({"wan", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro", "skyreels_v2"})
@@ -1436,6 +1514,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         height=64, width=64, num_frames=8, guidance_scale=7.5, max_sequence_length=16, clean_caption=False
     ),
     "skyreels_v2": dict(height=64, width=64, num_frames=5, guidance_scale=6.0, max_sequence_length=16),
+    # true CFG: two calls per step (cache_context "cond" / "uncond"); 8 text vs 16 image tokens
+    "flux2": dict(height=64, width=64, guidance_scale=4.0, max_sequence_length=8),
 }
 
 

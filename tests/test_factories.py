@@ -34,6 +34,7 @@ CFG_LAYOUT = {
     "mochi": (1, 2),
     "allegro": (1, 2),
     "skyreels_v2": (2, 1),
+    "flux2": (2, 1),  # true CFG
 }
 
 
@@ -57,7 +58,7 @@ def pipes():
 EXPECTED_FAMILIES = {
     "flux", "sd3", "pixart_sigma", "sana", "wan", "cogvideox", "hunyuan_video", "sd", "sdxl",
     "chroma", "auraflow", "bria", "cogview3plus", "cogview4", "lumina2", "z_image", "qwen_image",
-    "ltx_video", "mochi", "allegro", "skyreels_v2",
+    "ltx_video", "mochi", "allegro", "skyreels_v2", "flux2",
 }
 #: tests of this module that run on a deliberate subset of the families
 SUBSET_TESTS = {"test_true_cfg_two_passes", "test_decoded_output"}

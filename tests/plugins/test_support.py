@@ -43,6 +43,7 @@ SUPPORT: dict[str, set[str]] = {
     "mochi": {"sada"},
     "allegro": set(),  # EulerAncestralDiscreteScheduler (stochastic)
     "skyreels_v2": set(),  # UniPCMultistepScheduler
+    "flux2": {"sada"},
 }
 #: README rows: family -> (what users know it as, the pipeline tested)
 NAMES: dict[str, tuple[str, str]] = {
@@ -67,6 +68,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "mochi": ("Mochi 1", "MochiPipeline"),
     "allegro": ("Allegro", "AllegroPipeline"),
     "skyreels_v2": ("SkyReels-V2", "SkyReelsV2Pipeline"),
+    "flux2": ("FLUX.2 [klein]", "Flux2KleinPipeline"),
 }
 
 
