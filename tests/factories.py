@@ -34,6 +34,7 @@ mochi           MochiPipeline                MochiTransformer3DModel (2 blocks)
 allegro         AllegroPipeline              AllegroTransformer3DModel (2 blocks)
 skyreels_v2     SkyReelsV2Pipeline           SkyReelsV2Transformer3DModel (2 blocks), tiny UMT5
 flux2           Flux2KleinPipeline           Flux2Transformer2DModel (2 dual + 2 single), tiny Qwen3
+hunyuan_image   HunyuanImagePipeline         HunyuanImageTransformer2DModel (2 dual + 2 single), Qwen2.5-VL + ByT5
 =============== ============================ =====================================
 
 T5-family text encoders unless said otherwise. The text length of every default call differs from
@@ -98,6 +99,7 @@ __all__ = [
     "make_allegro",
     "make_skyreels_v2",
     "make_flux2",
+    "make_hunyuan_image",
     "make_tokenizer",
 ]
 
@@ -1115,6 +1117,126 @@ def make_flux2(seed: int = 0):
 # negative prompt is always ""; 8 text tokens vs 16 image tokens (64 px -> 8x8 latents -> 4x4 patches).
 
 
+def make_hunyuan_image(seed: int = 0):
+    """HunyuanImagePipeline: HunyuanImageTransformer2DModel (2 dual-stream + 2 single-stream blocks,
+    1 token-refiner layer, 2 heads x 16, patch 1x1, ByT5 projection 32 -> 32), tiny
+    Qwen2_5_VLForConditionalGeneration (2 text layers, 1 vision layer the pipeline never runs; the
+    pipeline reads ``hidden_states[-3]``), tiny T5EncoderModel with the ByT5 tokenizer's vocabulary
+    (384), AutoencoderKLHunyuanImage (/8 spatial, 4 latent ch), FlowMatchEulerDiscreteScheduler.
+    ``guider`` is an AdaptiveProjectedMixGuidance (scale 3.5: CFG on), ``ocr_guider`` None: the pipeline then uses a disabled
+    AdaptiveProjectedMixGuidance, i.e. one conditional denoiser call per step (no CFG).
+
+    Instance attributes set after construction (the pipeline's defaults are for the real
+    tokenizers): ``prompt_template_encode_start_idx`` = the template prefix's length under the
+    word-level tokenizer; ``tokenizer_max_length`` = 16 (Qwen tokens kept after the prefix, padded
+    to that length; real: 1000) and ``tokenizer_2_max_length`` = 8 (ByT5 tokens, real: 128), so a
+    default call has 16 + 8 = 24 text tokens against 8x8 = 64 image tokens."""
+    from diffusers.guiders import AdaptiveProjectedMixGuidance
+    from diffusers import (
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+    from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
+
+    tokenizer_2 = ByT5Tokenizer()  # byte-level, needs no files: 3 specials + 256 bytes + 125 extra ids
+
+    torch.manual_seed(seed)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=(1, 1),
+        guidance_embeds=False,
+        text_embed_dim=32,  # Qwen2.5-VL text hidden size
+        text_embed_2_dim=32,  # T5 d_model
+        rope_axes_dim=(8, 8),  # sums to the head dim (16)
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            fullatt_block_indexes=[0],
+        ),
+        # ids the word-level tokenizer never emits (its vocabulary ends well below 124)
+        vision_start_token_id=124,
+        vision_end_token_id=125,
+        image_token_id=126,
+        video_token_id=127,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(cfg)
+    t5_cfg = T5Config(
+        vocab_size=len(tokenizer_2),  # 384 > VOCAB_SIZE, so factories._t5 does not fit
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=tokenizer_2.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(t5_cfg)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanImage(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32, 32, 32),  # GroupNorm(32) needs multiples of 32
+        layers_per_block=1,
+        spatial_compression_ratio=8,
+        sample_size=64,
+        scaling_factor=1.0,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    tokenizer = make_tokenizer(128)  # the templated prompt is ~40 words
+    pipe = HunyuanImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+        # CFG on: two passes per step, named by the pipeline (pred_cond / pred_uncond)
+        guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5),
+        ocr_guider=None,
+    )
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(prefix, add_special_tokens=False).input_ids)
+    pipe.tokenizer_max_length = 16
+    pipe.tokenizer_2_max_length = 8
+    return _finish(pipe)
+
+
 def make_qwen_image(seed: int = 0):
     """QwenImagePipeline: QwenImageTransformer2DModel (2 dual-stream blocks, 2 heads x 16,
     in 16 = 4 latent ch x 2x2 packing), tiny Qwen2_5_VLForConditionalGeneration (2 text layers,
@@ -1457,6 +1579,7 @@ FAMILIES: dict[str, Callable[..., Any]] = {
     "allegro": make_allegro,
     "skyreels_v2": make_skyreels_v2,
     "flux2": make_flux2,
+    "hunyuan_image": make_hunyuan_image,
 }
 
 VIDEO_FAMILIES = frozenset({"wan", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro", "skyreels_v2"})
@@ -1516,6 +1639,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "skyreels_v2": dict(height=64, width=64, num_frames=5, guidance_scale=6.0, max_sequence_length=16),
     # true CFG: two calls per step (cache_context "cond" / "uncond"); 8 text vs 16 image tokens
     "flux2": dict(height=64, width=64, guidance_scale=4.0, max_sequence_length=8),
+    # CFG through the pipeline's guider (two passes, named pred_cond / pred_uncond); 24 text tokens
+    # (16 Qwen + 8 ByT5, which runs on quoted text only) vs 64 image tokens
+    # (a negative prompt string is not broadcast to a batch of prompts by the pipeline: none given;
+    # the guider then runs its unconditional pass on the empty prompt)
+    "hunyuan_image": dict(height=64, width=64),
 }
 
 

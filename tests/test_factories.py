@@ -35,6 +35,7 @@ CFG_LAYOUT = {
     "allegro": (1, 2),
     "skyreels_v2": (2, 1),
     "flux2": (2, 1),  # true CFG
+    "hunyuan_image": (2, 1),  # the guider's two passes
 }
 
 
@@ -59,6 +60,7 @@ EXPECTED_FAMILIES = {
     "flux", "sd3", "pixart_sigma", "sana", "wan", "cogvideox", "hunyuan_video", "sd", "sdxl",
     "chroma", "auraflow", "bria", "cogview3plus", "cogview4", "lumina2", "z_image", "qwen_image",
     "ltx_video", "mochi", "allegro", "skyreels_v2", "flux2",
+    "hunyuan_image",
 }
 #: tests of this module that run on a deliberate subset of the families
 SUBSET_TESTS = {"test_true_cfg_two_passes", "test_decoded_output"}

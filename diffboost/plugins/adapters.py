@@ -78,6 +78,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("skyreels_v2", "SkyReelsV2Transformer3DModel", ("blocks",), "dit", "context", video=True),
     # FLUX.2: dual-stream blocks, then single-stream blocks on the joined stream (diffusers' metadata)
     FamilySpec("flux2", "Flux2Transformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "dit", "context"),
+    FamilySpec(
+        "hunyuan_image", "HunyuanImageTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), "dit", "context"
+    ),
 )
 
 #: Output order of transformer blocks: "eh" (encoder, hidden), "he" (hidden, encoder), "h".

@@ -60,7 +60,7 @@ def test_supported_families_and_specs():
     assert supported_families() == [
         "flux", "sd3", "pixart", "sana", "wan", "cogvideox", "hunyuan_video", "sd", "sdxl", "chroma", "auraflow",
         "bria", "cogview3plus", "cogview4", "lumina2", "z_image", "qwen_image", "ltx_video", "mochi", "allegro",
-        "skyreels_v2", "flux2",
+        "skyreels_v2", "flux2", "hunyuan_image",
     ]
     assert len(supported_families()) >= 20
     cfg = {f.name: f.cfg for f in FAMILIES}
@@ -70,7 +70,7 @@ def test_supported_families_and_specs():
         "cogvideox": "batch", "hunyuan_video": "embedded", "sd": "batch", "chroma": "calls", "auraflow": "batch",
         "bria": "batch", "cogview3plus": "batch", "cogview4": "context", "lumina2": "calls", "z_image": "batch",
         "qwen_image": "context", "ltx_video": "batch", "mochi": "batch", "allegro": "batch", "skyreels_v2": "context",
-        "flux2": "context",
+        "flux2": "context", "hunyuan_image": "context",
     }
     assert [f.name for f in FAMILIES if f.kind == "unet"] == ["sd"]
     assert [f.name for f in FAMILIES if f.video] == [
@@ -105,7 +105,7 @@ def test_unsupported_pipeline_message():
         "diffboost does not support Odd (denoiser: MysteryTransformer): no known family and no block list with "
         "known blocks was found; supported families: flux, sd3, pixart, sana, wan, cogvideox, hunyuan_video, sd, "
         "sdxl, chroma, auraflow, bria, cogview3plus, cogview4, lumina2, z_image, qwen_image, ltx_video, mochi, "
-        "allegro, skyreels_v2, flux2; a custom model can be added with diffboost.register_family(...)"
+        "allegro, skyreels_v2, flux2, hunyuan_image; a custom model can be added with diffboost.register_family(...)"
     )
     assert issubclass(UnsupportedPipelineError, TypeError)
 

@@ -44,6 +44,7 @@ SUPPORT: dict[str, set[str]] = {
     "allegro": set(),  # EulerAncestralDiscreteScheduler (stochastic)
     "skyreels_v2": set(),  # UniPCMultistepScheduler
     "flux2": {"sada"},
+    "hunyuan_image": {"sada"},
 }
 #: README rows: family -> (what users know it as, the pipeline tested)
 NAMES: dict[str, tuple[str, str]] = {
@@ -69,6 +70,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "allegro": ("Allegro", "AllegroPipeline"),
     "skyreels_v2": ("SkyReels-V2", "SkyReelsV2Pipeline"),
     "flux2": ("FLUX.2 [klein]", "Flux2KleinPipeline"),
+    "hunyuan_image": ("HunyuanImage 2.1", "HunyuanImagePipeline"),
 }
 
 
