@@ -1117,47 +1117,11 @@ def make_flux2(seed: int = 0):
 # negative prompt is always ""; 8 text tokens vs 16 image tokens (64 px -> 8x8 latents -> 4x4 patches).
 
 
-def make_hunyuan_image(seed: int = 0):
-    """HunyuanImagePipeline: HunyuanImageTransformer2DModel (2 dual-stream + 2 single-stream blocks,
-    1 token-refiner layer, 2 heads x 16, patch 1x1, ByT5 projection 32 -> 32), tiny
-    Qwen2_5_VLForConditionalGeneration (2 text layers, 1 vision layer the pipeline never runs; the
-    pipeline reads ``hidden_states[-3]``), tiny T5EncoderModel with the ByT5 tokenizer's vocabulary
-    (384), AutoencoderKLHunyuanImage (/8 spatial, 4 latent ch), FlowMatchEulerDiscreteScheduler.
-    ``guider`` is an AdaptiveProjectedMixGuidance (scale 3.5: CFG on), ``ocr_guider`` None: the pipeline then uses a disabled
-    AdaptiveProjectedMixGuidance, i.e. one conditional denoiser call per step (no CFG).
+def _qwen25_vl(seed: int):
+    """A tiny Qwen2.5-VL text encoder (2 text layers, hidden 32, mrope (2, 3, 3); one vision layer
+    that never runs), as Qwen-Image and HunyuanImage use it."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    Instance attributes set after construction (the pipeline's defaults are for the real
-    tokenizers): ``prompt_template_encode_start_idx`` = the template prefix's length under the
-    word-level tokenizer; ``tokenizer_max_length`` = 16 (Qwen tokens kept after the prefix, padded
-    to that length; real: 1000) and ``tokenizer_2_max_length`` = 8 (ByT5 tokens, real: 128), so a
-    default call has 16 + 8 = 24 text tokens against 8x8 = 64 image tokens."""
-    from diffusers.guiders import AdaptiveProjectedMixGuidance
-    from diffusers import (
-        AutoencoderKLHunyuanImage,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanImagePipeline,
-        HunyuanImageTransformer2DModel,
-    )
-    from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
-
-    tokenizer_2 = ByT5Tokenizer()  # byte-level, needs no files: 3 specials + 256 bytes + 125 extra ids
-
-    torch.manual_seed(seed)
-    transformer = HunyuanImageTransformer2DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=2,
-        num_single_layers=2,
-        num_refiner_layers=1,
-        mlp_ratio=2.0,
-        patch_size=(1, 1),
-        guidance_embeds=False,
-        text_embed_dim=32,  # Qwen2.5-VL text hidden size
-        text_embed_2_dim=32,  # T5 d_model
-        rope_axes_dim=(8, 8),  # sums to the head dim (16)
-    )
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=VOCAB_SIZE,
@@ -1187,7 +1151,51 @@ def make_hunyuan_image(seed: int = 0):
         video_token_id=127,
     )
     torch.manual_seed(seed)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(cfg)
+    return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def make_hunyuan_image(seed: int = 0):
+    """HunyuanImagePipeline: HunyuanImageTransformer2DModel (2 dual-stream + 2 single-stream blocks,
+    1 token-refiner layer, 2 heads x 16, patch 1x1, ByT5 projection 32 -> 32), tiny
+    Qwen2_5_VLForConditionalGeneration (2 text layers, 1 vision layer the pipeline never runs; the
+    pipeline reads ``hidden_states[-3]``), tiny T5EncoderModel with the ByT5 tokenizer's vocabulary
+    (384), AutoencoderKLHunyuanImage (/8 spatial, 4 latent ch), FlowMatchEulerDiscreteScheduler.
+    ``guider`` is an AdaptiveProjectedMixGuidance (scale 3.5: CFG on), ``ocr_guider`` None: the pipeline then uses a disabled
+    AdaptiveProjectedMixGuidance, i.e. one conditional denoiser call per step (no CFG).
+
+    Instance attributes set after construction (the pipeline's defaults are for the real
+    tokenizers): ``prompt_template_encode_start_idx`` = the template prefix's length under the
+    word-level tokenizer; ``tokenizer_max_length`` = 16 (Qwen tokens kept after the prefix, padded
+    to that length; real: 1000) and ``tokenizer_2_max_length`` = 8 (ByT5 tokens, real: 128), so a
+    default call has 16 + 8 = 24 text tokens against 8x8 = 64 image tokens."""
+    from diffusers.guiders import AdaptiveProjectedMixGuidance
+    from diffusers import (
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tokenizer_2 = ByT5Tokenizer()  # byte-level, needs no files: 3 specials + 256 bytes + 125 extra ids
+
+    torch.manual_seed(seed)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=(1, 1),
+        guidance_embeds=False,
+        text_embed_dim=32,  # Qwen2.5-VL text hidden size
+        text_embed_2_dim=32,  # T5 d_model
+        rope_axes_dim=(8, 8),  # sums to the head dim (16)
+    )
+    text_encoder = _qwen25_vl(seed)
     t5_cfg = T5Config(
         vocab_size=len(tokenizer_2),  # 384 > VOCAB_SIZE, so factories._t5 does not fit
         d_model=32,
@@ -1252,7 +1260,6 @@ def make_qwen_image(seed: int = 0):
         QwenImagePipeline,
         QwenImageTransformer2DModel,
     )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
@@ -1265,36 +1272,7 @@ def make_qwen_image(seed: int = 0):
         joint_attention_dim=32,  # Qwen2.5-VL text hidden size
         axes_dims_rope=(4, 6, 6),  # sums to the head dim (16)
     )
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-            pad_token_id=PAD_ID,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-        ),
-        vision_config=dict(
-            depth=1,
-            hidden_size=16,
-            intermediate_size=32,
-            num_heads=2,
-            out_hidden_size=32,
-            fullatt_block_indexes=[0],
-        ),
-        # ids the word-level tokenizer never emits (its vocabulary ends well below 124)
-        vision_start_token_id=124,
-        vision_end_token_id=125,
-        image_token_id=126,
-        video_token_id=127,
-    )
-    torch.manual_seed(seed)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(cfg)
+    text_encoder = _qwen25_vl(seed)
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(
         base_dim=4,
