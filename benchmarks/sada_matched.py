@@ -99,7 +99,7 @@ def main() -> None:
         print(f"{config.name}: SADA skipped {statistics.mean(skipped):.2f} steps per call "
               f"(min {min(skipped)}, max {max(skipped)}) -> fixed schedule {schedule}", flush=True)
         # the fixed row keeps the approximations (lagrange_*) and drops what only the criterion reads
-        kwargs = {k: v for k, v in sada[0].kwargs.items() if k not in ("max_interval", "criterion", "tolerance")}
+        kwargs = {k: v for k, v in sada[0].kwargs.items() if k not in ("max_consecutive_skips", "criterion", "tolerance")}
         kwargs["schedule"] = schedule
         fixed = type(config)(name=f"fixed-{config.name}", kind="diffboost",
                              plugins=(type(sada[0])("SADA", kwargs),))

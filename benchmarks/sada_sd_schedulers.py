@@ -21,8 +21,8 @@ from test_reference_models import SCHEDULERS, _load, _run  # noqa: E402
 
 CONFIGS = (
     SADA(acc_range=(3, 11), lagrange_step=6),
-    SADA(acc_range=(3, 11), max_interval=2, lagrange_step=6),
-    SADA(acc_range=(4, 11), max_interval=1, lagrange_term=0),
+    SADA(acc_range=(3, 11), max_consecutive_skips=2, lagrange_step=6),
+    SADA(acc_range=(4, 11), max_consecutive_skips=1, lagrange_term=0),
 )
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe, kwargs = _load("sd-shapes")
     original = pipe.scheduler
-    print("| scheduler | acc_range | max_interval | skipped steps | PSNR dB |\n|---|---|---|---|---|")
+    print("| scheduler | acc_range | max_consecutive_skips | skipped steps | PSNR dB |\n|---|---|---|---|---|")
     for name in ("ddim", "euler", "dpm"):
         pipe.scheduler = SCHEDULERS[name].from_config(original.config)
         base = _run(pipe, kwargs)
@@ -38,7 +38,7 @@ def main() -> None:
             with diffboost.accelerated(pipe, cfg):
                 out = _run(pipe, kwargs)
                 stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]
-            print(f"| {name} | {cfg.acc_range} | {cfg.max_interval} | {stats['skipped_steps']} | "
+            print(f"| {name} | {cfg.acc_range} | {cfg.max_consecutive_skips} | {stats['skipped_steps']} | "
                   f"{float(psnr(out, base)):.2f} |", flush=True)
     pipe.scheduler = original
 

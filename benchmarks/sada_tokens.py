@@ -9,7 +9,7 @@ laid out like SD 1.x, self-attention at the full latent resolution), Euler sched
 far the output moved, not whether it is still a good image.
 
 Configurations (acc_range scaled from the paper's (10, 47) of 50 steps to ``(steps // 5, steps - 3)``,
-max_interval 4, sx = sy = 3, token pruning on the highest-resolution blocks):
+max_consecutive_skips 4, sx = sy = 3, token pruning on the highest-resolution blocks):
 
 - ``baseline``; ``sada-step``: step-wise SADA; ``sada-tokens``: token-wise only (``schedule=()``
   switches step skipping off); ``sada-step+tokens``: both.

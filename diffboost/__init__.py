@@ -10,6 +10,7 @@
     diffboost.apply(pipe, diffboost.load("stack.toml"))
 """
 
+from . import events
 from .caches.block_cache import AdaptiveBlockCache, ErrorControlledCache
 from .caches.taylorseer import TaylorSeer
 from .plugins.adapters import UnsupportedPipelineError, register_family, supported_families, unregister_family
@@ -46,6 +47,7 @@ __all__ = [
     "apply",
     "call_stats",
     "describe",
+    "events",
     "load",
     "register_family",
     "remove",

@@ -70,7 +70,7 @@ def test_sd_reference_sada_exact_when_off_and_close_when_on(sd, scheduler):
         # 12 steps are few: skipping runs of early steps costs a lot of fidelity here; single
         # skips from step 4 on keep ~55 dB with DDIM/Euler; with DPM++ the sign criterion does not fire
         # on this model (tests/samplers/test_sada.py makes it fire on a constructed trajectory)
-        with diffboost.accelerated(pipe, SADA(acc_range=(4, 11), max_interval=1, lagrange_term=0)):
+        with diffboost.accelerated(pipe, SADA(acc_range=(4, 11), max_consecutive_skips=1, lagrange_term=0)):
             fast = _run(pipe, kwargs)
             stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]
         assert torch.equal(_run(pipe, kwargs), base), "remove() did not restore the pipeline"
@@ -111,8 +111,8 @@ def test_flux_reference_sada_bottleneck_taylorseer(flux):
     for never in (SADA(acc_range=(0, 0)), BottleneckSampling(stages=[(1.0, 1.0)]), TaylorSeer(interval=1)):
         with diffboost.accelerated(pipe, never):
             assert torch.equal(_run(pipe, kwargs), base), never
-    # single skips (max_interval=1): runs of skips at 12 steps cost 17-30 dB on this model
-    with diffboost.accelerated(pipe, SADA(acc_range=(3, 11), max_interval=1)):
+    # single skips (max_consecutive_skips=1): runs of skips at 12 steps cost 17-30 dB on this model
+    with diffboost.accelerated(pipe, SADA(acc_range=(3, 11), max_consecutive_skips=1)):
         sada = _run(pipe, kwargs)
         stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]
     assert stats["skipped_steps"] == [3, 5, 8, 10] and stats["denoiser_calls_saved"] == 8, stats  # true CFG: 2 calls
@@ -136,7 +136,7 @@ def test_reference_sada_curvature(name, scheduler, request):
         base = _run(pipe, kwargs)
         with diffboost.accelerated(pipe, SADA(acc_range=(3, 11), criterion="curvature", tolerance=1e-12)):
             assert torch.equal(_run(pipe, kwargs), base)
-        plugin = SADA(acc_range=(3, 11), max_interval=6, lagrange_term=0, criterion="curvature", tolerance=0.016)
+        plugin = SADA(acc_range=(3, 11), max_consecutive_skips=6, lagrange_term=0, criterion="curvature", tolerance=0.016)
         with diffboost.accelerated(pipe, plugin):
             fast = _run(pipe, kwargs)
             stats = [s for s in diffboost.describe(pipe)["last_call"] if "skipped" in s][0]

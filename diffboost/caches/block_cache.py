@@ -8,7 +8,7 @@ calibration of the reused residual:
 
       rel = mean|r - r_ref| / mean|r_ref|
 
-- if rel < ``threshold`` (and the step is past ``warmup``, fewer than ``max_cached_steps`` steps in a
+- if rel < ``threshold`` (and the step is past ``warmup``, fewer than ``max_consecutive_skips`` steps in a
   row were reused, and it is not one of the ``final_full_steps``) the middle blocks are skipped: their
   cached residual R = h_out(middle) - h_in(middle) from the last full step is added to the live input
   (Taylor-forecast to the current step when ``taylor_order`` > 0), for the hidden and the text stream;
@@ -34,7 +34,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_float, check_int
+from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_float, check_int, renamed_fields
 from ..plugins.runtime import compiled_around, BranchStates, CallTracker, HookSet, StepClock
 from .taylor import TaylorFactors
 from .taylorseer import HookedCache
@@ -42,6 +42,7 @@ from .taylorseer import HookedCache
 HOOK_NAME = "diffboost.block_cache"
 
 
+@renamed_fields(max_cached_steps="max_consecutive_skips")
 @dataclasses.dataclass(frozen=True)
 class AdaptiveBlockCache(Plugin):
     """First/dual-block adaptive cache (FBCache when ``back_blocks=0``, DBCache otherwise).
@@ -52,7 +53,7 @@ class AdaptiveBlockCache(Plugin):
         front_blocks: Fn, blocks always computed at the front (>= 1). Default 1.
         back_blocks: Bn, blocks always computed at the back (>= 0). Default 0.
         warmup: full steps at the start of every call (>= 0). Default 4.
-        max_cached_steps: most consecutive reused steps (>= 1). Default 3.
+        max_consecutive_skips: most consecutive reused steps (>= 1). Default 3.
         taylor_order: 0 reuses the cached residual as is; 1-4 forecasts it with a Taylor series
             over the last full steps (TaylorSeer calibration). Default 0.
         final_full_steps: full steps at the end of every call (>= 0). Default 0.
@@ -65,7 +66,7 @@ class AdaptiveBlockCache(Plugin):
     front_blocks: int = 1
     back_blocks: int = 0
     warmup: int = 4
-    max_cached_steps: int = 3
+    max_consecutive_skips: int = 3
     taylor_order: int = 0
     final_full_steps: int = 0
     check_finite: bool = True
@@ -76,7 +77,7 @@ class AdaptiveBlockCache(Plugin):
         check_int(self, "front_blocks", 1, 1000)
         check_int(self, "back_blocks", 0, 1000)
         check_int(self, "warmup", 0, 10_000)
-        check_int(self, "max_cached_steps", 1, 10_000)
+        check_int(self, "max_consecutive_skips", 1, 10_000)
         check_int(self, "taylor_order", 0, 4)
         check_int(self, "final_full_steps", 0, 10_000)
 
@@ -90,7 +91,7 @@ class AdaptiveBlockCache(Plugin):
             front=self.front_blocks,
             back=self.back_blocks,
             warmup=self.warmup,
-            max_cached=self.max_cached_steps,
+            max_cached=self.max_consecutive_skips,
             order=self.taylor_order,
             final_full=self.final_full_steps,
             check_finite=self.check_finite,
@@ -100,6 +101,7 @@ class AdaptiveBlockCache(Plugin):
         return [_install(self, self._settings(), d, adapter, tracker) for d in adapter]
 
 
+@renamed_fields(max_forecast_steps="max_consecutive_skips")
 @dataclasses.dataclass(frozen=True)
 class ErrorControlledCache(Plugin):
     """TaylorSeer-style forecasting whose refresh steps are chosen by a cheap error estimate.
@@ -115,7 +117,7 @@ class ErrorControlledCache(Plugin):
         order: Taylor order of both forecasts, 0-4. Default 1.
         probe_blocks: blocks computed every step to estimate the error (>= 1). Default 1.
         warmup: full steps at the start (>= 0; at least order + 1 is sensible). Default 3.
-        max_forecast_steps: most consecutive forecast steps (>= 1). Default 6.
+        max_consecutive_skips: most consecutive forecast steps (>= 1). Default 6.
         final_full_steps: full steps at the end (>= 0). Default 1.
         check_finite: recompute a forecast step whose output has NaN/Inf. Default True.
     """
@@ -126,7 +128,7 @@ class ErrorControlledCache(Plugin):
     order: int = 1
     probe_blocks: int = 1
     warmup: int = 3
-    max_forecast_steps: int = 6
+    max_consecutive_skips: int = 6
     final_full_steps: int = 1
     check_finite: bool = True
 
@@ -136,7 +138,7 @@ class ErrorControlledCache(Plugin):
         check_int(self, "order", 0, 4)
         check_int(self, "probe_blocks", 1, 1000)
         check_int(self, "warmup", 0, 10_000)
-        check_int(self, "max_forecast_steps", 1, 10_000)
+        check_int(self, "max_consecutive_skips", 1, 10_000)
         check_int(self, "final_full_steps", 0, 10_000)
 
     def never_skips(self) -> bool:
@@ -149,7 +151,7 @@ class ErrorControlledCache(Plugin):
             front=self.probe_blocks,
             back=0,
             warmup=self.warmup,
-            max_cached=self.max_forecast_steps,
+            max_cached=self.max_consecutive_skips,
             order=self.order,
             final_full=self.final_full_steps,
             check_finite=self.check_finite,

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from .adapters import PipelineAdapter
 from .base import CallStats, Installed, Plugin
 from .presets import resolve
-from .runtime import CallTracker, DenoiserCalls, HookSet, StageSwitched
+from .runtime import CallStarted, CallTracker, DenoiserCalls, HookSet, StageSwitched
 from .stacking import check_stack
 
 _HANDLE_ATTR = "_diffboost_handle"
@@ -23,7 +23,7 @@ class Acceleration:
         self.plugins = plugins
         self.tracker = CallTracker(pipe)
         self.installed: list[Installed] = []
-        self.tracker.listeners.append(self.reset)
+        self.tracker.subscribe(CallStarted, lambda event: self.reset())
         self.tracker.subscribe(StageSwitched, self._stage_switched)
         self.counters: list[tuple[HookSet, DenoiserCalls]] = []
         #: per finished stage of a multi-resolution sampler: the other plugins' statistics
@@ -66,6 +66,11 @@ class Acceleration:
         self.tracker.remove()
         if getattr(self.pipe, _HANDLE_ATTR, None) is self:
             delattr(self.pipe, _HANDLE_ATTR)
+
+    def subscribe(self, event_type: type, handler: Any) -> None:
+        """Call ``handler(event)`` on every event of ``event_type`` this pipeline's runtime sends
+        (:mod:`diffboost.events`); until :meth:`remove`."""
+        self.tracker.subscribe(event_type, handler)
 
     def call_stats(self) -> list[CallStats]:
         """Each installed plugin's statistics of the current (or last) call, typed."""

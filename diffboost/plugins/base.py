@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,6 +97,8 @@ class Plugin:
 
     #: Where the plugin acts (a class attribute, set by each plugin class; not a field).
     kind: ClassVar[PluginKind] = PluginKind.CACHE
+    #: former keyword names still accepted (old name -> new name; see :func:`renamed_fields`)
+    renamed: ClassVar[Mapping[str, str]] = {}
 
     @property
     def name(self) -> str:
@@ -106,6 +110,33 @@ class Plugin:
     def never_skips(self) -> bool:
         """True when the configuration can never change the output (used by tests and describe)."""
         return False
+
+
+def renamed_fields(**old_to_new: str):
+    """Class decorator (outside ``@dataclass``): keyword arguments renamed in a later version keep
+    working for one more release, with a ``DeprecationWarning`` naming the new keyword; giving both
+    names is an error. The mapping is kept as ``cls.renamed`` so that ``diffboost.load`` reads stack
+    files written before the rename."""
+
+    def decorate(cls):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{cls.__name__}: give {new}= only ({old}= is its former name)")
+                    warnings.warn(f"{cls.__name__}({old}=...) is renamed {new}=...; the old name will be "
+                                  f"removed in diffboost 0.3", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        cls.renamed = dict(old_to_new)
+        return cls
+
+    return decorate
 
 
 # ----------------------------------------------------------------------------------------------

@@ -153,6 +153,39 @@ class _LoopBar:
 
 
 @dataclasses.dataclass(frozen=True)
+class CallStarted:
+    """Event: a pipeline call starts (its scheduler's ``set_timesteps`` ran); every per-call state
+    resets on it."""
+
+    #: pipeline calls seen by this runtime, this one included (1 for the first)
+    call: int
+    #: solver steps the call will take (None when the scheduler does not say)
+    num_steps: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStarted:
+    """Event: the first denoiser call of a solver step begins (any CFG pass; sent before the plugins
+    inside the denoiser decide anything)."""
+
+    #: solver steps taken so far in this call (0 for the first step)
+    step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipDecided:
+    """Event: a plugin decided whether one denoiser call (or a whole step, for a step sampler) is
+    computed in full or answered from its cache/forecast. Sent only when someone subscribed."""
+
+    plugin: str
+    #: the CFG pass (``"default"`` for a batched pass, ``"cond"``/``"uncond"``, ``"call1"`` ...)
+    branch: str
+    #: the plugin's own step index of that branch
+    step: int
+    computed: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class StepEnded:
     """Event: a solver step was taken (the scheduler's ``step`` ran, or a sampler integrated one)."""
 
@@ -167,17 +200,21 @@ class StageSwitched:
     source: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
+#: every event type a runtime sends, in the order they occur within a call
+EVENTS = (CallStarted, StepStarted, SkipDecided, StepEnded, StageSwitched)
+
+
 class CallTracker:
     """Signals the start of every pipeline call by wrapping the scheduler instance's ``set_timesteps``,
     and refuses a call that starts while another one's denoising loop runs (see the module doc)."""
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
-        #: called (without arguments) at the start of every pipeline call
-        self.listeners: list[Callable[[], None]] = []
         #: event type -> handlers (called with the event), see :meth:`subscribe`
         self._handlers: dict[type, list[Callable[[Any], None]]] = {}
         self.num_steps: int | None = None
+        #: solver steps taken in the current call (see :meth:`step_done`)
+        self.step = 0
         #: a step plugin that decides the steps a sampler integrates on its own sigmas (SADA registers
         #: itself: ``solve_flow_step``); None when the stack has none
         self.step_solver: Any = None
@@ -288,25 +325,42 @@ class CallTracker:
         return self.num_steps - position
 
     def subscribe(self, event_type: type, handler: Callable[[Any], None]) -> None:
-        """Call ``handler(event)`` for every :meth:`emit` of ``event_type`` (:class:`StepEnded`,
-        :class:`StageSwitched`); plugins talk to each other through these, never directly."""
+        """Call ``handler(event)`` for every :meth:`emit` of ``event_type`` (:data:`EVENTS`), in the
+        order of subscription; plugins talk to each other through these, never directly."""
+        if event_type not in EVENTS:
+            raise TypeError(f"unknown event type {event_type!r}; events: {[e.__name__ for e in EVENTS]}")
         self._handlers.setdefault(event_type, []).append(handler)
+
+    def unsubscribe(self, event_type: type, handler: Callable[[Any], None]) -> None:
+        handlers = self._handlers.get(event_type, [])
+        if handler in handlers:
+            handlers.remove(handler)
+
+    def listens(self, event_type: type) -> bool:
+        """Has anyone subscribed to ``event_type``? (Hot paths build an event only then.)"""
+        return bool(self._handlers.get(event_type))
 
     def emit(self, event: Any) -> None:
         for handler in list(self._handlers.get(type(event), ())):
             handler(event)
 
+    def skip_decided(self, plugin: str, branch: str, step: int, computed: bool) -> None:
+        """Announce a plugin's decision for one denoiser call (nothing is built without subscribers)."""
+        if self._handlers.get(SkipDecided):
+            self.emit(SkipDecided(plugin, branch, step, computed))
+
     def step_done(self) -> None:
         """A solver step was taken: the scheduler's ``step`` (wrapped here) ran, or a plugin that
         integrates a step itself instead of calling it (bottleneck sampling) says so."""
         self.calls_since_step = 0
+        self.step += 1
         self.emit(StepEnded())
 
     def new_call(self) -> None:
         self.calls += 1
         self.calls_since_step = 0
-        for fn in self.listeners:
-            fn()
+        self.step = 0
+        self.emit(CallStarted(self.calls, self.num_steps))
 
     def _unwrap(self) -> None:
         if self._step_patch is not None:
@@ -322,7 +376,6 @@ class CallTracker:
         for patch in reversed(self._pipe_patches):
             patch.restore()
         self._pipe_patches.clear()
-        self.listeners.clear()
         self._handlers.clear()
 
 
@@ -423,6 +476,7 @@ class StepClock(ModelHook):
 
     def end(self, full: bool) -> None:
         st: ClockState = self.state.get_state()
+        self.tracker.skip_decided(self.name, self.state.branch, st.step, full)
         if full:
             st.last_full = st.step
             st.full_steps.append(st.step)
@@ -523,13 +577,15 @@ class DenoiserCalls(ModelHook):
         self.state = BranchStates(_Unnamed)
         #: denoiser calls per branch in the current (or last finished) pipeline call
         self.counts: dict[str, int] = {}
-        tracker.listeners.append(self.counts.clear)
+        tracker.subscribe(CallStarted, lambda event: self.counts.clear())
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         self.tracker.ensure_current()
         tracker = self.tracker
         order = tracker.calls_since_step
         tracker.calls_since_step += 1
+        if order == 0 and tracker.listens(StepStarted):
+            tracker.emit(StepStarted(tracker.step))
         named = self.state._context is not None
         branch = self.state._context.name if named else ("default" if order == 0 else f"call{order}")
         self.counts[branch] = self.counts.get(branch, 0) + 1

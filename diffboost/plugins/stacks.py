@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from .base import Plugin
 FORMAT = "diffboost-stack"
 VERSION = 1
 SUFFIXES = (".toml", ".json")
+
+logger = logging.getLogger(__name__)
 
 
 class StackFileError(ValueError):
@@ -123,6 +126,11 @@ def from_data(data: Any, where: str = "stack") -> list[Plugin]:
         if cls is None:
             raise StackFileError(f"{at}: unknown plugin {name!r}; known plugins: {sorted(classes)}")
         fields = [f.name for f in dataclasses.fields(cls) if f.init]
+        for former, current in cls.renamed.items():  # files written before a rename still load
+            if former in entry and current not in entry:
+                logger.warning("%s (%s): field %r is now called %r; re-save the file to update it",
+                               at, name, former, current)
+                entry = {(current if k == former else k): v for k, v in entry.items()}
         extra = sorted(set(entry) - {"plugin"} - set(fields))
         if extra:
             raise StackFileError(f"{at} ({name}): unknown fields {extra}; {name} accepts {fields}")

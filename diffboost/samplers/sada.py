@@ -35,9 +35,9 @@ Stability criterion, evaluated after every step n on the last three drifts of th
 
 (``criterion="curvature"``, ours, replaces this sign test by an error bound: see ``SADA`` and
 ``_kappa``.) Step n+1 is skipped when ``mean(m) <= 0``, n+1 lies in ``acc_range`` and fewer than
-``max_interval`` steps were skipped in a row. The skipped step's drift enters the trajectory, so right
+``max_consecutive_skips`` steps were skipped in a row. The skipped step's drift enters the trajectory, so right
 after a skip the second difference of a linear extrapolation is zero (m = 0, "stable") and a run of
-skips continues until ``max_interval``; the next real step then re-tests the trajectory.
+skips continues until ``max_consecutive_skips``; the next real step then re-tests the trajectory.
 
 Approximations on a skipped step k = n+1 (state ``y_k`` from the solver):
 
@@ -67,7 +67,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import CallStats, Installed, Plugin, PluginKind, check_bools, check_choice, check_float, check_int
+from ..plugins.base import CallStats, Installed, Plugin, PluginKind, check_bools, check_choice, check_float, check_int, renamed_fields
 from ..plugins.runtime import BranchStates, CallTracker, HookSet, InstanceWrap, compiled_around
 from .sada_tokens import TokenSparsity, install_tokens
 
@@ -89,6 +89,7 @@ SUPPORTED_SCHEDULERS = (
 # ----------------------------------------------------------------------------------------------
 
 
+@renamed_fields(max_interval="max_consecutive_skips")
 @dataclasses.dataclass(frozen=True)
 class SADA(Plugin):
     """Stability-guided adaptive step skipping (step-wise SADA).
@@ -98,16 +99,16 @@ class SADA(Plugin):
             exclusive): only steps ``start <= k < end`` may be skipped. The criterion needs three
             drifts, so the first step that can be skipped is step 3. ``start == end`` never skips
             (bit-identical to the unpatched pipeline). Default ``(10, 47)`` (paper, 50 steps).
-        max_interval: the most steps skipped in a row (>= 1). Default 4 (paper).
+        max_consecutive_skips: the most steps skipped in a row (>= 1). Default 4 (paper).
         lagrange_int: minimum distance in steps between two x0 anchors (>= 1). Default 4 (paper).
         lagrange_term: number of anchors in the Lagrange interpolation (0 = Lagrange mode off,
             otherwise 2-8). Default 4 (paper, SD-2; the paper uses 3 on Flux).
         lagrange_step: first step at which skipped steps use the Lagrange x0 interpolation
             (>= 0). Default 24 (paper, SD-2; 20 on Flux).
         schedule: ablation only: skip exactly these step indices (when the trajectory has three
-            drifts), ignoring the criterion and ``max_interval``; same approximations. Default None.
+            drifts), ignoring the criterion and ``max_consecutive_skips``; same approximations. Default None.
         token_sparsity: token-wise SADA on the UNet's transformer blocks (SD/SDXL only): inside
-            ``acc_range``, between full refreshes every ``max_interval`` steps, blocks compute the
+            ``acc_range``, between full refreshes every ``max_consecutive_skips`` steps, blocks compute the
             unstable tokens (per-token m >= 0) and one token per ``sy x sx`` window, the others take
             their cached outputs (see :mod:`diffboost.samplers.sada_tokens`). Default False.
         sx, sy: window width / height in tokens for token sparsity (1-64, sx * sy >= 2). Default
@@ -133,7 +134,7 @@ class SADA(Plugin):
     kind: ClassVar[PluginKind] = PluginKind.STEP
 
     acc_range: tuple[int, int] = (10, 47)
-    max_interval: int = 4
+    max_consecutive_skips: int = 4
     lagrange_int: int = 4
     lagrange_term: int = 4
     lagrange_step: int = 24
@@ -155,7 +156,7 @@ class SADA(Plugin):
         if not 0 <= rng[0] <= rng[1]:
             raise ValueError(f"SADA.acc_range={tuple(rng)} is invalid; need 0 <= start <= end (end exclusive)")
         object.__setattr__(self, "acc_range", (int(rng[0]), int(rng[1])))
-        check_int(self, "max_interval", 1, 10_000)
+        check_int(self, "max_consecutive_skips", 1, 10_000)
         check_int(self, "lagrange_int", 1, 10_000)
         check_int(self, "lagrange_term", 0, 8)
         if self.lagrange_term == 1:
@@ -178,7 +179,7 @@ class SADA(Plugin):
         check_float(self, "tolerance", 0.0, 10.0, lo_open=True)
 
     def never_skips(self) -> bool:
-        if self.token_sparsity and self.acc_range[0] < self.acc_range[1] and self.max_interval > 1:
+        if self.token_sparsity and self.acc_range[0] < self.acc_range[1] and self.max_consecutive_skips > 1:
             return False
         if self.schedule is not None:
             return not self.schedule
@@ -401,7 +402,7 @@ class SADARuntime(Installed):
                         integrate: Any) -> Any:
         """One flow-matching step integrated by someone else on its own sigmas (bottleneck stages).
 
-        ``step`` is the pipeline's step index (``acc_range`` and ``max_interval`` count in it),
+        ``step`` is the pipeline's step index (``acc_range`` and ``max_consecutive_skips`` count in it),
         ``sigma`` the flow sigma of ``sample``. On a skipped step the velocity is replaced by SADA's
         approximation; ``integrate(velocity)`` then advances the state and its result is returned.
         """
@@ -458,7 +459,7 @@ class SADARuntime(Installed):
             return k in cfg.schedule
         if cfg.criterion == "curvature" and st.trajectory[-1].real:
             st.kappa = _kappa(st.trajectory, self.flow)
-        if not cfg.acc_range[0] <= k < cfg.acc_range[1] or st.in_a_row >= cfg.max_interval:
+        if not cfg.acc_range[0] <= k < cfg.acc_range[1] or st.in_a_row >= cfg.max_consecutive_skips:
             return False
         if cfg.criterion == "curvature":
             # with a constant second difference, the i-th step skipped in a row (extrapolated from
@@ -494,7 +495,7 @@ class SADARuntime(Installed):
         # construction (m = 0 would mark every token unstable): the last real map is used instead
         if st.skip_current or st.real_token_map is None or st.last_token_full < 0:
             return
-        if not cfg.acc_range[0] <= k < cfg.acc_range[1] or k - st.last_token_full >= cfg.max_interval:
+        if not cfg.acc_range[0] <= k < cfg.acc_range[1] or k - st.last_token_full >= cfg.max_consecutive_skips:
             return
         st.token_map = st.real_token_map
         st.token_pruned = True
@@ -643,7 +644,9 @@ class SkipHook(ModelHook):
         rt.tracker.ensure_current()
         rt.follow_scheduler()
         st: _LastOutput = self.last.get_state()
-        if rt.state.skip_current and st.output is not None:
+        skip = rt.state.skip_current and st.output is not None
+        rt.tracker.skip_decided("SADA", self.last.branch, rt.state.step, not skip)
+        if skip:
             rt.state.saved_calls += 1
             per_pass = rt.state.saved_per_pass
             per_pass[self.last.branch] = per_pass.get(self.last.branch, 0) + 1

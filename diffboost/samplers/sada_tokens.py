@@ -3,7 +3,7 @@
 Why an option of :class:`~diffboost.samplers.sada.SADA` and not a separate ``PluginKind.TOKENS``
 plugin: which tokens are pruned is decided by SADA's own stability signal ``m`` (computed on the
 solver trajectory that the SADA step wrapper already keeps, per element instead of averaged) and by
-SADA's step clock (``acc_range``, ``max_interval``). A separate plugin would have to find another
+SADA's step clock (``acc_range``, ``max_consecutive_skips``). A separate plugin would have to find another
 plugin's runtime, duplicate the trajectory bookkeeping, or define an ordering between two
 installs; as an option, one runtime owns the trajectory and both decisions. This module holds only
 the token machinery; ``sada.py`` calls :func:`install_tokens` when the option is on.
@@ -14,8 +14,8 @@ Rule, per denoiser call at solver step ``k`` (identical for every block and both
   averaged over channels, maximised over the batch (one token set for the whole batch, so the
   doubled CFG batch shares it) -> an ``H x W`` map on the latent grid;
 - the step is *pruned* when ``k`` lies in ``acc_range``, a map exists (three drifts solved) and fewer
-  than ``max_interval`` steps have passed since the last full step; otherwise it is a *full refresh*
-  (all tokens computed, every block's cache rewritten): the first steps, every ``max_interval``
+  than ``max_consecutive_skips`` steps have passed since the last full step; otherwise it is a *full refresh*
+  (all tokens computed, every block's cache rewritten): the first steps, every ``max_consecutive_skips``
   steps, and everything outside the acceleration range;
 - on a pruned step each block (``BasicTransformerBlock`` at a level downsampled at most
   ``token_max_downsample`` times) maps the stability map onto its ``h x w`` grid by max-pooling

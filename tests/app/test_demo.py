@@ -86,7 +86,7 @@ def test_demo_listens_on_localhost_by_default():
 def test_a_stack_file_is_offered_and_a_step_skipping_stack_reports_its_calls(model):
     """``diffboost demo --plugins FILE``: the file's stack is a choice of its own; a stack that skips
     whole steps (SADA) reports the denoiser calls it saved like a cache does."""
-    model.stacks["mine.toml"] = [diffboost.SADA(schedule=(3, 5), max_interval=1)]
+    model.stacks["mine.toml"] = [diffboost.SADA(schedule=(3, 5), max_consecutive_skips=1)]
     try:
         result = model.compare("a red circle", "mine.toml", steps=10, seed=3)
         assert result.plugins[0].startswith("SADA(")

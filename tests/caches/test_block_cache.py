@@ -64,7 +64,7 @@ def _ecc_settings(plugin: ErrorControlledCache):
 
     return _Settings(
         gate="forecast_error", threshold=plugin.tolerance, front=plugin.probe_blocks, back=0,
-        warmup=plugin.warmup, max_cached=plugin.max_forecast_steps, order=plugin.order,
+        warmup=plugin.warmup, max_cached=plugin.max_consecutive_skips, order=plugin.order,
         final_full=plugin.final_full_steps, check_finite=plugin.check_finite,
     )
 
@@ -99,7 +99,7 @@ def test_rel_l1_is_the_mean_absolute_difference_over_the_reference():
 def test_change_gate_is_relative_and_strict(scale, threshold, full, rel):
     """rel = mean|r - r_ref| / mean|r_ref| decides the same at any scale; reuse iff rel < threshold."""
     probes = [_const(4 * scale), _const(5 * scale), _const(6 * scale)]
-    got_full, ks, got_rel = _drive(AdaptiveBlockCache(threshold=threshold, warmup=0, max_cached_steps=5), probes)
+    got_full, ks, got_rel = _drive(AdaptiveBlockCache(threshold=threshold, warmup=0, max_consecutive_skips=5), probes)
     assert got_full == full
     assert got_rel == pytest.approx(rel, rel=1e-6)
 
@@ -107,7 +107,7 @@ def test_change_gate_is_relative_and_strict(scale, threshold, full, rel):
 def test_change_gate_compares_with_the_last_full_step_not_the_last_step():
     # the probe drifts by 6% a step: each step alone is below 10%, but two steps add up
     probes = [_const(1.06**s) for s in range(6)]
-    full, ks, rel = _drive(AdaptiveBlockCache(threshold=0.1, warmup=0, max_cached_steps=10), probes)
+    full, ks, rel = _drive(AdaptiveBlockCache(threshold=0.1, warmup=0, max_consecutive_skips=10), probes)
     assert full == [0, 2, 4]
     assert ks == [0, 1, 0, 1, 0, 1]
     assert rel == pytest.approx([0.06, 0.1236, 0.06, 0.1236, 0.06], rel=1e-4)
@@ -115,7 +115,7 @@ def test_change_gate_compares_with_the_last_full_step_not_the_last_step():
 
 def test_max_cached_warmup_final_and_forced_steps_are_full():
     probes = [_const(1.0)] * 12  # nothing changes: every gated step would be reused
-    plugin = AdaptiveBlockCache(threshold=0.5, warmup=3, max_cached_steps=2, final_full_steps=2)
+    plugin = AdaptiveBlockCache(threshold=0.5, warmup=3, max_consecutive_skips=2, final_full_steps=2)
     full, ks, rel = _drive(plugin, probes, forced={7})
     # warm-up 0-2; then two reuses, a full step; the forced step 7; the last two steps
     assert full == [0, 1, 2, 5, 7, 10, 11]
@@ -133,7 +133,7 @@ def test_forecast_error_gate_refreshes_exactly_when_the_error_exceeds_the_tolera
     # probe residual: a line (order-1 forecasts exact) that bends at step 5 by a known amount
     values = [1.0 + 0.5 * s for s in range(5)] + [3.5 + 0.1, 4.0 + 0.1, 4.5 + 0.1]
     probes = [_const(v) for v in values]
-    plugin = ErrorControlledCache(tolerance=0.02, order=1, warmup=2, max_forecast_steps=10, final_full_steps=0)
+    plugin = ErrorControlledCache(tolerance=0.02, order=1, warmup=2, max_consecutive_skips=10, final_full_steps=0)
     full, ks, rel = _drive(plugin, probes)
     # steps 2-4 are forecast exactly (error 0); step 5 misses by 0.1 / 3.6 = 2.8% > 2%: refresh;
     # the factors now span steps 1 and 5 (slope 2.1 / 4 = 0.525): step 6 forecasts 4.125 vs 4.1 (0.6%)
@@ -148,7 +148,7 @@ def test_forecast_error_gate_refreshes_exactly_when_the_error_exceeds_the_tolera
 def test_forecast_error_uses_its_taylor_order():
     # a parabola F(s) = 1 + s^2; full steps 0-2 (values 1, 2, 5)
     probes = [_const(1.0 + s * s) for s in range(6)]
-    tol = dict(tolerance=0.15, warmup=3, max_forecast_steps=10, final_full_steps=0)
+    tol = dict(tolerance=0.15, warmup=3, max_consecutive_skips=10, final_full_steps=0)
     # order 1: the line through steps 1, 2 gives 8 at step 3 (rel 2/10: refresh); then the line
     # through 2, 3 gives 15 at step 4 (2/17: forecast) and 20 at step 5 (6/26: refresh)
     full1, _, rel1 = _drive(ErrorControlledCache(order=1, **tol), probes)
@@ -166,10 +166,10 @@ def test_forecast_error_without_enough_history_refreshes():
 
 def test_defaults_are_the_documented_ones():
     a = AdaptiveBlockCache()
-    assert (a.threshold, a.front_blocks, a.back_blocks, a.warmup, a.max_cached_steps, a.taylor_order,
+    assert (a.threshold, a.front_blocks, a.back_blocks, a.warmup, a.max_consecutive_skips, a.taylor_order,
             a.final_full_steps, a.check_finite) == (0.08, 1, 0, 4, 3, 0, 0, True)
     e = ErrorControlledCache()
-    assert (e.tolerance, e.order, e.probe_blocks, e.warmup, e.max_forecast_steps, e.final_full_steps,
+    assert (e.tolerance, e.order, e.probe_blocks, e.warmup, e.max_consecutive_skips, e.final_full_steps,
             e.check_finite) == (0.05, 1, 1, 3, 6, 1, True)
     s = a._settings()
     assert (s.gate, s.threshold, s.front, s.back, s.warmup, s.max_cached, s.order, s.final_full) == (
@@ -228,10 +228,10 @@ def _expected_schedule(probes, gate, threshold, warmup, max_cached, final_full, 
 @pytest.mark.parametrize(
     "family, make, plugin",
     [
-        ("flux", make_flux, AdaptiveBlockCache(threshold=0.28, warmup=2, max_cached_steps=2)),
-        ("flux", make_flux, ErrorControlledCache(tolerance=0.4, warmup=2, max_forecast_steps=3)),
+        ("flux", make_flux, AdaptiveBlockCache(threshold=0.28, warmup=2, max_consecutive_skips=2)),
+        ("flux", make_flux, ErrorControlledCache(tolerance=0.4, warmup=2, max_consecutive_skips=3)),
         ("sd3", make_sd3, AdaptiveBlockCache(threshold=0.3, warmup=1, final_full_steps=1)),
-        ("sd", make_sd, AdaptiveBlockCache(threshold=0.2, warmup=2, max_cached_steps=2)),
+        ("sd", make_sd, AdaptiveBlockCache(threshold=0.2, warmup=2, max_consecutive_skips=2)),
         ("sd", make_sd, ErrorControlledCache(tolerance=0.02, warmup=3, final_full_steps=2)),
     ],
     ids=lambda v: v if isinstance(v, str) else (type(v).__name__ if not callable(v) else ""),
@@ -252,7 +252,7 @@ def test_schedule_follows_the_rule_on_the_recorded_probes(family, make, plugin):
         "forecast_error" if ecc else "change",
         plugin.tolerance if ecc else plugin.threshold,
         plugin.warmup,
-        plugin.max_forecast_steps if ecc else plugin.max_cached_steps,
+        plugin.max_consecutive_skips if ecc else plugin.max_consecutive_skips,
         plugin.final_full_steps,
         plugin.order if ecc else 1,
     )
@@ -263,9 +263,9 @@ def test_schedule_follows_the_rule_on_the_recorded_probes(family, make, plugin):
 
 
 def _run_hooked(pipe, family: str, order: int, handles: list, **call) -> dict:
-    """8 steps under AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1):
+    """8 steps under AdaptiveBlockCache(threshold=10, warmup=2, max_consecutive_skips=2, back_blocks=1):
     full steps 0, 1, 4, 7. Takes the recording hooks off afterwards; returns the per-branch counts."""
-    plugin = AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1, taylor_order=order)
+    plugin = AdaptiveBlockCache(threshold=10, warmup=2, max_consecutive_skips=2, back_blocks=1, taylor_order=order)
     try:
         with diffboost.accelerated(pipe, plugin):
             run(pipe, family, num_inference_steps=8, **call)
@@ -360,7 +360,7 @@ def test_unet_reused_steps_return_the_cached_deep_features():
         unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda m, a: front_runs.append(1)),
     ]
     try:
-        with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=1)):
+        with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10, warmup=2, max_consecutive_skips=1)):
             run(pipe, "sd", num_inference_steps=6)
             branch = diffboost.describe(pipe)["last_call"][0]["branches"]["default"]
     finally:
@@ -380,7 +380,7 @@ def test_reused_steps_add_the_cached_text_stream_residual_too():
         last_mid.register_forward_hook(lambda m, a, kw, out: enc_out.append(out[0].clone()), with_kwargs=True),
     ]
     try:
-        with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=2, back_blocks=1)):
+        with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10, warmup=2, max_consecutive_skips=2, back_blocks=1)):
             run(pipe, "flux", num_inference_steps=6)
     finally:
         for h in handles:

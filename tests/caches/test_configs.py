@@ -17,13 +17,13 @@ INT_RANGES = [
     (AdaptiveBlockCache, "front_blocks", 1, 1000),
     (AdaptiveBlockCache, "back_blocks", 0, 1000),
     (AdaptiveBlockCache, "warmup", 0, 10_000),
-    (AdaptiveBlockCache, "max_cached_steps", 1, 10_000),
+    (AdaptiveBlockCache, "max_consecutive_skips", 1, 10_000),
     (AdaptiveBlockCache, "taylor_order", 0, 4),
     (AdaptiveBlockCache, "final_full_steps", 0, 10_000),
     (ErrorControlledCache, "order", 0, 4),
     (ErrorControlledCache, "probe_blocks", 1, 1000),
     (ErrorControlledCache, "warmup", 0, 10_000),
-    (ErrorControlledCache, "max_forecast_steps", 1, 10_000),
+    (ErrorControlledCache, "max_consecutive_skips", 1, 10_000),
     (ErrorControlledCache, "final_full_steps", 0, 10_000),
 ]
 FLOAT_RANGES = [(AdaptiveBlockCache, "threshold", 0.0, 10.0), (ErrorControlledCache, "tolerance", 0.0, 10.0)]

@@ -238,7 +238,7 @@ def test_a_user_registered_family_works_like_a_built_in_one():
                 assert torch.equal(pipe(), base), never
                 info = diffboost.describe(pipe)
             assert info["family"] == "toy" and info["denoisers"] == {"transformer": "ToyTransformer2DModel (4 blocks)"}
-        with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10.0, warmup=2, max_cached_steps=8)):
+        with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10.0, warmup=2, max_consecutive_skips=8)):
             fast = pipe()
             (entry,) = diffboost.describe(pipe)["last_call"]
         assert not torch.equal(fast, base)

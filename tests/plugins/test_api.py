@@ -51,7 +51,7 @@ def test_unsupported_pipeline_names_class_and_families():
         (lambda: TaylorSeer(interval=0), "TaylorSeer.interval=0 is out of range; allowed: >= 1"),
         (lambda: TaylorSeer(order=5), "TaylorSeer.order=5 is out of range; allowed: >= 0 and <= 4"),
         (lambda: AdaptiveBlockCache(threshold=-0.1), "AdaptiveBlockCache.threshold=-0.1"),
-        (lambda: AdaptiveBlockCache(max_cached_steps=0), "AdaptiveBlockCache.max_cached_steps=0"),
+        (lambda: AdaptiveBlockCache(max_consecutive_skips=0), "AdaptiveBlockCache.max_consecutive_skips=0"),
         (lambda: ErrorControlledCache(tolerance=float("nan")), "ErrorControlledCache.tolerance must be finite"),
     ],
 )
@@ -194,7 +194,7 @@ def test_bf16_pipeline_works_and_never_skip_is_exact():
 def test_unet_block_cache_keeps_skip_connections_live():
     pipe = make_sd()
     base = run(pipe, "sd", num_inference_steps=8)
-    with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10, warmup=2, max_cached_steps=1)):
+    with diffboost.accelerated(pipe, AdaptiveBlockCache(threshold=10, warmup=2, max_consecutive_skips=1)):
         out = run(pipe, "sd", num_inference_steps=8)
         branch = diffboost.describe(pipe)["last_call"][0]["branches"]["default"]
     assert branch["full_steps"] == [0, 1, 3, 5, 7]
@@ -283,6 +283,7 @@ import dataclasses  # noqa: E402
 
 from diffboost.plugins.api import _as_plugins  # noqa: E402
 from diffboost.plugins.base import Installed, Plugin, PluginKind  # noqa: E402
+from diffboost.plugins.runtime import CallStarted, StageSwitched  # noqa: E402
 
 
 class Item(Installed):
@@ -340,7 +341,7 @@ def test_apply_installs_in_stack_order_and_remove_undoes_in_reverse(flux):
         assert [i.label for i in handle.installed] == ["tokens1", "tokens2", "cache1", "cache2"]
         (counter,) = [c for _, c in handle.counters]  # the runtime's call counter, outermost on the denoiser
         assert not hasattr(handle.tracker, "installed")  # plugins do not see each other through it
-        assert handle.tracker.listeners == [handle.reset, counter.counts.clear]
+        assert [len(handle.tracker._handlers[e]) for e in (CallStarted, StageSwitched)] == [2, 1]
         assert repr(handle) == f"Acceleration(FluxPipeline, plugins={[inner, outer]})"
         del log[:]
         run(flux, "flux", num_inference_steps=2)  # every call starts with a reset of everything installed
@@ -446,3 +447,40 @@ def test_scheduler_swapped_between_calls_starts_a_fresh_call():
     assert info["calls"] == 2
     assert info["last_call"][0]["branches"]["default"]["full_steps"] == [0, 2, 3]
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("plugin", [TaylorSeer(interval=2, warmup=2, final_full_steps=0),
+                                    AdaptiveBlockCache(threshold=10.0, warmup=2),
+                                    diffboost.SADA(acc_range=(3, 8), criterion="curvature", tolerance=10.0)],
+                         ids=["taylorseer", "block_cache", "sada"])
+def test_a_call_sends_its_events_in_order_and_skip_decisions_match_the_statistics(plugin):
+    """CallStarted, then per step StepStarted, the plugin's SkipDecided per denoiser call, StepEnded;
+    the decisions heard are the ones the statistics report, on Flux with true CFG (two passes)."""
+    from diffboost.events import EVENTS, CallStarted, SkipDecided, StepEnded, StepStarted
+
+    flux = make_flux()
+    handle = diffboost.apply(flux, plugin)
+    heard: list = []
+    for event_type in EVENTS:
+        handle.subscribe(event_type, heard.append)
+    with pytest.raises(TypeError, match="unknown event type"):
+        handle.subscribe(int, heard.append)
+    steps = 8
+    for _ in range(2):  # the second call hears the same sequence
+        heard.clear()
+        run(flux, "flux", num_inference_steps=steps, true_cfg_scale=2.0, negative_prompt="x")
+        assert heard[0] == CallStarted(handle.tracker.calls, steps)
+        kinds = [type(e).__name__ for e in heard[1:]]
+        per_step = ["StepStarted"] + ["SkipDecided"] * 2 + ["StepEnded"]
+        assert kinds == per_step * steps
+        assert [e.step for e in heard if isinstance(e, StepStarted)] == list(range(steps))
+        assert sum(isinstance(e, StepEnded) for e in heard) == steps
+        decided = [e for e in heard if isinstance(e, SkipDecided)]
+        assert {e.plugin for e in decided} == {plugin.name} and {e.branch for e in decided} == {"cond", "uncond"}
+        stats = handle.call_stats()[0]
+        for branch in ("cond", "uncond"):
+            mine = [e for e in decided if e.branch == branch]
+            assert [e.step for e in mine] == list(range(steps))
+            skipped = [e.step for e in mine if not e.computed]
+            assert skipped and len(skipped) == stats.reused[branch]
+    diffboost.remove(flux)

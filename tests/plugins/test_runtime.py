@@ -16,11 +16,15 @@ from diffusers.hooks.hooks import BaseState, CacheContext, _set_cache_context
 from diffboost.plugins.runtime import (
     BranchStates,
     CallTracker,
+    CallStarted,
     ClockState,
     HookSet,
     InstanceWrap,
+    SkipDecided,
     StepClock,
+    StepEnded,
     StepPlan,
+    StepStarted,
     _all_finite,
     compiled_around,
     invalidate_registry_caches,
@@ -97,7 +101,7 @@ def rig(policy, **clock_kwargs):
     probe.clock = clock
     hooks = HookSet("test", probe)
     hooks.add(probe, clock)
-    tracker.listeners.append(hooks.reset)  # what Acceleration does (through its reset)
+    tracker.subscribe(CallStarted, lambda event: hooks.reset())  # what Acceleration does (through its reset)
     return SimpleNamespace(pipe=pipe, tracker=tracker, clock=clock, probe=probe, hooks=hooks)
 
 
@@ -340,13 +344,14 @@ def test_set_timesteps_starts_a_call():
     pipe = StubPipe(sched)
     tracker = CallTracker(pipe)
     heard = []
-    tracker.listeners += [lambda: heard.append(("a", tracker.num_steps)), lambda: heard.append("b")]
+    tracker.subscribe(CallStarted, lambda event: heard.append(("a", event.call, event.num_steps)))
+    tracker.subscribe(CallStarted, lambda event: heard.append("b"))
     assert (tracker.calls, tracker.num_steps, tracker.scheduler) == (0, None, sched)
     assert sched.set_timesteps(7, device="cpu", sigmas=[1.0]) == ("set", 7)
     assert sched.seen == [(7, "cpu", [1.0])]
-    assert (tracker.calls, tracker.num_steps, heard) == (1, 7, [("a", 7), "b"])
+    assert (tracker.calls, tracker.num_steps, heard) == (1, 7, [("a", 1, 7), "b"])
     sched.set_timesteps(num_inference_steps=3)
-    assert (tracker.calls, tracker.num_steps, heard[2:]) == (2, 3, [("a", 3), "b"])
+    assert (tracker.calls, tracker.num_steps, heard[2:]) == (2, 3, [("a", 2, 3), "b"])
     # pipelines inspect set_timesteps for sigmas= support: the wrapper keeps the signature
     assert "set_timesteps" in vars(sched)
     assert inspect.signature(sched.set_timesteps) == inspect.signature(StubScheduler().set_timesteps)
@@ -393,7 +398,7 @@ def test_swapped_scheduler_is_followed_and_starts_the_call():
     pipe = StubPipe(old)
     tracker = CallTracker(pipe)
     heard = []
-    tracker.listeners.append(lambda: heard.append(tracker.num_steps))
+    tracker.subscribe(CallStarted, lambda event: heard.append(event.num_steps))
     old.set_timesteps(6)
     pipe.scheduler = new
     new.set_timesteps(9)  # runs before the tracker can know: the pipeline call has begun unseen
@@ -434,9 +439,10 @@ def test_swap_resets_the_clock_and_keeps_the_branch():
 def test_remove_unwraps_and_forgets_listeners():
     sched = StubScheduler()
     tracker = CallTracker(StubPipe(sched))
-    tracker.listeners.append(lambda: None)
+    tracker.subscribe(CallStarted, lambda event: None)
+    assert tracker.listens(CallStarted) and not tracker.listens(StepEnded)
     tracker.remove()
-    assert "set_timesteps" not in vars(sched) and tracker.listeners == [] and tracker.scheduler is None
+    assert "set_timesteps" not in vars(sched) and not tracker.listens(CallStarted) and tracker.scheduler is None
     sched.set_timesteps(3)
     assert tracker.calls == 0
     tracker.remove()  # twice is harmless

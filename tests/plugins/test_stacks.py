@@ -28,15 +28,15 @@ EXAMPLES = [
     TaylorSeer(interval=4, order=2, warmup=2, final_full_steps=1, lite=True, check_finite=False),
     TaylorSeer(granularity="block"),
     AdaptiveBlockCache(),
-    AdaptiveBlockCache(threshold=0.12, front_blocks=2, back_blocks=1, warmup=2, max_cached_steps=5, taylor_order=1,
+    AdaptiveBlockCache(threshold=0.12, front_blocks=2, back_blocks=1, warmup=2, max_consecutive_skips=5, taylor_order=1,
                        final_full_steps=2, check_finite=False),
     ErrorControlledCache(),
-    ErrorControlledCache(tolerance=0.1, order=2, probe_blocks=2, warmup=1, max_forecast_steps=3, final_full_steps=0,
+    ErrorControlledCache(tolerance=0.1, order=2, probe_blocks=2, warmup=1, max_consecutive_skips=3, final_full_steps=0,
                          check_finite=False),
     BottleneckSampling(),
     BottleneckSampling(stages=((1.0, 0.05), (0.5, 0.8), (1.0, 0.15)), shift=3.0, renoise=0.2, seed=7),
     SADA(),
-    SADA(acc_range=(3, 27), max_interval=6, lagrange_int=3, lagrange_term=0, lagrange_step=14, token_sparsity=True,
+    SADA(acc_range=(3, 27), max_consecutive_skips=6, lagrange_int=3, lagrange_term=0, lagrange_step=14, token_sparsity=True,
          sx=2, sy=4, token_max_downsample=2, criterion="curvature", tolerance=0.2),
     TokenDownsampling(),
     TokenDownsampling(factor=3, max_downsample=2, mode="avg"),
@@ -206,3 +206,23 @@ def test_none_is_refused_in_toml_only_where_it_is_not_the_default(tmp_path, monk
     assert not (tmp_path / "o.toml").exists()
     diffboost.save(Odd(level=None), tmp_path / "o.json")  # JSON has null
     assert json.loads((tmp_path / "o.json").read_text())["plugins"][0]["level"] is None
+
+
+@pytest.mark.parametrize("cls, former", [(AdaptiveBlockCache, "max_cached_steps"),
+                                         (ErrorControlledCache, "max_forecast_steps"), (SADA, "max_interval")])
+def test_renamed_fields_still_work_once_with_a_warning(tmp_path, caplog, cls, former):
+    # max_cached_steps / max_forecast_steps / max_interval are one idea: max_consecutive_skips
+    assert cls.renamed == {former: "max_consecutive_skips"}
+    with pytest.warns(DeprecationWarning, match=f"{former}=.*renamed max_consecutive_skips="):
+        plugin = cls(**{former: 2})
+    assert plugin == cls(max_consecutive_skips=2)
+    with pytest.raises(TypeError, match=f"give max_consecutive_skips= only .{former}= is its former name"):
+        cls(**{former: 2, "max_consecutive_skips": 3})
+    # a stack file written before the rename loads, says so, and re-saves with the new name
+    old = tmp_path / "old.json"
+    entry = {"plugin": cls.__name__, former: 2}
+    old.write_text(json.dumps({"format": "diffboost-stack", "version": 1, "plugins": [entry]}))
+    with caplog.at_level("WARNING", logger="diffboost.plugins.stacks"):
+        assert diffboost.load(old) == [cls(max_consecutive_skips=2)]
+    assert f"field '{former}' is now called 'max_consecutive_skips'" in caplog.text
+    assert former not in json.dumps(to_data(diffboost.load(old)))

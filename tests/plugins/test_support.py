@@ -152,7 +152,7 @@ def test_sada_token_sparsity(family_pipe):
     family, pipe, base = family_pipe
     if "sada_tokens" in SUPPORT[family]:
         _runs(pipe, family, base, SADA(acc_range=(0, 0), token_sparsity=True, token_max_downsample=2),
-              SADA(schedule=(), acc_range=(3, STEPS), max_interval=4, token_sparsity=True, token_max_downsample=2),
+              SADA(schedule=(), acc_range=(3, STEPS), max_consecutive_skips=4, token_sparsity=True, token_max_downsample=2),
               lambda stats: sum(s.get("token_pruned_calls", 0) for s in stats))
     elif "sada" in SUPPORT[family]:
         _refuses(pipe, SADA(token_sparsity=True), "token")

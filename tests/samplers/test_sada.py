@@ -11,7 +11,7 @@ from diffboost.samplers.sada import Coords, lagrange
 from factories import FAMILIES, run
 
 STEPS = 8
-SKIPPING = SADA(acc_range=(3, STEPS), max_interval=2, lagrange_step=1000)
+SKIPPING = SADA(acc_range=(3, STEPS), max_consecutive_skips=2, lagrange_step=1000)
 
 
 def _scheduler(pipe, name):
@@ -54,7 +54,7 @@ def _skipping(pipe):
     """The criterion-driven config; on the random-init SD/SDXL UNets with DPM++ 2M the criterion never
     fires (mean(m) stays > 0 at 8-20 steps), so there the skipping machinery is driven by a schedule."""
     if type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and pipe.scheduler.config.prediction_type != "flow_prediction":
-        return SADA(schedule=(3, 4, 6), max_interval=2)
+        return SADA(schedule=(3, 4, 6), max_consecutive_skips=2)
     return SKIPPING
 
 
@@ -84,7 +84,7 @@ def test_skipping_in_range_and_remove_restores(case):
     assert stats["skipped"] > 0, f"{family}: nothing skipped: {stats}"
     assert all(3 <= k < STEPS for k in stats["skipped_steps"])
     assert stats["denoiser_calls_saved"] == stats["skipped"]  # one denoiser call per step (batched CFG)
-    # never more than max_interval skips in a row
+    # never more than max_consecutive_skips skips in a row
     runs, prev = 0, None
     for k in stats["skipped_steps"]:
         runs = runs + 1 if prev == k - 1 else 1
@@ -102,12 +102,12 @@ def test_skipping_in_range_and_remove_restores(case):
 
 def test_curvature_criterion(case):
     """criterion="curvature": a tolerance no step meets is bit-identical; a tolerance every step meets
-    skips in runs of exactly max_interval inside acc_range; in between, skips are bounded by kappa."""
+    skips in runs of exactly max_consecutive_skips inside acc_range; in between, skips are bounded by kappa."""
     family, pipe, base = case
     with diffboost.accelerated(pipe, SADA(acc_range=(3, STEPS), criterion="curvature", tolerance=1e-9)):
         assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base)
         assert _sada_stats(pipe)["skipped"] == 0
-    with diffboost.accelerated(pipe, SADA(acc_range=(3, STEPS), max_interval=2, lagrange_term=0,
+    with diffboost.accelerated(pipe, SADA(acc_range=(3, STEPS), max_consecutive_skips=2, lagrange_term=0,
                                           criterion="curvature", tolerance=10.0)):
         out = run(pipe, family, num_inference_steps=STEPS)
         stats = _sada_stats(pipe)
@@ -223,8 +223,8 @@ def test_scheduler_swapped_after_apply_is_followed():
         (dict(acc_range=(1, 2, 3)), TypeError),
         (dict(acc_range="10-47"), TypeError),
         (dict(acc_range=(1.5, 3)), TypeError),
-        (dict(max_interval=0), ValueError),
-        (dict(max_interval=2.0), TypeError),
+        (dict(max_consecutive_skips=0), ValueError),
+        (dict(max_consecutive_skips=2.0), TypeError),
         (dict(lagrange_int=0), ValueError),
         (dict(lagrange_term=1), ValueError),
         (dict(lagrange_term=9), ValueError),
@@ -298,7 +298,7 @@ from types import SimpleNamespace  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from diffboost.plugins.base import PluginKind  # noqa: E402
-from diffboost.plugins.runtime import CallTracker  # noqa: E402
+from diffboost.plugins.runtime import CallStarted, CallTracker  # noqa: E402
 from diffboost.samplers.sada import (  # noqa: E402
     ADAMS,
     CallState,
@@ -350,7 +350,7 @@ def _drive(scheduler, plugin, drift, steps=10, sigmas=None, shape=(1, 1, 1, 1), 
     pipe = SimpleNamespace(scheduler=scheduler)
     tracker = CallTracker(pipe)
     rt = SADARuntime(plugin, SimpleNamespace(pipe=pipe), tracker)
-    tracker.listeners.append(rt.reset)
+    tracker.subscribe(CallStarted, lambda event: rt.reset())
     if tokens:
         rt.tokens = _Tokens()
     if sigmas is not None:
@@ -380,10 +380,10 @@ def _vals(tensors):
 
 
 @pytest.mark.parametrize(
-    "drift, acc_range, max_interval, skipped, velocities, last_m",
+    "drift, acc_range, max_consecutive_skips, skipped, velocities, last_m",
     [
         # v = n^2: m = -(second difference) = -2 < 0 -> skip; after a skip the drift is the linear
-        # extrapolation (m = 0 exactly, still stable) until max_interval; after 8 the real second
+        # extrapolation (m = 0 exactly, still stable) until max_consecutive_skips; after 8 the real second
         # difference of (40, 55, 64) is -6: m = 6 > 0, step 9 is computed
         (lambda n: n * n, (3, 10), 2, [3, 4, 6, 7],
          [0, 1, 4, 7, 10, 25, 40, 55, 64, 81], [None, None, -2, 0, 0, -12, 0, 0, 6, 6]),
@@ -401,12 +401,12 @@ def _vals(tensors):
         (lambda n: -n * n, (3, 10), 4, [],
          [0, -1, -4, -9, -16, -25, -36, -49, -64, -81], [None, None, 2, 2, 2, 2, 2, 2, 2, 2]),
     ],
-    ids=["quadratic", "max_interval-3", "acc-end", "acc-start", "boundary-m-0", "unstable"],
+    ids=["quadratic", "max_consecutive_skips-3", "acc-end", "acc-start", "boundary-m-0", "unstable"],
 )
-def test_sign_rule_flow_known_trajectories(drift, acc_range, max_interval, skipped, velocities, last_m):
+def test_sign_rule_flow_known_trajectories(drift, acc_range, max_consecutive_skips, skipped, velocities, last_m):
     """Flow matching (Flux, SD3): m = -(f_n - 2 f_{n-1} + f_{n-2}); skip step n+1 when m <= 0, inside
-    acc_range, at most max_interval in a row; a skipped step gets the velocity 2 f_n - f_{n-1}."""
-    plugin = SADA(acc_range=acc_range, max_interval=max_interval, lagrange_term=0)
+    acc_range, at most max_consecutive_skips in a row; a skipped step gets the velocity 2 f_n - f_{n-1}."""
+    plugin = SADA(acc_range=acc_range, max_consecutive_skips=max_consecutive_skips, lagrange_term=0)
     rt, used, _, log = _drive(_flow(), plugin, drift, sigmas=DYADIC)
     stats = rt.stats()
     assert stats["skipped_steps"] == skipped and stats["skipped"] == len(skipped)
@@ -421,7 +421,7 @@ def test_sign_rule_whole_batch_decides_by_the_mean():
     """m is averaged over all elements of the batch: one element stable, one not; the mean decides."""
     for stable, expect in ((3.0, [3]), (1.0, [])):
         coef = torch.tensor([stable, -2.0]).view(2, 1, 1, 1)  # m per element: -2 * coef
-        rt, _, _, log = _drive(_flow(), SADA(acc_range=(3, 4), max_interval=1), lambda n: coef * n * n,
+        rt, _, _, log = _drive(_flow(), SADA(acc_range=(3, 4), max_consecutive_skips=1), lambda n: coef * n * n,
                                sigmas=DYADIC, shape=(2, 1, 1, 1))
         assert rt.stats()["skipped_steps"] == expect
         assert log[2][1] == -(stable - 2.0)
@@ -449,7 +449,7 @@ def test_sign_rule_eps_solvers_closed_form(name, pattern, fires):
     estimate, which for an Euler-type solver is f_n + (s_k - s_n) / s_k (f_{n-1} - f_n)."""
     scheduler = EulerDiscreteScheduler() if name == "euler" else DDIMScheduler(clip_sample=False)
     drift = lambda n: pattern[n] if n < 3 else 0.5  # noqa: E731
-    rt, used, _, log = _drive(scheduler, SADA(acc_range=(3, 4), max_interval=1, lagrange_term=0), drift, steps=8)
+    rt, used, _, log = _drive(scheduler, SADA(acc_range=(3, 4), max_consecutive_skips=1, lagrange_term=0), drift, steps=8)
     s = _eps_sigmas(name, scheduler)
     m = _euler_like_m(pattern, s)
     assert log[2][1] == pytest.approx(m, rel=1e-4, abs=1e-6)
@@ -479,7 +479,7 @@ def test_sign_rule_dpm_multistep_fires_on_a_constructed_trajectory(pattern, fire
     models never make it fire) and the skipped step gets the multistep estimate's eps."""
     drift = lambda n: pattern[n] if n < 3 else 0.5  # noqa: E731
     scheduler = DPMSolverMultistepScheduler()
-    rt, used, states, log = _drive(scheduler, SADA(acc_range=(3, 4), max_interval=1), drift, steps=8)
+    rt, used, states, log = _drive(scheduler, SADA(acc_range=(3, 4), max_consecutive_skips=1), drift, steps=8)
     m, eps = _dpm_m_and_eps(states, scheduler.sigmas, pattern)
     assert log[2][1] == pytest.approx(m, rel=1e-4)
     assert (m <= 0) == fires
@@ -492,7 +492,7 @@ def test_sign_rule_dpm_multistep_fires_on_a_constructed_trajectory(pattern, fire
 def test_sign_rule_dpm_flow_sigmas(sign, skipped):
     """DPM-Solver with flow sigmas (SD3 'dpm') is read as flow matching: m = -(second difference)."""
     scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    rt, _, _, log = _drive(scheduler, SADA(acc_range=(3, 8), max_interval=1, lagrange_term=0),
+    rt, _, _, log = _drive(scheduler, SADA(acc_range=(3, 8), max_consecutive_skips=1, lagrange_term=0),
                            lambda n: sign * n * n, steps=8)
     assert rt.stats()["mode"] == "flow"
     assert log[2][1] == pytest.approx(-2.0 * sign, rel=1e-4)
@@ -502,7 +502,7 @@ def test_sign_rule_dpm_flow_sigmas(sign, skipped):
 def test_decide_boundaries_on_exact_points():
     """_decide on hand-built trajectories (exact values): m = 0 skips, the smallest m > 0 does not;
     the eps m of a constant eps is 0 (skip); steps at or past the call's end are never skipped."""
-    rt, *_ = _drive(_flow(), SADA(acc_range=(3, 20), max_interval=2), lambda n: 0.0, sigmas=DYADIC)
+    rt, *_ = _drive(_flow(), SADA(acc_range=(3, 20), max_consecutive_skips=2), lambda n: 0.0, sigmas=DYADIC)
     z = torch.zeros(1, 2)
 
     def state(fs, in_a_row=0, ys=(0.0, 0.0, 0.0)):
@@ -538,7 +538,7 @@ def test_lagrange_mode_on_a_known_trajectory():
     drift = lambda n: n * n  # noqa: E731
 
     def run_with(**kw):
-        rt, used, states, _ = _drive(_flow(), SADA(acc_range=(3, 10), max_interval=1, **kw), drift, sigmas=DYADIC)
+        rt, used, states, _ = _drive(_flow(), SADA(acc_range=(3, 10), max_consecutive_skips=1, **kw), drift, sigmas=DYADIC)
         y = [float(x.flatten()[0]) for x in states]
         v = _vals(used)
         x0 = [y[n] - DYADIC[n] * v[n] for n in range(10)]
@@ -572,7 +572,7 @@ def test_curvature_rule_on_a_known_trajectory():
     recomputed on real steps only; the i-th skip in a row needs kappa i (i + 1) / 2 <= tolerance.
     Start 25/16, v = n^2: after step 2, kappa = (1/16) * 2 / |x0_2| = (1/16) * 2 / 2 = 1/16 exactly."""
     def run_with(tolerance):
-        plugin = SADA(acc_range=(3, 10), max_interval=10, lagrange_term=0, criterion="curvature",
+        plugin = SADA(acc_range=(3, 10), max_consecutive_skips=10, lagrange_term=0, criterion="curvature",
                       tolerance=tolerance)
         rt, used, _, log = _drive(_flow(), plugin, lambda n: n * n, sigmas=DYADIC, start=25 / 16)
         return rt.stats()["skipped_steps"], [entry[2] for entry in log]
@@ -591,7 +591,7 @@ def test_curvature_rule_on_a_known_trajectory():
 
 def test_token_plan_on_a_known_stability_map():
     """_plan_tokens: per-token m averaged over channels, maximised over the batch; pruned steps inside
-    acc_range between full refreshes every max_interval steps; never on a skipped step, and after one
+    acc_range between full refreshes every max_consecutive_skips steps; never on a skipped step, and after one
     the last map computed from a real drift is used."""
     # per element m = -2 coef; channel means: batch 0 (2, -1), batch 1 (1, -1) -> m (-4, 2), (-2, 2)
     coef = torch.tensor([[[[1.0, -1.0]], [[3.0, -1.0]]], [[[0.0, 1.0]], [[2.0, -3.0]]]])  # (2, 2, 1, 2)
@@ -599,7 +599,7 @@ def test_token_plan_on_a_known_stability_map():
     expect_map = torch.tensor([[-2.0, 2.0]])
 
     def run_with(**kw):
-        plugin = SADA(max_interval=3, token_sparsity=True, **kw)
+        plugin = SADA(max_consecutive_skips=3, token_sparsity=True, **kw)
         rt, _, _, log = _drive(_flow(), plugin, drift, sigmas=DYADIC, shape=(2, 2, 1, 2), tokens=True)
         return rt.stats(), log
 
@@ -740,7 +740,7 @@ def test_solve_flow_step_needs_flow_matching():
 
 
 def test_solve_flow_step_counts_in_pipeline_steps():
-    rt, *_ = _drive(_flow(), SADA(acc_range=(3, 10), max_interval=1, lagrange_term=0), lambda n: 0.0, sigmas=DYADIC)
+    rt, *_ = _drive(_flow(), SADA(acc_range=(3, 10), max_consecutive_skips=1, lagrange_term=0), lambda n: 0.0, sigmas=DYADIC)
     rt.reset()
     x = torch.ones(1, 1)
     out = []
@@ -755,7 +755,7 @@ def test_solve_flow_step_counts_in_pipeline_steps():
 
 
 def test_stats_reset_and_remove():
-    rt, *_ = _drive(_flow(), SADA(acc_range=(3, 10), max_interval=2, lagrange_term=0), lambda n: n * n, sigmas=DYADIC)
+    rt, *_ = _drive(_flow(), SADA(acc_range=(3, 10), max_consecutive_skips=2, lagrange_term=0), lambda n: n * n, sigmas=DYADIC)
     scheduler = rt.scheduler
     stats = rt.stats()
     assert stats == {
@@ -777,14 +777,14 @@ def test_config_boundaries():
     assert SADA().kind == PluginKind.STEP
     assert SADA(acc_range=[3, 5]).acc_range == (3, 5) and SADA(acc_range=(0, 0)).acc_range == (0, 0)
     assert SADA(schedule=[6, 4, 4]).schedule == (4, 6) and SADA(schedule=(0,)).schedule == (0,)
-    for kw in (dict(max_interval=1), dict(max_interval=10_000), dict(lagrange_int=1), dict(lagrange_int=10_000),
+    for kw in (dict(max_consecutive_skips=1), dict(max_consecutive_skips=10_000), dict(lagrange_int=1), dict(lagrange_int=10_000),
                dict(lagrange_term=0), dict(lagrange_term=2), dict(lagrange_term=8), dict(lagrange_step=0),
                dict(lagrange_step=100_000), dict(sx=1, sy=2), dict(sx=2, sy=1), dict(sx=64, sy=64),
                dict(token_max_downsample=2), dict(token_max_downsample=4), dict(token_max_downsample=8),
                dict(criterion="curvature", tolerance=10.0), dict(criterion="curvature", tolerance=0.5)):
         SADA(**kw)
     bad = [
-        (dict(max_interval=10_001), ValueError), (dict(lagrange_int=10_001), ValueError),
+        (dict(max_consecutive_skips=10_001), ValueError), (dict(lagrange_int=10_001), ValueError),
         (dict(lagrange_step=100_001), ValueError), (dict(sx=65), ValueError), (dict(sy=0), ValueError),
         (dict(sx=1, sy=1), ValueError), (dict(token_max_downsample=3), ValueError),
         (dict(tolerance=10.5), ValueError), (dict(schedule=(True,)), ValueError), (dict(schedule=(1.5,)), ValueError),
@@ -807,11 +807,11 @@ def test_config_boundaries():
         (dict(acc_range=(3, 5), schedule=()), True),
         (dict(acc_range=(3, 5), schedule=(4,)), False),
         (dict(acc_range=(3, 3), schedule=(4,)), False),
-        # token sparsity prunes inside a non-empty acc_range when max_interval > 1, even without step skips
-        (dict(token_sparsity=True, acc_range=(3, 5), max_interval=2, schedule=()), False),
-        (dict(token_sparsity=True, acc_range=(3, 5), max_interval=1, schedule=()), True),
-        (dict(token_sparsity=True, acc_range=(3, 3), max_interval=2, schedule=()), True),
-        (dict(token_sparsity=False, acc_range=(3, 5), max_interval=2, schedule=()), True),
+        # token sparsity prunes inside a non-empty acc_range when max_consecutive_skips > 1, even without step skips
+        (dict(token_sparsity=True, acc_range=(3, 5), max_consecutive_skips=2, schedule=()), False),
+        (dict(token_sparsity=True, acc_range=(3, 5), max_consecutive_skips=1, schedule=()), True),
+        (dict(token_sparsity=True, acc_range=(3, 3), max_consecutive_skips=2, schedule=()), True),
+        (dict(token_sparsity=False, acc_range=(3, 5), max_consecutive_skips=2, schedule=()), True),
     ],
 )
 def test_never_skips(kwargs, never):
@@ -819,7 +819,7 @@ def test_never_skips(kwargs, never):
 
 
 def test_step_wrapper_takes_keyword_arguments_too():
-    plugin = SADA(acc_range=(3, 10), max_interval=2)
+    plugin = SADA(acc_range=(3, 10), max_consecutive_skips=2)
     rt_pos, used_pos, _, _ = _drive(_flow(), plugin, lambda n: n * n, sigmas=DYADIC)
     rt_kw, used_kw, _, _ = _drive(_flow(), plugin, lambda n: n * n, sigmas=DYADIC, keywords=True)
     assert rt_kw.stats()["skipped_steps"] == rt_pos.stats()["skipped_steps"] == [3, 4, 6, 7]
@@ -852,7 +852,7 @@ def test_kappa_eps_known_value():
 
 
 def test_lagrange_anchors_are_at_least_lagrange_int_steps_apart():
-    plugin = SADA(acc_range=(3, 10), max_interval=1, lagrange_int=3, lagrange_term=2, lagrange_step=3)
+    plugin = SADA(acc_range=(3, 10), max_consecutive_skips=1, lagrange_int=3, lagrange_term=2, lagrange_step=3)
     rt, *_ = _drive(_flow(), plugin, lambda n: n * n, sigmas=DYADIC)
     real = [n for n in range(10) if n not in rt.stats()["skipped_steps"]]
     expected, last = [], None

@@ -13,7 +13,7 @@ from factories import make_flux, make_sd, run
 STEPS = 8
 # schedule=() switches step skipping off, so only the token-wise part acts; the tiny UNet has its
 # transformer blocks one level down (downsample 2: a 4 x 4 grid at 64 px)
-TOKENS = SADA(schedule=(), acc_range=(3, STEPS), max_interval=4, token_sparsity=True, token_max_downsample=2)
+TOKENS = SADA(schedule=(), acc_range=(3, STEPS), max_consecutive_skips=4, token_sparsity=True, token_max_downsample=2)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_disabled_or_empty_range_is_bit_identical(sd):
         SADA(schedule=()),
         SADA(schedule=(), token_sparsity=False, token_max_downsample=2),
         SADA(acc_range=(0, 0), token_sparsity=True, token_max_downsample=2),
-        SADA(schedule=(), acc_range=(3, STEPS), max_interval=1, token_sparsity=True, token_max_downsample=2),
+        SADA(schedule=(), acc_range=(3, STEPS), max_consecutive_skips=1, token_sparsity=True, token_max_downsample=2),
     ):
         with diffboost.accelerated(pipe, plugin):
             out = run(pipe, "sd", num_inference_steps=STEPS)
@@ -72,7 +72,7 @@ def test_blocks_see_fewer_tokens_and_remove_restores(sd):
     assert stats["token_pruned_calls"] > 0 and stats["token_kept_share"] < 1.0, stats
     full = max(seen)
     assert full == 16 and min(seen) < full  # 4 x 4 grid; pruned calls see only the kept tokens
-    # the first three steps and every max_interval-th step (6) are full refreshes
+    # the first three steps and every max_consecutive_skips-th step (6) are full refreshes
     assert stats["token_pruned_steps"] == [3, 4, 5, 7]
     assert out.shape == base.shape and out.dtype == base.dtype
     assert torch.isfinite(out.float()).all() and not torch.equal(out, base)
@@ -90,7 +90,7 @@ def test_batch2_cfg_and_stacked_with_step_skipping(sd):
     assert out.shape[0] == 2 and torch.isfinite(out.float()).all()
     assert stats["token_pruned_calls"] > 0
     assert torch.isfinite(again.float()).all()
-    both = SADA(acc_range=(3, STEPS), schedule=(5,), max_interval=3, token_sparsity=True, token_max_downsample=2)
+    both = SADA(acc_range=(3, STEPS), schedule=(5,), max_consecutive_skips=3, token_sparsity=True, token_max_downsample=2)
     with diffboost.accelerated(pipe, both):
         out = run(pipe, "sd", num_inference_steps=STEPS)
         stats = _stats(pipe)
@@ -147,7 +147,7 @@ def test_step_after_a_skip_still_prunes(sd, monkeypatch):
 
     handles = [b.attn1.register_forward_pre_hook(lambda m, a, k: seen.append((step[0], a[0].shape[1])), with_kwargs=True)
                for b in _blocks(pipe)]
-    plugin = SADA(acc_range=(3, STEPS), schedule=(4,), max_interval=4, token_sparsity=True, token_max_downsample=2)
+    plugin = SADA(acc_range=(3, STEPS), schedule=(4,), max_consecutive_skips=4, token_sparsity=True, token_max_downsample=2)
     try:
         with diffboost.accelerated(pipe, plugin):
             out = run(pipe, "sd", num_inference_steps=STEPS, callback_on_step_end=on_step_end)
