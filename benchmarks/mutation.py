@@ -85,8 +85,8 @@ def prepare(module: str, tests: list[str], work: Path, fresh: bool) -> None:
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("diffboost", "diffboost_reference", "tests"):
-        target = work / name
+    for name in ("diffboost", "reference/diffboost_reference", "tests"):
+        target = work / Path(name).name  # the scratch copy imports every package from its root
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -277,20 +277,21 @@ def _add_batch(sub: Any) -> None:
 
 
 def _add_bench(sub: Any) -> None:
-    try:
-        from .bench import cli as bench_cli
-    except ImportError:  # pragma: no cover - the bench package is optional at import time
-        try:
-            from . import bench as bench_cli  # type: ignore[no-redef]
-        except ImportError:
-            return
-    if not hasattr(bench_cli, "add_arguments"):
-        return
     p = sub.add_parser(
         "bench",
         help="benchmark plugins and rival tools side by side",
         description="Run named configurations on prompts x seeds and report speed, FLOPs and fidelity.",
     )
+    try:
+        from .bench import cli as bench_cli
+    except ImportError as err:  # without diffboost-reference: say what to install when it is used
+        reason = str(err)
+
+        def missing(args: Any) -> int:
+            raise ImportError(reason)
+
+        p.set_defaults(func=missing, any_arguments=True)  # whatever follows, say what is missing
+        return
     bench_cli.add_arguments(p)
     p.set_defaults(func=bench_cli.run_from_args)
 
@@ -347,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while the subcommands' modules import
         print("\ndiffboost: interrupted", file=sys.stderr)
         return 130
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     where = f"diffboost {args.command}"
     if getattr(args, "quiet", False):  # the loading bars of diffusers and transformers too

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("diffboost", "diffboost_reference")
+#: package -> the folder holding it (the reference package is its own distribution in reference/)
+PACKAGES = {"diffboost": ROOT, "diffboost_reference": ROOT / "reference"}
 #: what sits on top of the runtime: never imported by it
 TOP = ("diffboost.cli", "diffboost.batch", "diffboost.generation", "diffboost.limits", "diffboost.app",
        "diffboost.bench", "diffboost_reference")
@@ -17,9 +18,9 @@ RUNTIME = ("diffboost.plugins", "diffboost.caches", "diffboost.samplers", "diffb
 
 def _modules() -> dict[str, Path]:
     found = {}
-    for top in PACKAGES:
-        for path in (ROOT / top).rglob("*.py"):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for top, base in PACKAGES.items():
+        for path in (base / top).rglob("*.py"):
+            parts = list(path.relative_to(base).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             found[".".join(parts)] = path

@@ -9,6 +9,14 @@ Library use::
 CLI: ``diffboost bench --help`` (``add_arguments`` / ``run_from_args`` below).
 """
 
+try:
+    import diffboost_reference  # noqa: F401  (prompts from the scene generator, the attribute evaluator)
+except ImportError:
+    raise ImportError(
+        "the bench needs the diffboost-reference package (its prompt sets and the attribute evaluator): "
+        "pip install ./reference from the diffboost repository"
+    ) from None
+
 from .cli import add_arguments, main, run_from_args
 from .configs import BenchConfig, ConfigError, PluginSpec, default_configs, load_configs, quick_configs
 from .report import markdown, write_all

@@ -241,3 +241,16 @@ def test_ctrl_c_in_a_real_run_ends_in_one_line(flux_true_cfg_folder, tmp_path):
     images = sorted(p.name for p in out.glob("*.png"))
     rows = [json.loads(line)["file"] for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(images) >= 2 and set(rows) <= set(images) and len(images) - len(rows) <= 1
+
+
+def test_bench_without_the_reference_package_says_what_to_install(tmp_path):
+    """``pip install .`` alone has no diffboost-reference: generate works, bench ends in one line."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['diffboost_reference'] = None\n"  # as if it were not installed
+            "from diffboost.cli import main; sys.exit(main(['bench', '--quick']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "diffboost bench: error: the bench needs the diffboost-reference package" in done.stderr
+    assert "pip install ./reference" in done.stderr and "Traceback" not in done.stderr

@@ -18,7 +18,7 @@ from diffboost_reference.evaluation.images import to_tensor01
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EVALUATOR_DIR = Path(__file__).resolve().parents[2] / "assets" / "evaluator"
+DEFAULT_EVALUATOR_DIR = Path(__file__).resolve().parents[3] / "assets" / "evaluator"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
