@@ -12,6 +12,7 @@
 
 from . import events
 from .caches.block_cache import AdaptiveBlockCache, ErrorControlledCache
+from .caches.easycache import EasyCache
 from .caches.taylorseer import TaylorSeer
 from .plugins.adapters import UnsupportedPipelineError, register_family, supported_families, unregister_family
 from .plugins.api import Acceleration, accelerated, apply, call_stats, describe, remove
@@ -32,6 +33,7 @@ __all__ = [
     "BottleneckSampling",
     "CallStats",
     "ConcurrentCallError",
+    "EasyCache",
     "ErrorControlledCache",
     "IncompatiblePluginsError",
     "PRESETS",

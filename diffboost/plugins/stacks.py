@@ -43,12 +43,13 @@ class StackFileError(ValueError):
 def plugin_classes() -> dict[str, type[Plugin]]:
     """Every plugin config class by name (the classes ``diffboost`` exports)."""
     from ..caches.block_cache import AdaptiveBlockCache, ErrorControlledCache
+    from ..caches.easycache import EasyCache
     from ..caches.taylorseer import TaylorSeer
     from ..samplers.bottleneck import BottleneckSampling
     from ..samplers.sada import SADA
     from ..tokens.merging import TokenDownsampling, TokenMerging
 
-    classes = (AdaptiveBlockCache, ErrorControlledCache, TaylorSeer, BottleneckSampling, SADA, TokenDownsampling,
+    classes = (AdaptiveBlockCache, ErrorControlledCache, EasyCache, TaylorSeer, BottleneckSampling, SADA, TokenDownsampling,
                TokenMerging)
     return {c.__name__: c for c in classes}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import diffboost
-from diffboost import AdaptiveBlockCache, ErrorControlledCache, TaylorSeer
+from diffboost import AdaptiveBlockCache, EasyCache, ErrorControlledCache, TaylorSeer
 from factories import FAMILIES, run
 
 NEVER_SKIP = [
@@ -14,12 +14,14 @@ NEVER_SKIP = [
     TaylorSeer(interval=1, granularity="block"),
     AdaptiveBlockCache(threshold=0.0, warmup=0),
     ErrorControlledCache(tolerance=0.0, warmup=0),
+    EasyCache(threshold=0.0),
 ]
 SKIPPING = [
     TaylorSeer(interval=3, warmup=1, order=2),
     TaylorSeer(interval=3, warmup=1, granularity="block"),
     AdaptiveBlockCache(threshold=10.0, warmup=1, taylor_order=1),
     ErrorControlledCache(tolerance=10.0, warmup=2),
+    EasyCache(threshold=10.0, warmup=2),
 ]
 STEPS = 6
 
