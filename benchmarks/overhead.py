@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import diffboost  # noqa: E402
-from diffboost import AdaptiveBlockCache, ErrorControlledCache, TaylorSeer  # noqa: E402
+from diffboost import AdaptiveBlockCache, EasyCache, ErrorControlledCache, TaylorSeer  # noqa: E402
 
 
 def build_pipeline(tokens: int, dim_heads: int, heads: int, double: int, single: int):
@@ -75,18 +75,20 @@ def main() -> int:
     parser.add_argument("--single", type=int, default=4, help="single-stream blocks (default 4)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="run the baseline and only these configurations (names as in the table)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    pipe, side = build_pipeline(args.tokens, args.head_dim, args.heads, args.double, args.single)
-    pipe.set_progress_bar_config(disable=True)
     never_skip = {
         "TaylorSeer(interval=1)": TaylorSeer(interval=1),
         "TaylorSeer(interval=1, granularity='block')": TaylorSeer(interval=1, granularity="block"),
         "TaylorSeer(interval=1, lite=True)": TaylorSeer(interval=1, lite=True),
         "AdaptiveBlockCache(threshold=0)": AdaptiveBlockCache(threshold=0.0),
         "ErrorControlledCache(tolerance=0)": ErrorControlledCache(tolerance=0.0),
+        # the criterion runs every step after the warm-up (one reduction and one sync), never caching
+        "EasyCache(threshold=0)": EasyCache(threshold=0.0),
     }
     skipping = {
         "TaylorSeer(interval=3)": TaylorSeer(interval=3, warmup=3),
@@ -94,8 +96,16 @@ def main() -> int:
         "TaylorSeer(interval=5, lite=True)": TaylorSeer(interval=5, warmup=3, lite=True),
         "AdaptiveBlockCache(threshold=0.2, taylor_order=1)": AdaptiveBlockCache(threshold=0.2, taylor_order=1),
         "ErrorControlledCache(tolerance=0.1)": ErrorControlledCache(tolerance=0.1),
+        "EasyCache(threshold=0.2, order=0) (preset fast)": EasyCache(threshold=0.2, order=0),
     }
     configs = {"baseline": None, **never_skip, **skipping}
+    if args.only:
+        unknown = [name for name in args.only if name not in configs]
+        if unknown:
+            parser.error(f"unknown configurations {unknown}; known: {list(configs)}")
+        configs = {name: configs[name] for name in ["baseline", *args.only]}
+    pipe, side = build_pipeline(args.tokens, args.head_dim, args.heads, args.double, args.single)
+    pipe.set_progress_bar_config(disable=True)
 
     call(pipe, side, 2)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in configs}

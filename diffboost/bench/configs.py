@@ -22,7 +22,7 @@ list). Schema of one entry::
     [[config]]
     name = "diffusers-fbc-0.08"
     kind = "diffusers"
-    cache = "FirstBlockCache"         # FirstBlockCache | TaylorSeerCache | MagCache
+    cache = "FirstBlockCache"         # FirstBlockCache | TaylorSeerCache | MagCache | SeaCache
     options = { threshold = 0.08 }    # keyword arguments of the diffusers config class
 
     [[config]]
@@ -48,7 +48,7 @@ from typing import Any
 KINDS = ("baseline", "diffboost", "diffusers", "cache-dit", "tomesd")
 #: kinds that run another project's code (drawn as rivals in reports)
 RIVAL_KINDS = ("diffusers", "cache-dit", "tomesd")
-DIFFUSERS_CACHES = ("FirstBlockCache", "TaylorSeerCache", "MagCache")
+DIFFUSERS_CACHES = ("FirstBlockCache", "TaylorSeerCache", "MagCache", "SeaCache")
 _ENTRY_KEYS = {
     "baseline": {"name", "kind"},
     "diffboost": {"name", "kind", "plugins", "preset"},

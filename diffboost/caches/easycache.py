@@ -56,7 +56,8 @@ class EasyCache(Plugin):
 
     Args:
         threshold: tau, the accumulated relative output change up to which steps are cached
-            (>= 0; 0 never caches). Default 0.05. Larger is faster and less faithful.
+            (>= 0; 0 never caches). Default 0.04 (the ``safe`` preset). Larger is faster and less
+            faithful.
         warmup: R, the first steps always computed (>= 2: two full steps measure k). Default 4.
         final_full_steps: the last steps always computed (>= 0). Default 1.
         max_consecutive_skips: the most steps cached in a row (>= 1). Default 4.
@@ -68,7 +69,7 @@ class EasyCache(Plugin):
 
     kind: ClassVar[PluginKind] = PluginKind.CACHE
 
-    threshold: float = 0.05
+    threshold: float = 0.04
     warmup: int = 4
     final_full_steps: int = 1
     max_consecutive_skips: int = 4

@@ -1,17 +1,21 @@
 """Named, tested plugin stacks: ``diffboost.apply(pipe, "fast")``.
 
 Each preset is a stack file in ``diffboost/presets/`` (the format of :func:`diffboost.save`), so a
-preset can be copied, edited and passed back as ``--plugins FILE``. All three are TaylorSeer with 6
-full warm-up steps (the paper's 3 is tuned for 50 steps; at 28 steps the first steps change the
-features most) and a full step every 3, 4 or 5 steps:
+preset can be copied, edited and passed back as ``--plugins FILE``. The three form a quality ladder,
+each faster than the one before, that adapts to the model at run time: all are
+:class:`~diffboost.EasyCache` (whole denoiser calls cached while the output change predicted from the
+input change, with the transformation rate measured in the same call, stays under a threshold), so
+no schedule is tuned to one model:
 
-- ``"safe"``: 13 of 28 steps computed.
-- ``"fast"``: 11 of 28.
-- ``"turbo"``: 10 of 28.
+- ``"safe"`` aims at >= 45 dB PSNR against the plain pipeline: threshold 0.04, first-order forecast
+  of the output, at most 4 cached steps in a row.
+- ``"fast"`` aims at >= 38 dB: threshold 0.1, the last output reused, at most 8 in a row.
+- ``"turbo"`` aims at >= 30 dB: threshold 0.4, the last output reused, at most 8 in a row.
 
-On the Flux reference model (28 steps, true CFG): 2.1x / 2.5x / 2.7x fewer denoiser FLOPs at
-53.9 / 47.8 / 43.6 dB PSNR against the plain images, 1.51x / 1.59x / 1.60x wall
-(benchmarks/RESULTS.md, "diffboost bench on the Flux reference model").
+All keep the first 4 steps and the last one. Chosen on one prompt set of the Flux reference model (for
+each preset the setting with the most FLOPs saved that kept its level + 2 dB there), confirmed on
+another and on the other reference models (benchmarks/RESULTS.md, "The speed-fidelity
+front").
 """
 
 from __future__ import annotations

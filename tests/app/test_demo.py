@@ -19,10 +19,11 @@ def model(tmp_path_factory):
 def test_compare_measures_both_and_leaves_the_pipeline_plain(model):
     result = model.compare("a red circle", "turbo", steps=10, seed=3)
     assert result.baseline.size == result.accelerated.size == (64, 64)
-    assert (result.computed_calls, result.total_calls) == (6, 10)  # turbo: warm-up 6, then every 5th
+    # turbo: 4 warm-up steps and the last one computed, some of the other 5 cached
+    assert result.total_calls == 10 and 5 <= result.computed_calls < 10
     assert result.baseline_s > 0 and result.accelerated_s > 0 and result.speedup > 0
     assert np.isfinite(result.psnr_db) and -1 <= result.ssim <= 1
-    assert "TaylorSeer" in result.plugins[0] and "faster" in result.summary_markdown()
+    assert "EasyCache" in result.plugins[0] and "faster" in result.summary_markdown()
     assert diffboost.describe(model.pipe)["accelerated"] is False
     # the plain image is the pipeline's own output for that seed, every time
     again = model.compare("a red circle", "safe", steps=10, seed=3)

@@ -282,6 +282,7 @@ def test_final_full_steps_follow_the_schedule_across_experts():
 import dataclasses  # noqa: E402
 
 from diffboost.plugins.api import _as_plugins  # noqa: E402
+from diffboost.plugins.stacks import PRESET_DIR  # noqa: E402
 from diffboost.plugins.base import Installed, Plugin, PluginKind  # noqa: E402
 from diffboost.plugins.runtime import CallStarted, StageSwitched  # noqa: E402
 
@@ -322,7 +323,7 @@ class Rec(Plugin):
 def test_as_plugins_flattens_lists_and_presets():
     a, b = TaylorSeer(interval=2), AdaptiveBlockCache()
     assert _as_plugins(("safe", (a,), [[b, "turbo"]], [])) == [
-        TaylorSeer(interval=3, order=1, warmup=6), a, b, TaylorSeer(interval=5, order=1, warmup=6)
+        *diffboost.load(PRESET_DIR / "safe.toml"), a, b, *diffboost.load(PRESET_DIR / "turbo.toml")
     ]
     with pytest.raises(TypeError) as err:
         _as_plugins(([a, 42],))

@@ -79,9 +79,9 @@ def test_round_trip_of_a_stack_and_a_preset(tmp_path, suffix):
 
 def test_presets_are_stack_files():
     assert sorted(p.stem for p in PRESET_DIR.glob("*.toml")) == sorted(PRESETS) == ["fast", "safe", "turbo"]
-    expected = {"safe": 3, "fast": 4, "turbo": 5}
-    for name, interval in expected.items():
-        assert PRESETS[name]() == [TaylorSeer(interval=interval, order=1, warmup=6)]
+    expected = {"safe": (0.04, 1, 4), "fast": (0.1, 0, 8), "turbo": (0.4, 0, 8)}
+    for name, (threshold, order, cap) in expected.items():
+        assert PRESETS[name]() == [EasyCache(threshold=threshold, order=order, max_consecutive_skips=cap)]
     # each file is exactly what save() writes for it (copy one, edit it, pass it back as --plugins)
     for path in PRESET_DIR.glob("*.toml"):
         assert path.read_text() == _saved_text(diffboost.load(path))
