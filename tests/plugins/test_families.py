@@ -63,10 +63,21 @@ def test_skipping_configs_skip_and_stay_finite(family_pipe):
     assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base)
 
 
-def test_state_resets_between_calls_of_different_shapes(family_pipe):
+def test_every_preset_runs_and_remove_restores(family_pipe):
+    family, pipe, base = family_pipe
+    for name in diffboost.PRESETS:
+        with diffboost.accelerated(pipe, name):
+            out = run(pipe, family, num_inference_steps=10)
+            summary = diffboost.describe(pipe)["summary"]
+        assert torch.isfinite(out.float()).all() and summary["computed"] <= summary["denoiser_calls"]
+    assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base)
+
+
+@pytest.mark.parametrize("plugin", [TaylorSeer(interval=2, warmup=1), EasyCache(threshold=10.0, warmup=2)],
+                         ids=["taylorseer", "easycache"])
+def test_state_resets_between_calls_of_different_shapes(family_pipe, plugin):
     """Different step counts, batch sizes and CFG settings in sequence on one patched pipeline."""
     family, pipe, base = family_pipe
-    plugin = TaylorSeer(interval=2, warmup=1)
     with diffboost.accelerated(pipe, plugin):
         first = run(pipe, family, num_inference_steps=STEPS)
         run(pipe, family, num_inference_steps=3)
