@@ -7,7 +7,8 @@ quarter of the image tokens is not a quarter of the time when a fixed per-call c
 launches, embeddings, the text tokens) is a large share. Prints the median time of one transformer
 call at each size (what each CFG branch costs per step; ``--batch N``: N images per call), the tokens
 of each, the full pipeline call at the first size with the model's settings, the VAE decode and the
-prompt encoding.
+prompt encoding, and the same pipeline call with a denoiser that costs nothing (``fixed_share``: the
+share of a call no cache can remove, for the hot-path efficiency in ``benchmarks/front.py``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,20 @@ def main() -> None:
     kwargs.update(height=size, width=size, num_inference_steps=args.steps, num_images_per_prompt=args.batch)
     report[f"pipeline_call_s_at_{size}px"] = round(median_time(
         lambda: pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs), max(3, args.repeats // 3)), 3)
+    # the same call with a denoiser that costs nothing (zeros of the right shape): T_fixed, what no
+    # cache removes (prompt encoding, the scheduler, per-step Python, the VAE); benchmarks/front.py
+    # reads its share of the full call as --fixed-share
+    def free_denoiser(hidden_states=None, *args, **kw):
+        return (torch.zeros_like(hidden_states),)
+
+    pipe.transformer.forward = free_denoiser
+    try:
+        report[f"pipeline_call_s_without_denoiser_at_{size}px"] = round(median_time(
+            lambda: pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs), max(3, args.repeats // 3)), 3)
+    finally:
+        del pipe.transformer.forward
+    report["fixed_share"] = round(report[f"pipeline_call_s_without_denoiser_at_{size}px"]
+                                  / report[f"pipeline_call_s_at_{size}px"], 4)
     report["call_kwargs"] = {k: v for k, v in kwargs.items() if k != "generator"}
     print(json.dumps(report, indent=1))
 

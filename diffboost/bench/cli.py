@@ -75,6 +75,15 @@ def model_call_defaults(model: Path) -> dict:
     return {k: defaults[k] for k in CALL_DEFAULTS if k in defaults}
 
 
+def model_size(model: Path) -> tuple[int | None, int | None]:
+    """The image size shipped with a model in ``diffboost.json`` (``generate`` uses it too)."""
+    from diffboost.generation import model_defaults
+
+    defaults = model_defaults(Path(model)) if Path(model).is_dir() else {}
+    height = defaults.get("height")
+    return height, defaults.get("width", height)
+
+
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Build :class:`BenchSettings` from parsed arguments (``--quick`` fills what was not given)."""
     defaults = QUICK if args.quick else {f: getattr(BenchSettings, f) for f in QUICK}
@@ -82,10 +91,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     for field, value in {**pick, "images-per-prompt": args.images_per_prompt}.items():
         if value < 1:
             raise ValueError(f"--{field} must be >= 1, got {value}")
+    shipped = model_size(args.model)  # --height/--width win; else the model's size, else its config's
     return BenchSettings(
         **pick,
-        height=args.height,
-        width=args.width,
+        height=args.height or shipped[0],
+        width=args.width or shipped[1],
         prompt_seed=args.prompt_seed,
         count_flops=not args.no_flops,
         evaluator=None if args.no_evaluator else args.evaluator,

@@ -76,6 +76,18 @@ def test_bench_reads_the_model_call_defaults(flux_folder, tmp_path):
     assert model_call_defaults(model) == {}
     (model / "diffboost.json").write_text(json.dumps({"steps": 10, "true_cfg_scale": 2.5, "negative_prompt": ""}))
     assert model_call_defaults(model) == {"true_cfg_scale": 2.5, "negative_prompt": ""}
+    # the size shipped with the model is the bench's default too (assets/flux-shapes-128 ran at 64 px)
+    import argparse
+
+    from diffboost.bench.cli import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (model / "diffboost.json").write_text(json.dumps({"height": 128, "width": 96}))
+    settings = settings_from_args(parser.parse_args(["--model", str(model)]))
+    assert (settings.height, settings.width) == (128, 96)
+    settings = settings_from_args(parser.parse_args(["--model", str(model), "--height", "64", "--width", "64"]))
+    assert (settings.height, settings.width) == (64, 64)
 
 
 def test_non_positive_steps_are_rejected(capsys):
