@@ -75,7 +75,6 @@ class EasyCache(Plugin):
     max_consecutive_skips: int = 4
     order: int = 1
     check_finite: bool = True
-    budget: float | None = None
 
     def __post_init__(self) -> None:
         check_bools(self)
@@ -84,8 +83,6 @@ class EasyCache(Plugin):
         check_int(self, "final_full_steps", 0, 10_000)
         check_int(self, "max_consecutive_skips", 1, 10_000)
         check_int(self, "order", 0, 2)
-        if self.budget is not None:
-            check_float(self, "budget", 0.0, 1e6, lo_open=True)
 
     def never_skips(self) -> bool:
         return self.threshold == 0
@@ -156,7 +153,6 @@ class _Criterion(BaseState):
         self.scale = 0.0  # mean|o| of the last full step
         self.k: float | None = None
         self.error = 0.0
-        self.drift = 0.0  # the call's accumulated latent-error estimate (``budget``)
         self.in_a_row = 0
         #: the accumulated error at each decision, for the statistics
         self.trace: list[float] = []
@@ -185,15 +181,7 @@ class CallCacheClock(StepClock):
             return True
         c.error += c.k * change / c.scale
         c.trace.append(round(c.error, 6))
-        if not c.error < cfg.threshold:
-            return True
-        if cfg.budget is not None:
-            size = sum(float(_mean_abs(part)) for part in x) / len(x)
-            drift = c.drift + c.error * change / size if size > 0 else float("inf")
-            if not drift < cfg.budget:
-                return True
-            c.drift = drift
-        return False
+        return not c.error < cfg.threshold
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         x = _parts(args[0] if args else kwargs.get(self.input_name))
