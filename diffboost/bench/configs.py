@@ -274,6 +274,8 @@ def default_configs() -> list[BenchConfig]:
         _db("ecc-tol0.02", PluginSpec(ecc, {"tolerance": 0.02})),
         _db("ecc-tol0.05", PluginSpec(ecc, {"tolerance": 0.05})),
         _db("ecc-tol0.10", PluginSpec(ecc, {"tolerance": 0.10})),
+        _db("easy-t0.03-o1", PluginSpec("EasyCache", {"threshold": 0.03, "order": 1})),
+        _db("easy-t0.2-o0-m6", PluginSpec("EasyCache", {"threshold": 0.2, "order": 0, "max_consecutive_skips": 6})),
         _db("preset-safe", preset="safe"),
         _db("preset-fast", preset="fast"),
         _db("preset-turbo", preset="turbo"),
@@ -285,6 +287,9 @@ def default_configs() -> list[BenchConfig]:
         ),
         BenchConfig("diffusers-magcache-0.06", "diffusers", cache="MagCache", options={"threshold": 0.06}),
         BenchConfig("diffusers-magcache-0.12", "diffusers", cache="MagCache", options={"threshold": 0.12}),
+        BenchConfig("diffusers-magcache-0.5-k5", "diffusers", cache="MagCache",
+                    options={"threshold": 0.5, "max_skip_steps": 5}),
+        BenchConfig("diffusers-seacache-0.25", "diffusers", cache="SeaCache", options={"threshold": 0.25}),
         BenchConfig(
             "cache-dit-dbcache", "cache-dit",
             options={"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08,

@@ -1,6 +1,6 @@
 """The support table in README.md, cell by cell, on every family's tiny pipeline.
 
-The caches (TaylorSeer, AdaptiveBlockCache, ErrorControlledCache) run on every family: exactness,
+The caches (TaylorSeer, AdaptiveBlockCache, ErrorControlledCache, EasyCache) run on every family: exactness,
 remove() and real skipping are in tests/plugins/test_families.py. Here, for the methods that do not run
 everywhere, each family either runs the method (a never-skipping setting is bit-identical, a skipping
 one skips and changes the output, remove() restores the pipeline) or refuses it at apply() with
