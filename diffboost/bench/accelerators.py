@@ -185,6 +185,10 @@ def calibrate_mag_ratios(pipe: Any, steps: int, probe: Probe) -> list[float]:
 # ----------------------------------------------------------------------------------------------
 
 
+#: cache-dit calibrator types (``calibrator = { type = "dmd", ... }`` in a bench config) -> config class
+CALIBRATORS = {"taylorseer": "TaylorSeerCalibratorConfig", "dmd": "DMDCalibratorConfig", "foca": "FoCaCalibratorConfig"}
+
+
 def cache_dit_status() -> tuple[Any | None, str]:
     """``(module, "")`` when ``import cache_dit`` works, else ``(None, reason)``."""
     try:
@@ -249,9 +253,15 @@ def _install_cache_dit(config: BenchConfig, pipe: Any, steps: int, probe: Probe,
                 )
     try:
         cache_config = cache_dit.DBCacheConfig(**options)
-        calibrator = (
-            cache_dit.TaylorSeerCalibratorConfig(**config.calibrator) if config.calibrator is not None else None
-        )
+        calibrator = None
+        if config.calibrator is not None:
+            kwargs = dict(config.calibrator)
+            kind = kwargs.pop("type", "taylorseer")
+            cls = getattr(cache_dit, CALIBRATORS.get(kind, ""), None)
+            if cls is None:
+                raise Unavailable(f"cache-dit {getattr(cache_dit, '__version__', '?')} has no {kind!r} calibrator "
+                                  f"(calibrator types: {sorted(CALIBRATORS)})")
+            calibrator = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise Unavailable(f"invalid cache-dit options: {exc}") from exc
     attr = "transformer" if isinstance(getattr(pipe, "transformer", None), torch.nn.Module) else "unet"

@@ -7,7 +7,7 @@ A configuration is a named entry of one of four kinds:
   and/or preset names (``"safe"``, ``"fast"``, ``"turbo"``).
 - ``diffusers``: one of diffusers' built-in caches (``FirstBlockCache``, ``TaylorSeerCache``,
   ``MagCache``), installed with ``pipe.transformer.enable_cache(config)``.
-- ``cache-dit``: cache-dit's DBCache, optionally with its TaylorSeer calibrator.
+- ``cache-dit``: cache-dit's DBCache, optionally with one of its calibrators (TaylorSeer, DMD, FoCa).
 - ``tomesd``: tomesd's token merging for UNet pipelines (``tomesd.apply_patch(pipe, **options)``).
 
 Config files (TOML or YAML) hold a list of tables under ``config`` (a YAML file may also be a bare
@@ -29,7 +29,8 @@ list). Schema of one entry::
     name = "cache-dit-dbcache-taylor"
     kind = "cache-dit"
     options = { Fn_compute_blocks = 1, residual_diff_threshold = 0.08 }   # DBCacheConfig kwargs
-    calibrator = { taylorseer_order = 1 }   # optional: TaylorSeerCalibratorConfig kwargs
+    calibrator = { taylorseer_order = 1 }   # optional: TaylorSeerCalibratorConfig kwargs; type = "dmd" or
+                                            # "foca" picks DMDCalibratorConfig / FoCaCalibratorConfig
 
     [[config]]
     name = "tomesd-0.5"
@@ -101,7 +102,11 @@ class BenchConfig:
             return f"diffusers {self.cache}Config({_kw(self.options)})"
         if self.kind == "tomesd":
             return f"tomesd apply_patch({_kw(self.options)})"
-        extra = f" + TaylorSeerCalibrator({_kw(self.calibrator)})" if self.calibrator is not None else ""
+        extra = ""
+        if self.calibrator is not None:
+            kwargs = dict(self.calibrator)
+            name = {"dmd": "DMD", "foca": "FoCa"}.get(kwargs.pop("type", "taylorseer"), "TaylorSeer")
+            extra = f" + {name}Calibrator({_kw(kwargs)})"
         return f"cache-dit DBCache({_kw(self.options)}){extra}"
 
 
