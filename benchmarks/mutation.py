@@ -40,6 +40,7 @@ MODULES: dict[str, list[str]] = {
     "caches/taylor.py": ["tests/caches/test_taylor.py"],
     "caches/taylorseer.py": ["tests/caches/test_taylorseer.py", "tests/caches/test_configs.py"],
     "caches/block_cache.py": ["tests/caches/test_block_cache.py", "tests/caches/test_configs.py"],
+    "caches/easycache.py": ["tests/caches/test_easycache.py"],
     # the constructed-trajectory and pure tests (seconds); the per-family pipeline cases (minutes) also
     # run in the suite but would make every surviving mutant cost minutes here
     "samplers/sada.py": [

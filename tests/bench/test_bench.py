@@ -345,3 +345,20 @@ def test_images_per_prompt_errors():
         from diffboost.bench.cli import settings_from_args
 
         settings_from_args(_args("--images-per-prompt", "0"))
+
+
+def test_cache_dit_calibrator_types(tmp_path):
+    """calibrator = { type = "dmd" | "foca" } picks cache-dit's DMD / FoCa calibrator (TaylorSeer by default)."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'config = [{ name = "d", kind = "cache-dit", options = { residual_diff_threshold = 0.12 }, '
+        'calibrator = { type = "dmd", dmd_history = 4 } },\n'
+        '  { name = "t", kind = "cache-dit", calibrator = { taylorseer_order = 2 } }]\n'
+    )
+    d, t = load_configs(path)
+    assert d.describe() == "cache-dit DBCache(residual_diff_threshold=0.12) + DMDCalibrator(dmd_history=4)"
+    assert t.describe().endswith("+ TaylorSeerCalibrator(taylorseer_order=2)")
+    from diffboost.bench.accelerators import CALIBRATORS
+
+    cache_dit = pytest.importorskip("cache_dit")
+    assert all(hasattr(cache_dit, name) for name in CALIBRATORS.values()), cache_dit.__version__
