@@ -133,7 +133,7 @@ def _parts(x: Any) -> list[torch.Tensor] | None:
 
 def _change(a: list[torch.Tensor], b: list[torch.Tensor] | None) -> float | None:
     """mean|a - b| over the parts (None when the layouts differ: a new resolution or batch)."""
-    if b is None or len(a) != len(b) or any(p.shape != q.shape for p, q in zip(a, b)):
+    if b is None or not a or len(a) != len(b) or any(p.shape != q.shape for p, q in zip(a, b)):
         return None
     return sum(float(_mean_abs(p - q)) for p, q in zip(a, b)) / len(a)
 
@@ -154,8 +154,6 @@ class _Criterion(BaseState):
         self.k: float | None = None
         self.error = 0.0
         self.in_a_row = 0
-        #: the accumulated error at each decision, for the statistics
-        self.trace: list[float] = []
 
 
 @compiled_around("new_forward")
@@ -180,13 +178,13 @@ class CallCacheClock(StepClock):
         if change is None:
             return True
         c.error += c.k * change / c.scale
-        c.trace.append(round(c.error, 6))
         return not c.error < cfg.threshold
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         x = _parts(args[0] if args else kwargs.get(self.input_name))
-        if x is None:
-            return super().new_forward(module, *args, **kwargs)  # nothing to decide on: always full
+        if x is None:  # nothing to decide on: computed (the policy sees no input change)
+            self._x = []
+            return super().new_forward(module, *args, **kwargs)
         self._x = x
         plan = self.begin()
         c: _Criterion = self.criteria.get_state()
