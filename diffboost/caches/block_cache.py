@@ -34,7 +34,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_float, check_int, renamed_fields
+from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_float, check_int, install_each, renamed_fields
 from ..plugins.runtime import compiled_around, BranchStates, CallTracker, HookSet, StepClock
 from .taylor import TaylorFactors
 from .taylorseer import HookedCache
@@ -98,7 +98,8 @@ class AdaptiveBlockCache(Plugin):
         )
 
     def install(self, adapter: PipelineAdapter, tracker: CallTracker) -> list[Installed]:
-        return [_install(self, self._settings(), d, adapter, tracker) for d in adapter]
+        settings = self._settings()
+        return install_each(adapter, lambda d: _install(self, settings, d, adapter, tracker))
 
 
 @renamed_fields(max_forecast_steps="max_consecutive_skips")
@@ -156,7 +157,7 @@ class ErrorControlledCache(Plugin):
             final_full=self.final_full_steps,
             check_finite=self.check_finite,
         )
-        return [_install(self, settings, d, adapter, tracker) for d in adapter]
+        return install_each(adapter, lambda d: _install(self, settings, d, adapter, tracker))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,12 +358,12 @@ def _install(
             f"({', '.join(d.block_names[:4])}{', ...' if n > 4 else ''})"
         )
     unet = adapter.kind == "unet"
+    ios = [None if unet else d.block_io(b) for b in d.blocks]  # may refuse: before anything is hooked
     hooks = HookSet(HOOK_NAME, d.module)
     # the block cache decides per step inside the forward: the clock starts every step as "full"
     clock = StepClock(tracker, lambda st, step, n_steps: True, s.check_finite, name=type(plugin).__name__)
     hooks.add(d.module, clock)
     core = _Core(s, clock, unet)
-    ios = [None if unet else d.block_io(b) for b in d.blocks]
     for i in range(s.front):
         hooks.add(d.blocks[i], FrontBlockHook(core, ios[i], first=i == 0, last=i == s.front - 1))
     middle = range(s.front, n - s.back)

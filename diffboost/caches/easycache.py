@@ -37,7 +37,7 @@ import torch
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_float, check_int
+from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_float, check_int, install_each
 from ..plugins.pytree import flatten
 from ..plugins.runtime import BranchStates, CallTracker, ClockState, HookSet, StepClock, _all_finite, compiled_around
 from .taylor import TaylorFactors
@@ -90,19 +90,15 @@ class EasyCache(Plugin):
     def install(self, adapter: PipelineAdapter, tracker: CallTracker) -> list[Installed]:
         for d in adapter:  # refuse before anything is hooked
             _input_name(d)
-        done: list[Installed] = []
-        try:
-            for d in adapter:
-                hooks = HookSet(HOOK_NAME, d.module)
-                clock = CallCacheClock(tracker, self, _input_name(d))
-                hooks.add(d.module, clock)
-                skipped = sum(p.numel() for p in d.module.parameters())
-                done.append(HookedCache(self, d, hooks, clock, skipped, {"cached whole": [d.module]}))
-        except BaseException:
-            for item in reversed(done):
-                item.remove()
-            raise
-        return done
+        return install_each(adapter, lambda d: _install_one(self, d, tracker))
+
+
+def _install_one(cfg: EasyCache, d: Denoiser, tracker: CallTracker) -> HookedCache:
+    hooks = HookSet(HOOK_NAME, d.module)
+    clock = CallCacheClock(tracker, cfg, _input_name(d))
+    hooks.add(d.module, clock)
+    return HookedCache(cfg, d, hooks, clock, sum(p.numel() for p in d.module.parameters()),
+                       {"cached whole": [d.module]})
 
 
 def _input_name(d: Denoiser) -> str:

@@ -35,7 +35,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ..plugins.adapters import BlockIO, Denoiser, PipelineAdapter
-from ..plugins.base import CallStats, Installed, Plugin, PluginKind, check_bools, check_choice, check_int
+from ..plugins.base import CallStats, Installed, Plugin, PluginKind, check_bools, check_choice, check_int, install_each
 from ..plugins.runtime import compiled_around, BranchStates, CallTracker, ClockState, HookSet, StepClock, StepPlan, _all_finite, logger
 from .taylor import TaylorFactors
 
@@ -88,15 +88,7 @@ class TaylorSeer(Plugin):
         return step - st.last_full >= self.interval
 
     def install(self, adapter: PipelineAdapter, tracker: CallTracker) -> list[Installed]:
-        done: list[Installed] = []
-        try:
-            for d in adapter:
-                done.append(_install_taylorseer(self, d, adapter, tracker))
-        except BaseException:
-            for item in reversed(done):  # a refused second denoiser leaves the first one untouched too
-                item.remove()
-            raise
-        return done
+        return install_each(adapter, lambda d: _install_taylorseer(self, d, adapter, tracker))
 
 
 class _UnitState(BaseState):

@@ -112,6 +112,20 @@ class Plugin:
         return False
 
 
+def install_each(adapter: Iterable[Any], install_one: Any) -> list[Installed]:
+    """``install_one(denoiser)`` on every denoiser of the pipeline; when one refuses, the ones already
+    installed are removed again before the error goes on (Wan 2.2 has two denoisers)."""
+    done: list[Installed] = []
+    try:
+        for denoiser in adapter:
+            done.append(install_one(denoiser))
+    except BaseException:
+        for item in reversed(done):
+            item.remove()
+        raise
+    return done
+
+
 def renamed_fields(**old_to_new: str):
     """Class decorator (outside ``@dataclass``): keyword arguments renamed in a later version keep
     working for one more release, with a ``DeprecationWarning`` naming the new keyword; giving both

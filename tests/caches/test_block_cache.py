@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import diffboost
-from diffboost import AdaptiveBlockCache, ErrorControlledCache
+from diffboost import AdaptiveBlockCache, ErrorControlledCache, UnsupportedPipelineError
 from diffboost.caches.block_cache import _Core, _rel_l1
 from diffboost.caches.taylor import TaylorFactors
 from diffboost.plugins.runtime import ClockState, StepPlan
@@ -450,3 +450,24 @@ def test_blocks_left_for_the_middle_and_the_roles_in_describe():
 def test_rel_l1_of_identical_zero_tensors_is_infinite_not_nan():
     z = torch.zeros(3)
     assert _rel_l1(z, z, z) == float("inf")
+
+
+@pytest.mark.parametrize("plugin", [AdaptiveBlockCache(threshold=0.1), ErrorControlledCache(tolerance=0.1)],
+                         ids=["abc", "ecc"])
+def test_a_refused_second_expert_leaves_both_untouched(plugin):
+    """Wan 2.2's second denoiser has blocks of unknown layout: nothing stays hooked on either."""
+    from factories import make_wan
+
+    class Weird(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    pipe = make_wan(two_experts=True)
+    pipe.transformer_2.blocks = torch.nn.ModuleList([Weird(), Weird(), Weird()])
+    with pytest.raises(UnsupportedPipelineError, match="block class Weird"):
+        diffboost.apply(pipe, plugin)
+    for den in (pipe.transformer, pipe.transformer_2):
+        for module in den.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            assert (registry is None or not registry.hooks) and "forward" not in vars(module)
+    assert not hasattr(pipe, "_diffboost_handle")

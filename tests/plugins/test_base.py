@@ -195,3 +195,29 @@ def test_an_installed_thing_without_its_own_call_stats_gets_an_empty_common_part
     assert Counter().call_stats() == CallStats("Counter", details={"n": 1})
     assert Named().call_stats() == CallStats("Named(x=1)", details={"n": 2, "plugin": "Named(x=1)"})
     assert Installed().call_stats() == CallStats("Installed", details={})
+
+
+def test_install_each_removes_what_it_installed_when_one_refuses():
+    from diffboost.plugins.base import install_each
+
+    log = []
+
+    class Item:
+        def __init__(self, name):
+            self.name = name
+
+        def remove(self):
+            log.append(("remove", self.name))
+
+    def install_one(name):
+        if name == "bad":
+            raise ValueError("refused")
+        log.append(("install", name))
+        return Item(name)
+
+    items = install_each(["a", "b"], install_one)
+    assert [i.name for i in items] == ["a", "b"] and log == [("install", "a"), ("install", "b")]
+    log.clear()
+    with pytest.raises(ValueError, match="refused"):
+        install_each(["a", "b", "bad", "c"], install_one)
+    assert log == [("install", "a"), ("install", "b"), ("remove", "b"), ("remove", "a")]

@@ -1011,3 +1011,45 @@ def test_plugins_talk_through_typed_events():
     tracker.remove()
     tracker.emit(StepEnded())
     assert len(heard) == 3
+
+
+def test_the_events_of_a_call_in_order_with_their_data():
+    """CallStarted(call, steps); per step StepStarted(step), the clock's SkipDecided(name, branch,
+    step, computed), StepEnded; a second call counts from 0 again; unsubscribe stops the delivery."""
+    from diffboost.plugins.runtime import EVENTS, DenoiserCalls
+
+    pipe = StubPipe(StepScheduler())
+    tracker = CallTracker(pipe)
+    probe = Probe()
+    probe.clock = StepClock(tracker, every(2), name="Clock")
+    HookSet("clock", probe).add(probe, probe.clock)
+    HookSet("calls", probe).add(probe, DenoiserCalls(tracker))  # outermost, as the handle installs it
+    heard: list = []
+    for event_type in EVENTS:
+        tracker.subscribe(event_type, heard.append)
+
+    def one_call(n):
+        pipe.scheduler.set_timesteps(n)
+        for i in range(n):
+            probe(torch.ones(1))
+            probe(torch.ones(1))  # a second pass in the same step: no second StepStarted
+            pipe.scheduler.step(torch.ones(1), i, torch.zeros(1))
+
+    one_call(3)
+    assert heard[0] == CallStarted(1, 3) and tracker.step == 3
+    assert [e for e in heard if isinstance(e, (StepStarted, StepEnded))] == [StepStarted(0), StepEnded(),
+                                                                         StepStarted(1), StepEnded(),
+                                                                         StepStarted(2), StepEnded()]
+    decided = [(e.plugin, e.branch, e.step, e.computed) for e in heard if isinstance(e, SkipDecided)]
+    assert [d[:3] for d in decided] == [("Clock", "default", 0), ("Clock", "call1", 0), ("Clock", "default", 1),
+                                        ("Clock", "call1", 1), ("Clock", "default", 2), ("Clock", "call1", 2)]
+    assert [d[3] for d in decided] == [True, True, False, False, True, True]
+    heard.clear()
+    one_call(2)
+    assert heard[0] == CallStarted(2, 2) and heard[1] == StepStarted(0) and tracker.step == 2
+    tracker.unsubscribe(SkipDecided, heard.append)
+    tracker.unsubscribe(SkipDecided, heard.append)  # twice: nothing to remove, no error
+    assert not tracker.listens(SkipDecided) and tracker.listens(StepStarted)
+    heard.clear()
+    one_call(1)
+    assert not [e for e in heard if isinstance(e, SkipDecided)] and StepStarted(0) in heard
