@@ -19,7 +19,7 @@ import csv
 import math
 from pathlib import Path
 
-RIVALS = ("diffusers", "cache-dit", "tomesd")
+RIVALS = ("diffusers", "cache-dit", "tomesd", "deepcache")
 LEVELS = (30.0, 38.0, 45.0)
 PRESET_LEVELS = {"safe": 45.0, "fast": 38.0, "turbo": 30.0}
 

@@ -54,6 +54,8 @@ def install(config: BenchConfig, pipe: Any, steps: int, probe: Probe, state: dic
         return _install_cache_dit(config, pipe, steps, probe, state)
     if config.kind == "tomesd":
         return _install_tomesd(config, pipe)
+    if config.kind == "deepcache":
+        return _install_deepcache(config, pipe)
     raise Unavailable(f"unknown kind {config.kind!r}")
 
 
@@ -301,3 +303,26 @@ def _install_tomesd(config: BenchConfig, pipe: Any) -> Remover:
     except TypeError as exc:
         raise Unavailable(f"invalid tomesd options: {exc}") from exc
     return lambda: tomesd.remove_patch(pipe)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepCache
+# ----------------------------------------------------------------------------------------------
+
+
+def _install_deepcache(config: BenchConfig, pipe: Any) -> Remover:
+    """DeepCache's ``DeepCacheSDHelper`` (SD/SDXL UNet pipelines): reuses the deep UNet features for
+    ``cache_interval - 1`` steps out of every ``cache_interval``; ``disable`` restores the UNet."""
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
+        raise Unavailable(f"DeepCache not available ({type(exc).__name__}: {exc}); pip install DeepCache") from None
+    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        raise Unavailable(f"DeepCache caches UNet pipelines only; {type(pipe).__name__} has no unet")
+    helper = DeepCacheSDHelper(pipe=pipe)
+    try:
+        helper.set_params(**config.options)
+    except TypeError as exc:
+        raise Unavailable(f"invalid DeepCache options: {exc}") from exc
+    helper.enable()
+    return helper.disable

@@ -9,6 +9,7 @@ A configuration is a named entry of one of four kinds:
   ``MagCache``), installed with ``pipe.transformer.enable_cache(config)``.
 - ``cache-dit``: cache-dit's DBCache, optionally with one of its calibrators (TaylorSeer, DMD, FoCa).
 - ``tomesd``: tomesd's token merging for UNet pipelines (``tomesd.apply_patch(pipe, **options)``).
+- ``deepcache``: DeepCache for SD/SDXL UNet pipelines (``DeepCacheSDHelper.set_params(**options)``).
 
 Config files (TOML or YAML) hold a list of tables under ``config`` (a YAML file may also be a bare
 list). Schema of one entry::
@@ -46,9 +47,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-KINDS = ("baseline", "diffboost", "diffusers", "cache-dit", "tomesd")
+KINDS = ("baseline", "diffboost", "diffusers", "cache-dit", "tomesd", "deepcache")
 #: kinds that run another project's code (drawn as rivals in reports)
-RIVAL_KINDS = ("diffusers", "cache-dit", "tomesd")
+RIVAL_KINDS = ("diffusers", "cache-dit", "tomesd", "deepcache")
 DIFFUSERS_CACHES = ("FirstBlockCache", "TaylorSeerCache", "MagCache", "SeaCache")
 _ENTRY_KEYS = {
     "baseline": {"name", "kind"},
@@ -56,6 +57,7 @@ _ENTRY_KEYS = {
     "diffusers": {"name", "kind", "cache", "options"},
     "cache-dit": {"name", "kind", "options", "calibrator"},
     "tomesd": {"name", "kind", "options"},
+    "deepcache": {"name", "kind", "options"},
 }
 
 
@@ -102,6 +104,8 @@ class BenchConfig:
             return f"diffusers {self.cache}Config({_kw(self.options)})"
         if self.kind == "tomesd":
             return f"tomesd apply_patch({_kw(self.options)})"
+        if self.kind == "deepcache":
+            return f"DeepCache set_params({_kw(self.options)})"
         extra = ""
         if self.calibrator is not None:
             kwargs = dict(self.calibrator)

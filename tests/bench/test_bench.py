@@ -257,6 +257,22 @@ options = { ratio = 0.25 }
     assert cfg[0].describe() == "tomesd apply_patch(ratio=0.25)"
 
 
+def test_deepcache_rival_on_a_unet_pipeline_and_its_removal():
+    pytest.importorskip("DeepCache")
+    from factories import make_sd, run
+
+    pipe = make_sd()
+    base = run(pipe, "sd", num_inference_steps=6)
+    configs = [BenchConfig("baseline"), BenchConfig("deepcache-3", "deepcache", options={"cache_interval": 3})]
+    report = run_bench(pipe, configs, quick_settings(call_kwargs={}))
+    row = by_name(report)["deepcache-3"]
+    assert row.ok and row.is_rival and row.psnr < math.inf, row.status
+    assert torch.equal(run(pipe, "sd", num_inference_steps=6), base)  # DeepCache disabled again
+    assert configs[1].describe() == "DeepCache set_params(cache_interval=3)"
+    flux = run_bench(make_flux(), configs, quick_settings())
+    assert by_name(flux)["deepcache-3"].status.startswith("skipped: DeepCache caches UNet pipelines only")
+
+
 def load_configs_from_text(text: str):
     import tempfile
     from pathlib import Path
