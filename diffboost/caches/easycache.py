@@ -130,11 +130,18 @@ def _parts(x: Any) -> list[torch.Tensor] | None:
     return None
 
 
-def _change(a: list[torch.Tensor], b: list[torch.Tensor] | None) -> float | None:
-    """mean|a - b| over the parts (None when the layouts differ: a new resolution or batch)."""
+def _change_t(a: list[torch.Tensor], b: list[torch.Tensor] | None) -> torch.Tensor | None:
+    """mean|a - b| averaged over the parts, on the device (None when the layouts differ: a new
+    resolution or batch)."""
     if b is None or not a or len(a) != len(b) or any(p.shape != q.shape for p, q in zip(a, b)):
         return None
-    return sum(float(_mean_abs(p - q)) for p, q in zip(a, b)) / len(a)
+    return torch.stack([_mean_abs(p - q) for p, q in zip(a, b)]).mean()
+
+
+def _change(a: list[torch.Tensor], b: list[torch.Tensor] | None) -> float | None:
+    """:func:`_change_t` as a number (one host sync)."""
+    change = _change_t(a, b)
+    return None if change is None else float(change)
 
 
 class _Criterion(BaseState):
@@ -152,7 +159,6 @@ class _Criterion(BaseState):
         self.scale = 0.0  # mean|o| of the last full step
         self.k: float | None = None
         self.error = 0.0
-        self.in_a_row = 0
 
 
 @compiled_around("new_forward")
@@ -171,7 +177,8 @@ class CallCacheClock(StepClock):
         prev, c.prev_x = c.prev_x, x
         if step < cfg.warmup or (steps_left is not None and steps_left <= cfg.final_full_steps):
             return True
-        if c.k is None or c.in_a_row >= cfg.max_consecutive_skips or c.scale <= 0 or not c.factors.ready:
+        cached_in_a_row = step - st.last_full - 1
+        if c.k is None or cached_in_a_row >= cfg.max_consecutive_skips or c.scale <= 0 or not c.factors.ready:
             return True
         change = _change(x, prev)
         if change is None:
@@ -190,7 +197,6 @@ class CallCacheClock(StepClock):
         if not plan.full:
             out = c.factors.forecast(plan.step)
             if not self.check_finite or _all_finite(out):
-                c.in_a_row += 1
                 self.end(False)
                 return out
             if not self._warned:
@@ -205,18 +211,22 @@ class CallCacheClock(StepClock):
         return out
 
     def _measure(self, c: _Criterion, x: list[torch.Tensor], out: Any, step: int) -> None:
-        """A full step: record the output, measure k against the last full step, reset E."""
+        """A full step: record the output, measure k against the last full step, reset E (one host
+        sync for the three reductions)."""
         leaves, _ = flatten(out)
         o = next((leaf for leaf in leaves if isinstance(leaf, torch.Tensor)), None)
         c.factors.update(out, step)
-        c.error, c.in_a_row = 0.0, 0
+        c.error = 0.0
         if o is None:
             return
-        dx = _change(x, c.full_x)
+        dx = _change_t(x, c.full_x)
         if dx is not None and c.full_o is not None and c.full_o.shape == o.shape:
-            c.k = float(_mean_abs(o - c.full_o)) / dx if dx > 0 else None
+            dx, do, scale = torch.stack([dx, _mean_abs(o - c.full_o), _mean_abs(o)]).tolist()
+            c.k = do / dx if dx > 0 else None
+        else:
+            scale = float(_mean_abs(o))
         c.full_x, c.full_o = x, o.detach()
-        c.scale = float(_mean_abs(o))
+        c.scale = scale
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.criteria.reset()
