@@ -60,12 +60,14 @@ def front_table(rows: list[dict], levels: tuple[float, ...] = LEVELS) -> str:
     return "\n".join(out)
 
 
-def preset_table(rows: list[dict], fixed_share: float | None) -> str:
-    out = ["| preset | aims at | speedup | PSNR | within its level | best rival at its level | ratio |"
+def preset_table(rows: list[dict], fixed_share: float | None, prefix: str = "preset") -> str:
+    """One line per preset level: the row named ``{prefix}-{preset}`` (``preset-fast``, or
+    ``calibrated-fast`` for a stack fitted with ``diffboost calibrate``) against the best rival."""
+    out = [f"| {prefix} | aims at | speedup | PSNR | within its level | best rival at its level | ratio |"
            + (" hot-path efficiency |" if fixed_share is not None else ""),
            "|---|---|---|---|---|---|---|" + ("---|" if fixed_share is not None else "")]
     for preset, level in PRESET_LEVELS.items():
-        row = next((r for r in rows if r["name"] == f"preset-{preset}"), None)
+        row = next((r for r in rows if r["name"] == f"{prefix}-{preset}"), None)
         if row is None:
             continue
         rival = fastest(rows, level, RIVALS)
@@ -90,6 +92,9 @@ def main() -> None:
     print(front_table(rows, tuple(args.levels)))
     print()
     print(preset_table(rows, args.fixed_share))
+    if any(r["name"].startswith("calibrated-") for r in rows):
+        print()
+        print(preset_table(rows, args.fixed_share, "calibrated"))
 
 
 if __name__ == "__main__":

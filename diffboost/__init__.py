@@ -8,15 +8,20 @@
 
     diffboost.save([diffboost.TaylorSeer(interval=4)], "stack.toml")   # a stack as a file
     diffboost.apply(pipe, diffboost.load("stack.toml"))
+
+    fit = diffboost.calibrate(pipe, "fast", prompts=["a red circle"])  # the preset's 38 dB, on your model
+    diffboost.apply(pipe, fit.plugins)
 """
 
 from . import events
 from .caches.block_cache import AdaptiveBlockCache, ErrorControlledCache
 from .caches.easycache import EasyCache
 from .caches.taylorseer import TaylorSeer
+from .kernels.attention import QuantizedAttention, SparseAttention
 from .plugins.adapters import UnsupportedPipelineError, register_family, supported_families, unregister_family
 from .plugins.api import Acceleration, accelerated, apply, call_stats, describe, remove
 from .plugins.base import CallStats, Plugin, PluginKind
+from .plugins.calibrate import Calibration, calibrate
 from .plugins.presets import PRESETS
 from .plugins.runtime import ConcurrentCallError
 from .plugins.stacking import IncompatiblePluginsError
@@ -32,6 +37,7 @@ __all__ = [
     "AdaptiveBlockCache",
     "BottleneckSampling",
     "CallStats",
+    "Calibration",
     "ConcurrentCallError",
     "EasyCache",
     "ErrorControlledCache",
@@ -39,7 +45,9 @@ __all__ = [
     "PRESETS",
     "Plugin",
     "PluginKind",
+    "QuantizedAttention",
     "SADA",
+    "SparseAttention",
     "StackFileError",
     "TaylorSeer",
     "TokenDownsampling",
@@ -47,6 +55,7 @@ __all__ = [
     "UnsupportedPipelineError",
     "accelerated",
     "apply",
+    "calibrate",
     "call_stats",
     "describe",
     "events",

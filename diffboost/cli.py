@@ -2,6 +2,7 @@
 
     diffboost generate ["PROMPT"] [--model PATH] [--preset NAME|none | --plugins FILE] [--steps N] [--seed S] [--out FILE] [--compare]
     diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none | --plugins FILE] [--seeds N] [--steps N] ...
+    diffboost calibrate [--model PATH] [--preset NAME | --plugins FILE] [--target DB] [--prompts FILE] [--out FILE.toml]
     diffboost bench [--model PATH] [--quick] ...
     diffboost demo [--model PATH] [--host 127.0.0.1] [--port 7860]
 
@@ -23,6 +24,7 @@ from .limits import (
     check_seed,
     check_seed_range,
     check_size,
+    check_stack_file,
     check_steps,
 )
 
@@ -198,6 +200,62 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+#: calibration prompts when ``--prompts`` is not given (the reference models' vocabulary)
+CALIBRATION_PROMPTS = (
+    DEFAULT_PROMPT,
+    "a small blue square at the top on a gray background",
+    "a large green triangle at the right on a black background",
+    "a small yellow star at the center on a white background",
+    "a small orange circle at the bottom on a black background",
+    "a large purple star at the left on a gray background",
+    "a small red triangle at the right on a white background",
+    "a large yellow square at the center on a black background",
+)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import diffboost
+
+    from .batch import read_prompts
+    from .plugins.calibrate import PRESET_LEVELS
+
+    # everything that can be wrong is checked before the model is loaded
+    if args.plugins:
+        stack, label = stack_from_args(args)
+    else:
+        if _preset_or_none(args.preset) is None:
+            raise ValueError("diffboost calibrate needs a preset (safe, fast, turbo) or --plugins FILE, not none")
+        stack, label = args.preset, args.preset
+    if args.target is None and (args.plugins or args.preset not in PRESET_LEVELS):
+        raise ValueError("--target DB is needed with --plugins (a preset's target is its level: "
+                         + ", ".join(f"{k} {v:g}" for k, v in PRESET_LEVELS.items()) + ")")
+    prompts = [e["prompt"] for e in read_prompts(args.prompts)] if args.prompts else list(CALIBRATION_PROMPTS)
+    model = check_model_folder(args.model) if args.model else default_model_path()
+    defaults = model_defaults(model)
+    check_settings(args, defaults)
+    check_seed_range(args.seed, args.seeds)
+    out = check_stack_file(args.out or f"out/calibrated-{Path(label).stem.split('#')[0]}.toml")
+    pipe = load_pipeline(model, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = default_call_kwargs(pipe, defaults)
+    kwargs["num_inference_steps"] = args.steps or int(defaults.get("steps", 28))
+    if args.size:
+        kwargs["height"] = kwargs["width"] = args.size
+    knob = guidance_kwargs(pipe, args.guidance)
+    if "negative_prompt" in kwargs:  # a negative prompt the model ships with wins
+        knob.pop("negative_prompt", None)
+    kwargs.update(knob)
+    fit = diffboost.calibrate(pipe, stack, prompts=prompts, target_psnr=args.target,
+                              seeds=list(range(args.seed, args.seed + args.seeds)), margin_db=args.margin,
+                              max_trials=args.trials, **kwargs)
+    diffboost.save(fit.plugins, out)
+    print(f"model: {model}; calibrated {label} on {len(prompts)} prompts x {args.seeds} seeds, "
+          f"{kwargs['num_inference_steps']} steps ({fit.pipeline_calls} pipeline calls)")
+    print(fit.summary())
+    print(f"stack: {out}  (use it with --plugins {out}, or diffboost.load)")
+    return 0 if fit.reached else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .app.demo import launch
 
@@ -276,6 +334,31 @@ def _add_batch(sub: Any) -> None:
     p.set_defaults(func=cmd_batch)
 
 
+def _add_calibrate(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a preset or stack to a PSNR target on your model; writes a stack file",
+        description="Run the plain pipeline on a few prompts, then the accelerated one at a few settings of "
+        "the stack's speed knob (EasyCache threshold, SADA tolerance, ...), and save the fastest setting that "
+        "keeps --target dB PSNR (+ --margin) against the plain images as a stack file for --plugins.",
+    )
+    _add_model_args(p)
+    _add_stack_args(p)
+    p.add_argument("--target", type=float, default=None,
+                   help="PSNR target in dB (default: the preset's level, safe 45, fast 38, turbo 30)")
+    p.add_argument("--margin", type=float, default=2.0, help="dB kept above the target (default: 2)")
+    p.add_argument("--trials", type=_positive_int, default=8, help="most accelerated runs over the prompts (default: 8)")
+    p.add_argument("--prompts", default=None,
+                   help="prompt file (.txt or .jsonl, as for batch; default: 8 built-in prompts)")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per prompt, from --seed (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--out", default=None, help="stack file to write, .toml or .json (default: out/calibrated-NAME.toml)")
+    p.set_defaults(func=cmd_calibrate)
+
+
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
@@ -317,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_batch(sub)
+    _add_calibrate(sub)
     _add_bench(sub)
     _add_demo(sub)
     return parser

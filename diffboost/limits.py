@@ -123,6 +123,17 @@ def check_output_file(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
+def check_stack_file(path: str | Path, what: str = "--out") -> Path:
+    """A plugin stack file that can be written: ``.toml`` or ``.json``, not a folder, a writable parent."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; give a file name such as {path / 'stack.toml'}")
+    if path.suffix.lower() not in (".toml", ".json"):
+        raise InputError(f"{what} {path}: a stack file ends in .toml or .json")
+    _check_writable_folder(path.parent if str(path.parent) else Path("."), f"{what} {path}")
+    return path
+
+
 def check_output_dir(path: str | Path, what: str = "--out") -> Path:
     """A folder that can hold outputs: an existing folder or a new one, writable."""
     path = Path(path)

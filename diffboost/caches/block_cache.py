@@ -61,6 +61,7 @@ class AdaptiveBlockCache(Plugin):
     """
 
     kind: ClassVar[PluginKind] = PluginKind.CACHE
+    strength: ClassVar[str | None] = "threshold"
 
     threshold: float = 0.08
     front_blocks: int = 1
@@ -124,6 +125,7 @@ class ErrorControlledCache(Plugin):
     """
 
     kind: ClassVar[PluginKind] = PluginKind.CACHE
+    strength: ClassVar[str | None] = "tolerance"
 
     tolerance: float = 0.05
     order: int = 1

@@ -71,6 +71,7 @@ class EasyCache(Plugin):
     """
 
     kind: ClassVar[PluginKind] = PluginKind.CACHE
+    strength: ClassVar[str | None] = "threshold"
 
     threshold: float = 0.04
     warmup: int = 4

@@ -60,6 +60,7 @@ class TaylorSeer(Plugin):
     """
 
     kind: ClassVar[PluginKind] = PluginKind.CACHE
+    strength: ClassVar[str | None] = "interval"
 
     interval: int = 5
     order: int = 1

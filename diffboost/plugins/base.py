@@ -99,6 +99,9 @@ class Plugin:
     kind: ClassVar[PluginKind] = PluginKind.CACHE
     #: former keyword names still accepted (old name -> new name; see :func:`renamed_fields`)
     renamed: ClassVar[Mapping[str, str]] = {}
+    #: the field that trades fidelity for speed, larger = faster (what :func:`diffboost.calibrate`
+    #: tunes); None when the plugin has no single such knob
+    strength: ClassVar[str | None] = None
 
     @property
     def name(self) -> str:
@@ -110,6 +113,11 @@ class Plugin:
     def never_skips(self) -> bool:
         """True when the configuration can never change the output (used by tests and describe)."""
         return False
+
+    def tunable_field(self) -> str | None:
+        """The field :func:`diffboost.calibrate` tunes in this configuration (``strength`` unless
+        the configuration makes it inert)."""
+        return self.strength
 
 
 def install_each(adapter: Iterable[Any], install_one: Any) -> list[Installed]:

@@ -45,12 +45,13 @@ def plugin_classes() -> dict[str, type[Plugin]]:
     from ..caches.block_cache import AdaptiveBlockCache, ErrorControlledCache
     from ..caches.easycache import EasyCache
     from ..caches.taylorseer import TaylorSeer
+    from ..kernels.attention import QuantizedAttention, SparseAttention
     from ..samplers.bottleneck import BottleneckSampling
     from ..samplers.sada import SADA
     from ..tokens.merging import TokenDownsampling, TokenMerging
 
     classes = (AdaptiveBlockCache, ErrorControlledCache, EasyCache, TaylorSeer, BottleneckSampling, SADA, TokenDownsampling,
-               TokenMerging)
+               TokenMerging, QuantizedAttention, SparseAttention)
     return {c.__name__: c for c in classes}
 
 

@@ -132,6 +132,7 @@ class SADA(Plugin):
     """
 
     kind: ClassVar[PluginKind] = PluginKind.STEP
+    strength: ClassVar[str | None] = "tolerance"
 
     acc_range: tuple[int, int] = (10, 47)
     max_consecutive_skips: int = 4
@@ -177,6 +178,10 @@ class SADA(Plugin):
         check_choice(self, "token_max_downsample", (1, 2, 4, 8))
         check_choice(self, "criterion", ("sign", "curvature"))
         check_float(self, "tolerance", 0.0, 10.0, lo_open=True)
+
+    def tunable_field(self) -> str | None:
+        """``tolerance`` with the curvature criterion; the sign criterion has no knob to tune."""
+        return "tolerance" if self.criterion == "curvature" and self.schedule is None else None
 
     def never_skips(self) -> bool:
         if self.token_sparsity and self.acc_range[0] < self.acc_range[1] and self.max_consecutive_skips > 1:

@@ -10,10 +10,12 @@ import torch
 import diffboost
 from diffboost import (
     SADA,
+    SparseAttention,
     AdaptiveBlockCache,
     BottleneckSampling,
     EasyCache,
     ErrorControlledCache,
+    QuantizedAttention,
     StackFileError,
     TaylorSeer,
     TokenDownsampling,
@@ -46,6 +48,12 @@ EXAMPLES = [
     TokenMerging(),
     TokenMerging(ratio=0.3, sx=3, sy=1, max_downsample=2, seed=5, random_dst=False, merge_attn=False,
                  merge_crossattn=True, merge_mlp=True),
+    QuantizedAttention(),
+    QuantizedAttention(qk_format="fp8_e4m3", pv_format="fp8_e4m3", block_q=64, block_k=32, smooth_k=False,
+                       dense_first_layers=1, dense_last_layers=2, dense_steps=3, cross_attention=True),
+    SparseAttention(),
+    SparseAttention(cdf_threshold=0.9, topk=0.5, sim_threshold=0.3, block_q=64, block_k=128, impl="gather",
+                    dense_first_layers=2, dense_last_layers=1, dense_steps=1, cross_attention=True),
 ]
 
 

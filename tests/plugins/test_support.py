@@ -15,36 +15,46 @@ import pytest
 import torch
 
 import diffboost
-from diffboost import SADA, BottleneckSampling, TokenDownsampling, TokenMerging, UnsupportedPipelineError
+from diffboost import (
+    SADA,
+    BottleneckSampling,
+    QuantizedAttention,
+    SparseAttention,
+    TokenDownsampling,
+    TokenMerging,
+    UnsupportedPipelineError,
+)
 from factories import FAMILIES, run
 
 STEPS = 8
 #: the methods that do not run on every family, and where they run
-METHODS = ("sada", "bottleneck", "tokens", "sada_tokens")
+#: "attention_masked": the attention kernels install, but every attention call of the family passes
+#: a mask (text padding), which the kernels leave to exact attention
+METHODS = ("sada", "bottleneck", "tokens", "sada_tokens", "attention")
 SUPPORT: dict[str, set[str]] = {
-    "flux": {"sada", "bottleneck"},
+    "flux": {"sada", "bottleneck", "attention"},
     "sd3": {"sada", "bottleneck"},
-    "pixart_sigma": {"sada", "tokens"},
+    "pixart_sigma": {"sada", "tokens", "attention"},
     "sana": {"sada"},
-    "wan": {"sada", "bottleneck"},
+    "wan": {"sada", "bottleneck", "attention"},
     "cogvideox": set(),  # CogVideoXDDIMScheduler: SADA reads Euler, DPM++, DDIM and flow Euler
-    "hunyuan_video": {"sada", "bottleneck"},
-    "sd": {"sada", "tokens", "sada_tokens"},
-    "sdxl": {"sada", "tokens", "sada_tokens"},
-    "chroma": {"sada"},
+    "hunyuan_video": {"sada", "bottleneck", "attention_masked"},
+    "sd": {"sada", "tokens", "sada_tokens", "attention"},
+    "sdxl": {"sada", "tokens", "sada_tokens", "attention"},
+    "chroma": {"sada", "attention_masked"},
     "auraflow": {"sada"},
-    "bria": {"sada"},
+    "bria": {"sada", "attention"},
     "cogview3plus": set(),  # CogVideoXDDIMScheduler
     "cogview4": {"sada"},
     "lumina2": {"sada"},
-    "z_image": {"sada"},
-    "qwen_image": {"sada"},
-    "ltx_video": {"sada"},
+    "z_image": {"sada", "attention"},
+    "qwen_image": {"sada", "attention"},
+    "ltx_video": {"sada", "attention"},
     "mochi": {"sada"},
     "allegro": set(),  # EulerAncestralDiscreteScheduler (stochastic)
-    "skyreels_v2": set(),  # UniPCMultistepScheduler
-    "flux2": {"sada"},
-    "hunyuan_image": {"sada"},
+    "skyreels_v2": {"attention"},  # no SADA: UniPCMultistepScheduler
+    "flux2": {"sada", "attention"},
+    "hunyuan_image": {"sada", "attention_masked"},
 }
 #: README rows: family -> (what users know it as, the pipeline tested)
 NAMES: dict[str, tuple[str, str]] = {
@@ -76,10 +86,12 @@ NAMES: dict[str, tuple[str, str]] = {
 
 def support_table() -> str:
     """The README's table: one row per family, one column per method."""
-    head = "| family | pipeline tested | caches | SADA | bottleneck | ToMe / ToDo | SADA tokens |"
-    rows = [head, "|---|---|:-:|:-:|:-:|:-:|:-:|"]
+    head = "| family | pipeline tested | caches | SADA | bottleneck | ToMe / ToDo | SADA tokens | attention kernels |"
+    rows = [head, "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|"]
     for family, (name, pipeline) in NAMES.items():
         cells = ["✓"] + ["✓" if m in SUPPORT[family] else "–" for m in METHODS]
+        if "attention_masked" in SUPPORT[family]:
+            cells[-1] = "exact (masked)"
         rows.append(f"| {name} | `{pipeline}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -158,3 +170,20 @@ def test_sada_token_sparsity(family_pipe):
         _refuses(pipe, SADA(token_sparsity=True), "token")
     else:
         _refuses(pipe, SADA(token_sparsity=True), "SADA")
+
+
+def test_attention_kernels(family_pipe):
+    family, pipe, base = family_pipe
+    if "attention" in SUPPORT[family]:
+        count = lambda stats: sum(s.get("kernel_calls", 0) for s in stats)  # noqa: E731
+        _runs(pipe, family, base, SparseAttention(cdf_threshold=1.0), QuantizedAttention(), count)
+        _runs(pipe, family, base, SparseAttention(cdf_threshold=1.0),
+              SparseAttention(cdf_threshold=0.3, sim_threshold=-1.0, block_q=4, block_k=4), count)
+    elif "attention_masked" in SUPPORT[family]:
+        with diffboost.accelerated(pipe, QuantizedAttention()):
+            assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base)
+            stats = diffboost.describe(pipe)["last_call"]
+        assert sum(s["kernel_calls"] for s in stats) == 0 and sum(s["exact_calls"] for s in stats) > 0
+    else:
+        _refuses(pipe, QuantizedAttention(), "no attention processor diffboost can route")
+        _refuses(pipe, SparseAttention(), "no attention processor diffboost can route")

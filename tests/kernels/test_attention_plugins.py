@@ -1,0 +1,177 @@
+"""QuantizedAttention and SparseAttention on pipelines: both routes (diffusers' dispatcher on Flux,
+processors on the SD UNet), exactness of a keep-everything setting, exact restore, per-layer and
+per-step options, counts, backend registration and removal, two pipelines, stacking, stack files and
+configs. Every family: tests/plugins/test_support.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import diffboost
+from diffboost import EasyCache, QuantizedAttention, SparseAttention, UnsupportedPipelineError
+from factories import make_flux, make_sd, run
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = make_flux()
+    return pipe, run(pipe, "flux")
+
+
+@pytest.fixture(scope="module")
+def sd():
+    pipe = make_sd()
+    return pipe, run(pipe, "sd")
+
+
+def _members():
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    return ([m for m in AttentionBackendName.__members__ if m.startswith("DIFFBOOST")],
+            [b for b in _AttentionBackendRegistry._backends if str(b.value).startswith("diffboost")])
+
+
+def _stats(pipe):
+    return diffboost.call_stats(pipe)[0].details
+
+
+@pytest.mark.parametrize("which", ["flux", "sd"])
+def test_keeping_every_block_is_bit_identical_and_remove_restores(which, request):
+    pipe, base = request.getfixturevalue(which)
+    with diffboost.accelerated(pipe, SparseAttention(cdf_threshold=1.0)):
+        assert torch.equal(run(pipe, which), base)
+    for cfg in (QuantizedAttention(), SparseAttention(cdf_threshold=0.3, sim_threshold=-1.0, block_q=4, block_k=4)):
+        with diffboost.accelerated(pipe, cfg):
+            out = run(pipe, which)
+            stats = _stats(pipe)
+        assert torch.isfinite(out).all() and not torch.equal(out, base), cfg
+        assert stats["kernel_calls"] > 0
+        if isinstance(cfg, SparseAttention):
+            assert stats["sparsity"] > 0.2  # the tiny UNet attends over 16 tokens: 4 x 4 blocks
+        assert torch.equal(run(pipe, which), base), f"remove() after {cfg}"
+    assert _members() == ([], [])
+
+
+def test_flux_goes_through_the_dispatcher_and_counts_every_attention_call(flux):
+    pipe, base = flux
+    procs = [m.processor for m in pipe.transformer.modules() if hasattr(m, "processor")]
+    before = [dict(vars(p)) for p in procs]
+    with diffboost.accelerated(pipe, QuantizedAttention()):
+        names, registered = _members()
+        assert len(names) == 1 and len(registered) == 1
+        assert all(p._attention_backend == registered[0] for p in procs)
+        run(pipe, "flux")
+        stats = _stats(pipe)
+    # 4 blocks (2 double + 2 single), 4 steps x 2 (true CFG off in the tiny call: 1 pass per step)
+    calls = pipe.transformer.config.num_layers + pipe.transformer.config.num_single_layers
+    assert stats["layers"] == calls
+    assert stats["exact_calls"] == 0 and stats["kernel_calls"] % calls == 0 and stats["kernel_calls"] >= 4 * calls
+    assert [dict(vars(p)) for p in procs] == before
+
+
+def test_sd_replaces_self_attention_processors_and_leaves_cross_attention_exact(sd):
+    pipe, base = sd
+    originals = {n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
+    with diffboost.accelerated(pipe, SparseAttention(cdf_threshold=0.5, block_q=16, block_k=16)):
+        replaced = {n for n, m in pipe.unet.named_modules() if hasattr(m, "processor")
+                    and type(m.processor).__name__ == "KernelAttnProcessor"}
+        assert replaced == set(originals)
+        run(pipe, "sd")
+        stats = _stats(pipe)
+    assert stats["kernel_calls"] == stats["exact_calls"]  # attn1 (self) by the kernel, attn2 (text) exact
+    assert {n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "processor")} == originals
+    with diffboost.accelerated(pipe, SparseAttention(cdf_threshold=0.5, cross_attention=True)):
+        run(pipe, "sd")
+        assert _stats(pipe)["exact_calls"] == 0
+
+
+def test_dense_layers_and_steps(flux):
+    pipe, base = flux
+    with diffboost.accelerated(pipe, QuantizedAttention(dense_first_layers=1, dense_last_layers=2)):
+        run(pipe, "flux")
+        full = _stats(pipe)
+    assert full["layers"] == 1
+    with diffboost.accelerated(pipe, QuantizedAttention(dense_steps=3)):
+        run(pipe, "flux", num_inference_steps=4)
+        gated = _stats(pipe)
+    assert gated["kernel_calls"] == 4 and gated["exact_calls"] == 12  # 4 layers: step 3 only
+    with diffboost.accelerated(pipe, QuantizedAttention(dense_steps=100)):
+        assert torch.equal(run(pipe, "flux"), base)
+
+
+def test_sparse_reports_its_sparsity(sd):
+    pipe, base = sd
+    with diffboost.accelerated(pipe, SparseAttention(cdf_threshold=0.3, sim_threshold=-1.0, block_q=4, block_k=4)):
+        run(pipe, "sd")
+        first = _stats(pipe)["sparsity"]
+        run(pipe, "sd")
+        second = _stats(pipe)["sparsity"]
+    assert 0 < first < 1 and first == second  # per call, not accumulated
+
+
+def test_two_pipelines_with_different_settings():
+    a, b = make_flux(), make_flux()
+    base = run(a, "flux")
+    with diffboost.accelerated(a, SparseAttention(cdf_threshold=1.0)), diffboost.accelerated(b, QuantizedAttention()):
+        assert len(_members()[0]) == 2
+        assert torch.equal(run(a, "flux"), base)
+        assert not torch.equal(run(b, "flux"), base)
+    assert _members() == ([], [])
+
+
+def test_stacks_with_a_cache_and_saves_as_a_file(flux, tmp_path):
+    pipe, base = flux
+    stack = [QuantizedAttention(pv_format="fp8_e4m3"), EasyCache(threshold=0.5, warmup=2)]
+    path = diffboost.save(stack, tmp_path / "s.toml")
+    assert diffboost.load(path) == stack
+    with diffboost.accelerated(pipe, diffboost.load(path)):
+        out = run(pipe, "flux")
+        kinds = [s.plugin for s in diffboost.call_stats(pipe)]
+    assert torch.isfinite(out).all() and len(kinds) == 2
+    assert torch.equal(run(pipe, "flux"), base)
+
+
+def test_a_pipeline_without_a_routable_processor_is_refused(flux):
+    pipe, base = flux
+
+    class Opaque:
+        def __call__(self, *args, **kwargs):  # pragma: no cover - never called
+            raise AssertionError
+
+    saved = {m: m.processor for m in pipe.transformer.modules() if hasattr(m, "processor")}
+    try:
+        for m in saved:
+            m.processor = Opaque()
+        with pytest.raises(UnsupportedPipelineError, match="no attention processor diffboost can route .*Opaque"):
+            diffboost.apply(pipe, SparseAttention())
+        assert not hasattr(pipe, "_diffboost_handle")
+    finally:
+        for m, p in saved.items():
+            m.processor = p
+    assert torch.equal(run(pipe, "flux"), base)
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    (QuantizedAttention, {"qk_format": "int4"}, "qk_format must be one of"),
+    (QuantizedAttention, {"pv_format": "bf16"}, "pv_format must be one of"),
+    (QuantizedAttention, {"block_q": 0}, "block_q"),
+    (QuantizedAttention, {"dense_steps": -1}, "dense_steps"),
+    (SparseAttention, {"cdf_threshold": 1.5}, "cdf_threshold must be in (0, 1]"),
+    (SparseAttention, {"topk": 0}, "topk must be a fraction"),
+    (SparseAttention, {"impl": "triton"}, "impl must be one of"),
+    (SparseAttention, {"cross_attention": 1}, "cross_attention"),
+])
+def test_configs_are_validated(cls, kwargs, message):
+    with pytest.raises((ValueError, TypeError)) as err:
+        cls(**kwargs)
+    assert message in str(err.value)
+
+
+def test_configs_are_data():
+    cfg = SparseAttention(cdf_threshold=0.9)
+    assert dataclasses.replace(cfg, topk=0.5).topk == 0.5 and cfg.never_skips() is False
+    assert SparseAttention(cdf_threshold=1.0).never_skips() and not SparseAttention(cdf_threshold=1.0, topk=0.5).never_skips()
+    assert not QuantizedAttention().never_skips()

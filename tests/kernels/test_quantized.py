@@ -1,0 +1,170 @@
+"""quantized_attention: the per-block quantizer on exact numbers, the whole kernel against an
+independent loop-per-block implementation of SageAttention's numerics, the INT8 path bit for bit,
+the smoothing, the formats' accuracy, the fallbacks and the refusals."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffboost.kernels import KernelInputError, quantize_blocks, quantized_attention
+from diffboost.kernels import common
+
+
+def qkv(n=200, m=None, d=32, heads=2, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = n if m is None else m
+    return (torch.randn(batch, heads, n, d, generator=g), torch.randn(batch, heads, m, d, generator=g),
+            torch.randn(batch, heads, m, d, generator=g))
+
+
+def cosine(a, b):
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def test_quantize_blocks_int8_on_exact_numbers():
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.25], [10.0, 0.0], [0.0, 0.0], [3.0, -3.0]])[None, None]  # 5 tokens
+    codes, delta = quantize_blocks(x, 2, "int8")
+    assert delta.shape == (1, 1, 5, 1)
+    assert delta.flatten().tolist() == pytest.approx([2 / 127, 2 / 127, 10 / 127, 10 / 127, 3 / 127])
+    assert codes[0, 0, 0].tolist() == [64.0, -127.0]  # 1 / (2/127) = 63.5 -> 64 (round half to even: 64)
+    assert codes[0, 0, 1].tolist() == [32.0, 16.0]  # 31.75 -> 32, 15.875 -> 16
+    assert codes[0, 0, 2].tolist() == [127.0, 0.0] and codes[0, 0, 3].tolist() == [0.0, 0.0]
+    assert codes[0, 0, 4].tolist() == [127.0, -127.0]  # the partial last block has its own scale
+
+
+def test_quantize_blocks_zero_block_and_fp8_codes():
+    x = torch.zeros(1, 1, 4, 3)
+    x[0, 0, 2:] = torch.tensor([[0.1, -900.0, 3.0], [1.0, 2.0, 0.0]])
+    codes, delta = quantize_blocks(x, 2, "fp8_e4m3")
+    assert delta[0, 0, :2].flatten().tolist() == [1.0, 1.0] and codes[0, 0, :2].abs().sum() == 0
+    assert delta[0, 0, 2, 0] == pytest.approx(900 / 448)
+    assert torch.equal(codes, codes.to(torch.float8_e4m3fn).float())  # every code is an e4m3 value
+    assert codes[0, 0, 2, 1] == -448.0
+    assert (codes * delta - x).abs().max() < 0.07 * 900 / 448 * 8  # e4m3 relative error ~ 1/16
+
+
+def loop_reference(q, k, v, qk_format, pv_format, block_q, block_k, smooth_k, scale=None):
+    """SageAttention's numerics for one (batch, head), block by block with Python loops, in float32
+    in the kernel's order of operations (so that rounding at the format boundaries agrees)."""
+    qmax = torch.tensor(127.0 if qk_format == "int8" else 448.0)
+
+    def quantize(x):
+        amax = x.abs().max()
+        delta = amax / qmax if amax > 0 else torch.tensor(1.0)
+        y = x / delta
+        codes = torch.clamp(torch.round(y), -127, 127) if qk_format == "int8" else \
+            y.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+        return codes, delta
+
+    if smooth_k:
+        k = k - k.mean(0, keepdim=True)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    s = torch.zeros(n, m)
+    for i in range(0, n, block_q):
+        cq, dq = quantize(q[i:i + block_q])
+        for j in range(0, m, block_k):
+            ck, dk = quantize(k[j:j + block_k])
+            s[i:i + block_q, j:j + block_k] = (cq @ ck.T) * dq * (dk * scale)
+    p = torch.exp(s - s.max(1, keepdim=True).values)
+    l = p.sum(1, keepdim=True)
+    if pv_format == "fp32":
+        o = p @ v
+    elif pv_format == "fp16":
+        o = p.half().float() @ v.half().float()
+    else:
+        dv = v.abs().max(0, keepdim=True).values / 448
+        pq = (p * 448).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+        vq = (v / dv).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+        o = (pq @ vq) * (dv / 448)
+    return o / l
+
+
+@pytest.mark.parametrize("qk_format", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("pv_format", ["fp32", "fp16", "fp8_e4m3"])
+def test_the_kernel_is_sageattentions_numerics(qk_format, pv_format):
+    q, k, v = qkv(n=70, m=50, d=16, heads=2)
+    k = k + 3.0  # a shared key offset, which smoothing removes
+    out = quantized_attention(q, k, v, qk_format=qk_format, pv_format=pv_format, block_q=32, block_k=16, scale=0.3)
+    for h in range(2):
+        ref = loop_reference(q[0, h], k[0, h], v[0, h], qk_format, pv_format, 32, 16, True, scale=0.3)
+        assert torch.allclose(out[0, h], ref, atol=1e-6, rtol=1e-5), (qk_format, pv_format, h)
+
+
+def test_int8_products_match_the_float_path_bit_for_bit():
+    q, k, v = qkv(n=130, m=90, d=64)
+    a = quantized_attention(q, k, v, impl="reference")
+    b = quantized_attention(q, k, v, impl="int8")
+    assert torch.equal(a, b)
+
+
+def test_smoothing_k_removes_the_shared_offset_from_the_error():
+    q, k, v = qkv(n=256, d=64)
+    k = k + 20 * torch.randn(1, 1, 1, 64)  # a channel-wise outlier shared by every token
+    ref = F.scaled_dot_product_attention(q, k, v)
+    smooth = quantized_attention(q, k, v, pv_format="fp32", smooth_k=True)
+    raw = quantized_attention(q, k, v, pv_format="fp32", smooth_k=False)
+    err_smooth, err_raw = (smooth - ref).abs().mean(), (raw - ref).abs().mean()
+    assert err_smooth * 5 < err_raw
+    assert cosine(smooth, ref) > 0.999
+
+
+@pytest.mark.parametrize("qk_format, pv_format, floor", [
+    ("int8", "fp16", 0.9995), ("int8", "fp32", 0.9995), ("int8", "fp8_e4m3", 0.999), ("fp8_e4m3", "fp16", 0.998)])
+def test_accuracy_against_exact_attention(qk_format, pv_format, floor):
+    q, k, v = qkv(n=512, d=64, heads=2, seed=3)
+    out = quantized_attention(q, k, v, qk_format=qk_format, pv_format=pv_format)
+    assert cosine(out, F.scaled_dot_product_attention(q, k, v)) >= floor
+
+
+def test_per_channel_v_scale_keeps_small_channels():
+    q, k, v = qkv(n=128, d=16)
+    v[..., 0] *= 1000  # one huge channel; a per-tensor scale would flush the others to zero
+    out = quantized_attention(q, k, v, pv_format="fp8_e4m3")
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert cosine(out[..., 1:], ref[..., 1:]) > 0.995
+
+
+def test_dtypes_in_and_out():
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(n=64))
+    out = quantized_attention(q, k, v)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+
+
+def test_masks_causal_and_dropout_fall_back_to_exact_attention_once(caplog):
+    common._warned.clear()
+    q, k, v = qkv(n=40)
+    mask = torch.rand(40, 40) > 0.3
+    with caplog.at_level(logging.WARNING, logger="diffboost"):
+        out = quantized_attention(q, k, v, attn_mask=mask)
+        quantized_attention(q, k, v, attn_mask=mask)
+        causal = quantized_attention(q, k, v, is_causal=True)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert torch.equal(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert caplog.text.count("does not take an attention mask") == 1
+    assert caplog.text.count("does not take causal attention") == 1
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((torch.zeros(2, 3, 4),) * 3, {}, "must be a 4-D tensor"),
+    ((torch.zeros(1, 1, 4, 8, dtype=torch.float64),) * 3, {}, "allowed: float32, bfloat16, float16"),
+    ((torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)), {}, "batch and heads must match"),
+    ((torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 8)), {}, "head_dim differ"),
+    ((torch.zeros(1, 1, 0, 8),) * 3, {}, "no tokens"),
+    ((torch.zeros(1, 1, 4, 8),) * 3, {"qk_format": "int4"}, "qk_format must be one of"),
+    ((torch.zeros(1, 1, 4, 8),) * 3, {"pv_format": "bf16"}, "pv_format must be one of"),
+    ((torch.zeros(1, 1, 4, 8),) * 3, {"impl": "int8", "qk_format": "fp8_e4m3"}, "needs qk_format='int8'"),
+    ((torch.zeros(1, 1, 4, 8),) * 3, {"block_q": 0}, "block_q must be an integer in [1, 4096]"),
+    ((torch.zeros(1, 1, 4, 8),) * 3, {"scale": -1.0}, "scale must be a positive finite number"),
+])
+def test_refusals(args, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        quantized_attention(*args, **kwargs)
+    assert message in str(err.value)
+    if "4-D" in message:
+        assert isinstance(err.value, KernelInputError)
