@@ -67,6 +67,9 @@ MODULES: dict[str, list[str]] = {
         " or stacks_with or pixart)",
     ],
     "plugins/runtime.py": ["tests/plugins/test_runtime.py"],
+    "plugins/calibrate.py": ["tests/plugins/test_calibrate.py"],
+    "kernels/quantized.py": ["tests/kernels/test_quantized.py"],
+    "kernels/sparse.py": ["tests/kernels/test_sparse.py", "-k", "not flex"],
     "plugins/base.py": ["tests/plugins/test_base.py", "tests/caches/test_configs.py", "tests/plugins/test_stats.py"],
     "plugins/stacking.py": ["tests/plugins/test_stacking.py"],
     # presets are data now (diffboost/presets/*.toml, pinned by tests/plugins/test_presets.py); the code

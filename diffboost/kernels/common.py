@@ -79,6 +79,22 @@ def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
                                           scale=scale)
 
 
+def enter(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int,
+          scale: float | None, attn_mask: torch.Tensor | None, dropout_p: float,
+          is_causal: bool) -> tuple[float, torch.Tensor | None]:
+    """The checks every kernel starts with. Returns the softmax scale, and exact attention's output
+    when the kernel cannot take these arguments (logged once per reason), else None."""
+    check_qkv(q, k, v, name)
+    check_block(block_q, "block_q")
+    check_block(block_k, "block_k")
+    sm = softmax_scale(q, scale)
+    why = unsupported_reason(attn_mask, is_causal, dropout_p)
+    if why is None:
+        return sm, None
+    warn_once(f"{name}:{why}", f"{name} does not take {why}; computing exact attention instead (logged once)")
+    return sm, exact(q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+
 def softmax_scale(q: torch.Tensor, scale: float | None) -> float:
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])

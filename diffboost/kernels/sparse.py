@@ -18,11 +18,14 @@ each block is a spatially (and temporally) compact tile instead of a run of rows
 more self-similar and the selection sharper on images and video; the output is put back in the
 original order.
 
-Three implementations, the same numbers up to float rounding: ``"reference"`` (dense scores with
-the dropped blocks masked; the tests' yardstick), ``"gather"`` (the kept key/value blocks of each
-group of query blocks gathered and attended to: the work shrinks with the sparsity, pure PyTorch, the
-CPU default) and, on request, ``"flex"`` (``torch.nn.attention.flex_attention`` with a ``BlockMask``,
-compiled: skips the dropped blocks on CPU and CUDA; the first call compiles for tens of seconds).
+Four implementations, the same numbers up to float rounding: ``"reference"`` (dense scores with
+the dropped blocks masked; the tests' yardstick), ``"blocks"`` (the default: one fused
+``scaled_dot_product_attention`` per query block over the key tokens it keeps, gathered; the work is
+the kept share of the dense product, plus a Python loop over (batch, head, query block)),
+``"gather"`` (groups of query blocks over the union of their kept blocks, masked; pure tensor ops,
+slower on CPU than the fused kernel) and, on request, ``"flex"`` (``torch.nn.attention.flex_attention``
+with a ``BlockMask``, compiled: skips the dropped blocks on CPU and CUDA; the first call compiles
+for tens of seconds).
 """
 
 from __future__ import annotations
@@ -30,21 +33,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from .common import (
-    block_counts,
-    check_block,
-    check_qkv,
-    exact,
-    pad_tokens,
-    query_chunks,
-    softmax_scale,
-    unsupported_reason,
-    warn_once,
-)
+from .common import block_counts, enter, exact, pad_tokens, query_chunks, softmax_scale
 
-IMPLS = ("auto", "reference", "gather", "flex")
+IMPLS = ("auto", "reference", "gather", "blocks", "flex")
 ORDERS = ("rows", "tiles")
+#: ``impl="auto"`` computes exact attention when the selection keeps at least this share of the
+#: query-key pairs (the block loop would be slower than one fused call, and less exact)
+DENSE_SHARE = 0.85
 #: query blocks attended per gathered group in the "gather" implementation
 GROUP_BLOCKS = 8
 
@@ -163,6 +160,28 @@ def _gather(q, k, v, keep, block_q, block_k, sm):
     return out[:, :, :n]
 
 
+def _blocks(q, k, v, keep, block_q, block_k, sm):
+    """One fused ``scaled_dot_product_attention`` per (batch, head, query block) over the key and
+    value tokens of the key blocks it keeps, gathered: no mask, so the fused kernel runs, and the
+    work is the kept share of the dense product."""
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    out = torch.empty(b, h, n, v.shape[-1], dtype=torch.float32, device=q.device)
+    token_of_block = torch.arange(keep.shape[-1] * block_k, device=q.device).view(-1, block_k)
+    keep_cpu = keep.cpu()  # one host copy of the (small) block mask, not one sync per block
+    for bi in range(b):
+        for hi in range(h):
+            kh, vh = k[bi, hi], v[bi, hi]
+            for i in range(keep.shape[2]):
+                t0, t1 = i * block_q, min(n, (i + 1) * block_q)
+                blocks = keep_cpu[bi, hi, i].nonzero().flatten()
+                idx = token_of_block[blocks.to(q.device)].flatten()
+                idx = idx[idx < m]
+                out[bi, hi, t0:t1] = F.scaled_dot_product_attention(  # 4-D: the fused CPU kernel
+                    q[bi:bi + 1, hi:hi + 1, t0:t1], kh[idx][None, None], vh[idx][None, None], scale=sm)[0, 0]
+    return out
+
+
 _flex_compiled = None
 
 
@@ -224,28 +243,22 @@ def sparse_attention(
             of ``grid``; needs ``grid`` = (frames, height, width) with frames*height*width = tokens
             and query tokens = key tokens).
         tile: tile size (frames, height, width) in tokens for ``order="tiles"``. Default (1, 8, 8).
-        impl: ``"auto"`` (gather), ``"reference"``, ``"gather"`` or ``"flex"`` (compiled flex attention).
+        impl: ``"auto"`` (``"blocks"``, or exact attention when the selection keeps >= 85% of the
+            query-key pairs; the returned mask then keeps everything), ``"blocks"``, ``"reference"``, ``"gather"`` or ``"flex"``
+            (compiled flex attention).
         return_keep: also return the kept-block mask (batch, heads, query blocks, key blocks).
 
     Returns:
         the output (batch, heads, tokens, head_dim of v) in the input dtype, and the mask if asked.
     """
-    name = "sparse_attention"
-    check_qkv(q, k, v, name)
-    check_block(block_q, "block_q")
-    check_block(block_k, "block_k")
     check_selection(cdf_threshold, topk, sim_threshold)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    sm = softmax_scale(q, scale)
-    why = unsupported_reason(attn_mask, is_causal, dropout_p)
-    if why is not None:
-        warn_once(f"sparse:{why}", f"sparse_attention does not take {why}; computing exact attention instead "
-                  "(logged once)")
-        out = exact(q, k, v, attn_mask, dropout_p, is_causal, scale)
-        return (out, None) if return_keep else out
+    sm, fallback = enter("sparse_attention", q, k, v, block_q, block_k, scale, attn_mask, dropout_p, is_causal)
+    if fallback is not None:
+        return (fallback, None) if return_keep else fallback
     if cdf_threshold >= 1 and topk is None:  # every block kept: exact attention
         out = exact(q, k, v, scale=scale)
         keep = torch.ones(q.shape[0], q.shape[1], math.ceil(q.shape[2] / block_q), math.ceil(k.shape[2] / block_k),
@@ -261,8 +274,15 @@ def sparse_attention(
     keep = select_blocks(q, k, block_q=block_q, block_k=block_k, cdf_threshold=cdf_threshold, topk=topk,
                          sim_threshold=sim_threshold, scale=sm)
     qf, kf, vf = q.float(), k.float(), v.float()
-    if impl == "reference":
+    if impl == "auto" and float(kept_pairs(keep, q.shape[2], k.shape[2], block_q, block_k)) >= DENSE_SHARE * keep.shape[0] \
+            * keep.shape[1] * q.shape[2] * k.shape[2]:
+        # nearly everything kept: exact attention is faster than the block loop, and exact
+        keep = torch.ones_like(keep)
+        out = exact(qf, kf, vf, scale=sm)
+    elif impl == "reference":
         out = _reference(qf, kf, vf, keep, block_q, block_k, sm)
+    elif impl in ("auto", "blocks"):
+        out = _blocks(qf, kf, vf, keep, block_q, block_k, sm)
     elif impl == "flex":
         out = _flex(qf, kf, vf, keep, block_q, block_k, sm)
     else:

@@ -14,8 +14,10 @@ no schedule is tuned to one model:
 
 All keep the first 4 steps and the last one. Chosen on one prompt set of the Flux reference model (for
 each preset the setting with the most FLOPs saved that kept its level + 2 dB there), confirmed on
-another and on the other reference models (benchmarks/RESULTS.md, "The speed-fidelity
-front").
+another (benchmarks/RESULTS.md, "The speed-fidelity front"). The thresholds do not carry their
+fidelity to every model (cautious on our SD UNet, too bold on our 128 px Flux model): fit them to a
+model with :func:`diffboost.calibrate` (``diffboost calibrate --preset NAME``), which keeps the
+preset's level.
 """
 
 from __future__ import annotations

@@ -204,3 +204,45 @@ def test_a_bad_plugins_file_fails_before_loading(flux_folder, tmp_path, monkeypa
     assert main(["generate", "--model", str(flux_folder), "--plugins", str(bad)]) == 2
     assert "plugins[0] (TaylorSeer): TaylorSeer.interval=0 is out of range" in capsys.readouterr().err
     assert main(["batch", str(bad), "--model", str(flux_folder), "--plugins", str(tmp_path / "none.toml")]) == 2
+
+
+def test_calibrate_writes_a_stack_that_generate_takes(flux_folder, tmp_path, capsys):
+    import diffboost
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "fit.toml"
+    code = main(["calibrate", "--model", str(flux_folder), "--preset", "fast", "--prompts", str(prompts), "--steps", "10",
+                 "--size", "64", "--trials", "3", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code in (0, 1)  # 1: target not reached; the file is written either way
+    assert "calibrated fast on 2 prompts x 1 seeds, 10 steps" in text and "(target 38 + 2 dB margin)" in text
+    fit = diffboost.load(out)
+    assert type(fit[0]).__name__ == "EasyCache" and fit[0].order == 0  # the preset's other fields kept
+    assert f"threshold={fit[0].threshold:g}:" in text
+    assert main(["generate", "--model", str(flux_folder), "--steps", "10", "--size", "64", "--plugins", str(out),
+                 "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
+
+
+def test_calibrate_refuses_before_loading(flux_folder, tmp_path, monkeypatch, capsys):
+    import diffboost.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    stack = tmp_path / "s.toml"
+    import diffboost
+
+    diffboost.save([diffboost.EasyCache()], stack)
+    cases = [
+        (["--preset", "none"], "needs a preset (safe, fast, turbo) or --plugins FILE"),
+        (["--plugins", str(stack)], "--target DB is needed with --plugins"),
+        (["--out", str(tmp_path / "x.png")], "a stack file ends in .toml or .json"),
+        (["--out", str(tmp_path)], "is a folder"),
+        (["--steps", "0"], "must be a positive integer"),
+    ]
+    for extra, message in cases:
+        try:
+            code = main(["calibrate", "--model", str(flux_folder), *extra])
+        except SystemExit as exit_:  # argparse's own refusals
+            code = exit_.code
+        assert code == 2, extra
+        assert message in capsys.readouterr().err, extra

@@ -175,3 +175,31 @@ def test_configs_are_data():
     assert dataclasses.replace(cfg, topk=0.5).topk == 0.5 and cfg.never_skips() is False
     assert SparseAttention(cdf_threshold=1.0).never_skips() and not SparseAttention(cdf_threshold=1.0, topk=0.5).never_skips()
     assert not QuantizedAttention().never_skips()
+
+
+@pytest.mark.parametrize("plugin", [QuantizedAttention(),
+                                    SparseAttention(cdf_threshold=0.5, sim_threshold=-1.0, block_q=16, block_k=16)],
+                         ids=lambda p: type(p).__name__)
+def test_under_regional_compile(plugin):
+    """Compiled blocks (backend "eager") give the eager outputs; the quantized kernel traces whole
+    (no graph break inside a block), the sparse one breaks where the kept blocks decide shapes."""
+    from torch._dynamo.utils import counters
+
+    pipe = make_flux()
+    with diffboost.accelerated(pipe, plugin):
+        eager = run(pipe, "flux", num_inference_steps=4)
+    torch._dynamo.reset()
+    counters.clear()
+    for block in list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks):
+        block.compile(backend="eager")
+    try:
+        with diffboost.accelerated(pipe, plugin):
+            out = run(pipe, "flux", num_inference_steps=4)
+    finally:
+        torch._dynamo.reset()
+    assert counters["stats"]["calls_captured"] > 0
+    assert torch.equal(out, eager)
+    if isinstance(plugin, QuantizedAttention):
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    else:
+        assert any("nonzero" in r or "item()" in r for r in counters["graph_break"])

@@ -85,11 +85,12 @@ def masked_exact(q, k, v, keep, bq, bk, scale=None):
 def test_implementations_agree_and_compute_exact_attention_over_the_kept_blocks(n, m, bq, bk):
     q, k, v = qkv(n=n, m=m, heads=3, batch=2)
     outs = {}
-    for impl in ("reference", "gather"):
+    for impl in ("reference", "gather", "blocks"):
         outs[impl], keep = sparse_attention(q, k, v, block_q=bq, block_k=bk, cdf_threshold=0.45, sim_threshold=-1,
                                             impl=impl, return_keep=True)
     assert 0 < sparsity(keep, n, m, bq, bk) < 1
     assert torch.allclose(outs["reference"], outs["gather"], atol=1e-5)
+    assert torch.allclose(outs["reference"], outs["blocks"], atol=1e-5)
     assert torch.allclose(outs["gather"], masked_exact(q, k, v, keep, bq, bk), atol=1e-5)
 
 
@@ -149,3 +150,32 @@ def test_refusals(kwargs, message):
     with pytest.raises(ValueError) as err:
         sparse_attention(q, k, v, **kwargs)
     assert message in str(err.value)
+
+
+@pytest.mark.slow
+def test_flex_attention_path_matches_the_reference():
+    """Compiled flex attention with a BlockMask from our selection (compiles for about 20 s on CPU)."""
+    q, k, v = qkv(n=256, m=192, d=16)
+    out, keep = sparse_attention(q, k, v, block_q=64, block_k=64, cdf_threshold=0.5, sim_threshold=-1, impl="flex",
+                                 return_keep=True)
+    ref = sparse_attention(q, k, v, block_q=64, block_k=64, cdf_threshold=0.5, sim_threshold=-1, impl="reference")
+    assert 0 < sparsity(keep, 256, 192, 64, 64) < 1
+    assert torch.allclose(out, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="needs block_q == block_k"):
+        sparse_attention(q, k, v, block_q=64, block_k=32, cdf_threshold=0.5, impl="flex")
+
+
+def test_auto_computes_exact_attention_when_nearly_everything_is_kept():
+    q, k, v = qkv(n=256, d=16)
+    # top-k 7/8 of 8 key blocks: 87.5% of the pairs kept
+    _, selected = sparse_attention(q, k, v, topk=7 / 8, sim_threshold=-1, block_q=64, block_k=32, impl="blocks",
+                                   return_keep=True)
+    assert sparsity(selected, 256, 256, 64, 32) == pytest.approx(1 / 8)
+    out, keep = sparse_attention(q, k, v, topk=7 / 8, sim_threshold=-1, block_q=64, block_k=32, return_keep=True)
+    assert keep.all() and torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-6)
+    _, keep = sparse_attention(q, k, v, topk=6 / 8, sim_threshold=-1, block_q=64, block_k=32, return_keep=True)
+    assert sparsity(keep, 256, 256, 64, 32) == pytest.approx(2 / 8)  # 75% kept: the block loop
+    sparse, keep = sparse_attention(q, k, v, cdf_threshold=0.3, sim_threshold=-1, block_q=64, block_k=64,
+                                    return_keep=True)
+    blocks = sparse_attention(q, k, v, cdf_threshold=0.3, sim_threshold=-1, block_q=64, block_k=64, impl="blocks")
+    assert sparsity(keep, 256, 256, 64, 64) > 0.15 and torch.equal(sparse, blocks)
