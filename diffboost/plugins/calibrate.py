@@ -151,6 +151,11 @@ def _pooled_psnr(images: list[Any], plain: list[Any]) -> float:
     return math.inf if mse == 0 else float(-10 * torch.log10(mse))
 
 
+def _holds(db: float, target: float, margin_db: float) -> bool:
+    """A setting holds when its PSNR is at least the target plus the margin."""
+    return db >= target + margin_db
+
+
 def _step(value: float, up: bool, integer: bool) -> float:
     if integer:
         return value * 2 if up else max(1, value // 2)
@@ -289,7 +294,7 @@ def calibrate(
                     total += summary.get("denoiser_calls", 0)
         calls += len(images)
         db = _pooled_psnr(images, plain)
-        t = Trial(float(value), db, computed / total if total else 1.0, db >= target + margin_db)
+        t = Trial(float(value), db, computed / total if total else 1.0, _holds(db, target, margin_db))
         trials.append(t)
         logger.info("calibrate %s.%s=%g: %.2f dB, %.0f%% of the denoiser calls computed (%s)", type(stack[index]).__name__,
                     field, value, db, 100 * t.computed_share, "holds" if t.held else "misses")

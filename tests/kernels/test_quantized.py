@@ -37,6 +37,13 @@ def test_quantize_blocks_int8_on_exact_numbers():
     assert codes[0, 0, 4].tolist() == [127.0, -127.0]  # the partial last block has its own scale
 
 
+def test_small_blocks_get_their_own_scale():
+    x = torch.tensor([[0.5, -0.25], [0.125, 0.0]])[None, None]  # max |x| below 1
+    codes, delta = quantize_blocks(x, 2, "int8")
+    assert delta.flatten().tolist() == pytest.approx([0.5 / 127] * 2)
+    assert codes[0, 0, 0].tolist() == [127.0, -64.0]  # -63.5 -> -64 (half to even)
+
+
 def test_quantize_blocks_zero_block_and_fp8_codes():
     x = torch.zeros(1, 1, 4, 3)
     x[0, 0, 2:] = torch.tensor([[0.1, -900.0, 3.0], [1.0, 2.0, 0.0]])
@@ -96,8 +103,24 @@ def test_the_kernel_is_sageattentions_numerics(qk_format, pv_format):
         assert torch.allclose(out[0, h], ref, atol=1e-6, rtol=1e-5), (qk_format, pv_format, h)
 
 
+def test_default_blocks_are_sageattentions_128_by_64():
+    q, k, v = qkv(n=300, m=200, d=16, heads=1)
+    out = quantized_attention(q, k, v, pv_format="fp32")
+    ref = loop_reference(q[0, 0], k[0, 0], v[0, 0], "int8", "fp32", 128, 64, True)
+    assert torch.allclose(out[0, 0], ref, atol=1e-6, rtol=1e-5)
+    other = loop_reference(q[0, 0], k[0, 0], v[0, 0], "int8", "fp32", 129, 65, True)
+    assert not torch.allclose(out[0, 0], other, atol=1e-6, rtol=1e-5)
+
+
+def test_a_zero_value_channel_stays_finite():
+    q, k, v = qkv(n=64, d=8)
+    v[..., 3] = 0
+    out = quantized_attention(q, k, v, pv_format="fp8_e4m3")
+    assert torch.isfinite(out).all() and (out[..., 3] == 0).all()
+
+
 def test_int8_products_match_the_float_path_bit_for_bit():
-    q, k, v = qkv(n=130, m=90, d=64)
+    q, k, v = qkv(n=130, m=90, d=64, batch=2)
     a = quantized_attention(q, k, v, impl="reference")
     b = quantized_attention(q, k, v, impl="int8")
     assert torch.equal(a, b)
@@ -146,8 +169,8 @@ def test_masks_causal_and_dropout_fall_back_to_exact_attention_once(caplog):
         causal = quantized_attention(q, k, v, is_causal=True)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     assert torch.equal(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    assert caplog.text.count("does not take an attention mask") == 1
-    assert caplog.text.count("does not take causal attention") == 1
+    assert caplog.text.count("quantized_attention does not take an attention mask") == 1
+    assert caplog.text.count("quantized_attention does not take causal attention") == 1
 
 
 @pytest.mark.parametrize("args, kwargs, message", [

@@ -179,3 +179,89 @@ def test_auto_computes_exact_attention_when_nearly_everything_is_kept():
                                     return_keep=True)
     blocks = sparse_attention(q, k, v, cdf_threshold=0.3, sim_threshold=-1, block_q=64, block_k=64, impl="blocks")
     assert sparsity(keep, 256, 256, 64, 64) > 0.15 and torch.equal(sparse, blocks)
+
+
+def test_block_self_similarity_values():
+    from diffboost.kernels.sparse import _pool
+
+    e1, e2 = torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.5])  # norm 0.5: the normalisation matters
+    x = torch.stack([e1, e1, e1, -e1, e1, e2, 3 * e1, 3 * e1])[None, None]  # blocks of 2
+    mean, sim, counts = _pool(x, 2)
+    assert sim[0, 0].tolist() == pytest.approx([1.0, 0.0, 0.5, 1.0])
+    assert mean[0, 0, 2].tolist() == pytest.approx([0.25, 0.25]) and counts.tolist() == [2, 2, 2, 2]
+
+
+def test_partial_key_blocks_weigh_by_their_token_count():
+    q = torch.zeros(1, 1, 8, 4)  # pooled scores all 0: the probabilities are the blocks' token shares
+    k = torch.randn(1, 1, 96, 4)
+    keep = select_blocks(q, k, block_q=8, block_k=64, cdf_threshold=0.6, sim_threshold=-1.0)
+    assert keep[0, 0, 0].tolist() == [True, False]  # 64 of 96 tokens: 2/3 >= 0.6
+
+
+def test_the_cumulative_rule_is_strict_at_tau():
+    q = torch.zeros(1, 1, 8, 4)
+    k = torch.randn(1, 1, 128, 4)  # two equal blocks: 0.5 each
+    keep = select_blocks(q, k, block_q=8, block_k=64, cdf_threshold=0.5, sim_threshold=-1.0)
+    assert keep[0, 0, 0].tolist() == [True, False]  # the mass before the second block is 0.5, not < 0.5
+
+
+def test_topk_keeps_at_least_one_block():
+    q, k, _ = qkv(n=16, m=160, d=8)
+    keep = select_blocks(q, k, block_q=16, block_k=16, topk=0.01, sim_threshold=-1.0)
+    assert (keep.sum(-1) == 1).all()
+
+
+def test_defaults_are_spargeattns_blocks_and_theta():
+    q, k = clustered(blocks=4, size=128, d=8)
+    keep = select_blocks(q, k, cdf_threshold=0.9)
+    assert keep.shape == (1, 1, 4, 8)  # 128-token query blocks, 64-token key blocks
+    g = torch.Generator().manual_seed(3)
+    q[0, 0, :128] = torch.randn(128, 8, generator=g)  # query block 0 dissimilar: dense under theta = 0.5
+    assert select_blocks(q, k, cdf_threshold=0.9)[0, 0, 0].all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather", "blocks", "auto"])
+def test_a_custom_scale_reaches_every_path(impl):
+    q, k, v = qkv(n=96, m=80, heads=2, batch=2)
+    out, keep = sparse_attention(q, k, v, scale=0.7, block_q=16, block_k=16, cdf_threshold=0.5, sim_threshold=-1,
+                                 impl=impl, return_keep=True)
+    assert torch.allclose(out, masked_exact(q, k, v, keep, 16, 16, scale=0.7), atol=1e-5)
+    expect = select_blocks(q, k, scale=0.7, block_q=16, block_k=16, cdf_threshold=0.5, sim_threshold=-1)
+    if impl != "auto" or not keep.all():
+        assert torch.equal(keep, expect)
+
+
+def test_tau_one_and_the_dense_shortcut_keep_the_scale_and_shapes():
+    q, k, v = qkv(n=100, m=70, heads=3, batch=2)
+    out, keep = sparse_attention(q, k, v, cdf_threshold=1.0, scale=0.4, return_keep=True, block_q=32, block_k=16)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, scale=0.4))
+    assert keep.dtype == torch.bool and keep.shape == (2, 3, 4, 5) and keep.all()
+    out, keep = sparse_attention(q, k, v, topk=1.0, scale=0.4, return_keep=True, block_q=32, block_k=16)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, scale=0.4), atol=1e-6) and keep.all()
+    assert out.dtype == q.dtype
+    half = sparse_attention(*(t.half() for t in (q, k, v)), topk=0.5, block_q=32, block_k=16)
+    assert half.dtype == torch.float16
+
+
+def test_a_fallback_with_return_keep_gives_no_mask():
+    q, k, v = qkv(n=40)
+    out, keep = sparse_attention(q, k, v, is_causal=True, return_keep=True)
+    assert keep is None and torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_tile_order_matches_a_loop_over_tiles_on_ragged_grids():
+    def by_loops(grid, tile):
+        f, h, w = grid
+        tf, th, tw = tile
+        out = []
+        for f0 in range(0, f, tf):
+            for h0 in range(0, h, th):
+                for w0 in range(0, w, tw):
+                    for a in range(f0, min(f, f0 + tf)):
+                        for b in range(h0, min(h, h0 + th)):
+                            for c in range(w0, min(w, w0 + tw)):
+                                out.append((a * h + b) * w + c)
+        return out
+
+    for grid, tile in [((4, 5, 7), (3, 2, 3)), ((5, 4, 4), (3, 4, 4)), ((1, 6, 9), (1, 4, 4)), ((2, 3, 3), (1, 3, 3))]:
+        assert tile_order(grid, tile).tolist() == by_loops(grid, tile), (grid, tile)

@@ -4,6 +4,7 @@ unpatched), and its refusals before any pipeline call."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -143,6 +144,7 @@ def test_calibrate_on_a_pipeline_reports_what_the_stack_does(flux):
         if t.value > fit.value:
             assert not t.held or t.computed_share >= fit.computed_share
     assert fit.computed_share < 1.0
+    assert len({t.computed_share for t in fit.trials}) > 1  # the settings tried differ
     assert "threshold=" in fit.summary()
 
 
@@ -201,3 +203,116 @@ def test_sada_curvature_is_tunable():
     assert SADA(criterion="curvature").tunable_field() == "tolerance"
     assert SADA().tunable_field() is None
     assert SADA(criterion="curvature", schedule=(3, 4)).tunable_field() is None
+
+
+def test_search_bisects_to_ten_percent_with_two_digit_values():
+    trial, seen = curve(edge=0.3)
+    search(trial, 0.04, False, 20, no_check)
+    assert seen == [0.04, 0.08, 0.16, 0.32, 0.23, 0.27, 0.29, 0.3]  # 0.32 / 0.3 is within 10%: stop
+
+
+def test_search_counts_bisection_trials_against_the_limit():
+    trial, seen = curve(edge=0.3)
+    search(trial, 0.04, False, 6, no_check)
+    assert seen == [0.04, 0.08, 0.16, 0.32, 0.23, 0.27]
+
+
+def test_integer_search_bisects_at_midpoints_and_halves_to_one():
+    trial, seen = curve(edge=20, integer=True)
+    best, _ = search(trial, 2.0, True, 20, no_check)
+    assert seen == [2, 4, 8, 16, 32, 24, 20, 22, 21] and best.value == 20
+    trial, seen = curve(edge=0, integer=True)
+    best, reached = search(trial, 8.0, True, 20, no_check)
+    assert seen == [8, 4, 2, 1] and not reached and best.value == 1
+    trial, seen = curve(edge=0, integer=True)
+    search(trial, 5.0, True, 20, no_check)
+    assert seen == [5, 2, 1]
+
+
+def test_nothing_held_returns_the_most_faithful_trial():
+    def trial(value):
+        return Trial(value, {1.0: 30.0, 0.5: 33.0, 0.25: 31.0}[value], 0.5, False)
+
+    best, reached = search(trial, 1.0, False, 3, no_check)
+    assert not reached and best.value == 0.5
+
+
+def test_holds_at_exactly_target_plus_margin():
+    from diffboost.plugins.calibrate import _holds
+
+    assert _holds(40.0, 38.0, 2.0) and not _holds(39.999, 38.0, 2.0) and not _holds(38.5, 38.0, 2.0)
+
+
+def test_summary_text():
+    from diffboost.plugins.calibrate import Calibration
+
+    fit = Calibration(plugins=[EasyCache(threshold=0.2)], field="threshold", value=0.2, target_psnr=38.0,
+                      margin_db=2.0, psnr=40.25, computed_share=0.375, reached=True,
+                      trials=(Trial(0.1, 45.0, 0.5, True), Trial(0.2, 40.25, 0.375, True)), pipeline_calls=6)
+    assert fit.summary() == ("threshold=0.2: 40.2 dB (target 38 + 2 dB margin), 38% of the denoiser calls computed; "
+                             "tried 0.1: 45.0 dB, 0.2: 40.2 dB")
+    missed = dataclasses.replace(fit, reached=False)
+    assert "40.2 dB (target 38 + 2 dB margin) (target NOT reached), 38%" in missed.summary()
+
+
+def test_defaults_are_documented_values():
+    import inspect
+
+    params = inspect.signature(diffboost.calibrate).parameters
+    assert params["margin_db"].default == 2.0 and params["max_trials"].default == 8 and params["seeds"].default == (0,)
+
+
+class Unrunnable:
+    """Validation passed when calling it is what fails."""
+
+    def __call__(self, **kw):
+        raise AssertionError("reached the pipeline")
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"seeds": 2**63 - 1}, {"seeds": [0, 5]}, {"margin_db": 0}, {"margin_db": 20}, {"max_trials": 2},
+    {"max_trials": 50}, {"target_psnr": 10}, {"target_psnr": 100},
+])
+def test_bounds_are_inclusive(kwargs):
+    with pytest.raises(AssertionError, match="reached the pipeline"):
+        diffboost.calibrate(Unrunnable(), "fast", prompts=PROMPTS, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seeds": 2**63}, "calibration seed 9223372036854775808 is out of range"),
+    ({"seeds": [True]}, "calibration seed True is out of range"),
+    ({"margin_db": 20.5}, "margin_db must be"),
+    ({"margin_db": True}, "margin_db must be"),
+    ({"max_trials": 51}, "max_trials must be"),
+    ({"max_trials": True}, "max_trials must be"),
+    ({"target_psnr": 9.9}, "target_psnr must be"),
+    ({"target_psnr": 100.1}, "target_psnr must be"),
+])
+def test_just_past_the_bounds_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        diffboost.calibrate(Unrunnable(), "fast", prompts=PROMPTS, **kwargs)
+
+
+def test_the_refusal_names_the_stack():
+    with pytest.raises(ValueError, match=r"in the stack \['EasyCache', 'TaylorSeer'\] more than one"):
+        diffboost.calibrate(Unrunnable(), [EasyCache(), TaylorSeer()], target_psnr=40, prompts=PROMPTS)
+
+
+def test_other_plugins_of_the_stack_are_kept_and_the_share_is_measured(flux):
+    from diffboost import QuantizedAttention
+
+    fit = diffboost.calibrate(flux, [EasyCache(threshold=0.4, warmup=2), QuantizedAttention()], target_psnr=20,
+                              prompts=PROMPTS, max_trials=2, **CALL)
+    assert [type(p).__name__ for p in fit.plugins] == ["EasyCache", "QuantizedAttention"]
+    computed = total = 0
+    with diffboost.accelerated(flux, fit.plugins) as handle:
+        for prompt in PROMPTS:
+            flux(prompt=prompt, generator=torch.Generator("cpu").manual_seed(0), **CALL)
+            summary = handle.describe()["summary"]
+            computed, total = computed + summary["computed"], total + summary["denoiser_calls"]
+    assert 0 < fit.computed_share == computed / total < 1
+
+
+def test_an_interval_of_one_starts_the_search_at_two(flux):
+    fit = diffboost.calibrate(flux, TaylorSeer(interval=1), target_psnr=20, prompts=PROMPTS[:1], max_trials=2, **CALL)
+    assert fit.trials[0].value == 2
