@@ -29,7 +29,7 @@ import torch
 from diffusers.hooks.hooks import ModelHook
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import CallStats, Installed, Plugin, PluginKind, check_bools, check_int, install_each
+from ..plugins.base import CallStats, Installed, Plugin, PluginKind, check_bools, check_choice, check_int, install_each
 from ..plugins.runtime import CallTracker, HookSet
 from . import quantized as quant_math
 from . import sparse as sparse_math
@@ -38,12 +38,6 @@ logger = logging.getLogger("diffboost")
 
 HOOK_NAME = "diffboost.attention_gate"
 _names = itertools.count(1)
-
-
-def _check_choice(cfg: Any, name: str, allowed: tuple) -> None:
-    value = getattr(cfg, name)
-    if value not in allowed:
-        raise ValueError(f"{type(cfg).__name__}.{name} must be one of {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +128,7 @@ class SparseAttention(_KernelPlugin):
         sparse_math.check_selection(self.cdf_threshold, self.topk, self.sim_threshold)
         check_int(self, "block_q", 1, 4096)
         check_int(self, "block_k", 1, 4096)
-        _check_choice(self, "impl", sparse_math.IMPLS)
+        check_choice(self, "impl", sparse_math.IMPLS)
 
     def never_skips(self) -> bool:
         return self.cdf_threshold >= 1 and self.topk is None
@@ -310,7 +304,7 @@ def _attention_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
 def _processor_route(processor: Any) -> str | None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    if hasattr(type(processor), "_attention_backend") or hasattr(processor, "_attention_backend"):
+    if hasattr(processor, "_attention_backend"):
         return "dispatcher"
     if type(processor) is AttnProcessor2_0:
         return "processor"

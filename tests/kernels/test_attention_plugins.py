@@ -161,7 +161,7 @@ def test_a_pipeline_without_a_routable_processor_is_refused(flux):
     (QuantizedAttention, {"dense_steps": -1}, "dense_steps"),
     (SparseAttention, {"cdf_threshold": 1.5}, "cdf_threshold must be in (0, 1]"),
     (SparseAttention, {"topk": 0}, "topk must be a fraction"),
-    (SparseAttention, {"impl": "triton"}, "impl must be one of"),
+    (SparseAttention, {"impl": "triton"}, "SparseAttention.impl='triton' is not supported; choose one of"),
     (SparseAttention, {"cross_attention": 1}, "cross_attention"),
 ])
 def test_configs_are_validated(cls, kwargs, message):
