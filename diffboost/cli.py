@@ -2,7 +2,7 @@
 
     diffboost generate ["PROMPT"] [--model PATH] [--preset NAME|none | --plugins FILE] [--steps N] [--seed S] [--out FILE] [--compare]
     diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none | --plugins FILE] [--seeds N] [--steps N] ...
-    diffboost calibrate [--model PATH] [--preset NAME | --plugins FILE] [--target DB] [--prompts FILE] [--out FILE.toml]
+    diffboost calibrate [--model PATH] [--preset NAME | --plugins FILE] [--also FILE] [--target DB] [--prompts FILE] [--out FILE.toml]
     diffboost bench [--model PATH] [--quick] ...
     diffboost demo [--model PATH] [--host 127.0.0.1] [--port 7860]
 
@@ -229,6 +229,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.target is None and (args.plugins or args.preset not in PRESET_LEVELS):
         raise ValueError("--target DB is needed with --plugins (a preset's target is its level: "
                          + ", ".join(f"{k} {v:g}" for k, v in PRESET_LEVELS.items()) + ")")
+    from .plugins.stacks import load
+
+    alternatives = [load(path) for path in args.also]
     prompts = [e["prompt"] for e in read_prompts(args.prompts)] if args.prompts else list(CALIBRATION_PROMPTS)
     model = check_model_folder(args.model) if args.model else default_model_path()
     defaults = model_defaults(model)
@@ -247,7 +250,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     kwargs.update(knob)
     fit = diffboost.calibrate(pipe, stack, prompts=prompts, target_psnr=args.target,
                               seeds=list(range(args.seed, args.seed + args.seeds)), margin_db=args.margin,
-                              max_trials=args.trials, **kwargs)
+                              max_trials=args.trials, alternatives=alternatives, **kwargs)
     diffboost.save(fit.plugins, out)
     print(f"model: {model}; calibrated {label} on {len(prompts)} prompts x {args.seeds} seeds, "
           f"{kwargs['num_inference_steps']} steps ({fit.pipeline_calls} pipeline calls)")
@@ -355,6 +358,9 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
     p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--also", action="append", default=[], metavar="FILE",
+                   help="another stack file to fit to the same target (repeatable); the fit computing the fewest "
+                   "denoiser calls is written")
     p.add_argument("--out", default=None, help="stack file to write, .toml or .json (default: out/calibrated-NAME.toml)")
     p.set_defaults(func=cmd_calibrate)
 

@@ -23,6 +23,7 @@ several dB from one prompt set to the next (benchmarks/RESULTS.md, "Calibrated t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Callable, Sequence
@@ -58,7 +59,8 @@ class Calibration:
         reached: False when no setting tried held the target (``plugins`` is then the most faithful
             one tried, and a warning was logged).
         trials: every setting tried, in order.
-        pipeline_calls: pipeline calls the calibration made (plain + accelerated).
+        pipeline_calls: pipeline calls the calibration made (plain + accelerated, every stack).
+        alternatives: the fits of the other stacks tried (``calibrate(..., alternatives=...)``).
     """
 
     plugins: list[Plugin]
@@ -71,13 +73,25 @@ class Calibration:
     reached: bool
     trials: tuple[Trial, ...]
     pipeline_calls: int
+    alternatives: tuple["Calibration", ...] = ()
+
+    @property
+    def knob(self) -> str:
+        """``Plugin.field`` of the tuned plugin."""
+        owner = next((type(p).__name__ for p in self.plugins if p.tunable_field() == self.field), "?")
+        return f"{owner}.{self.field}"
 
     def summary(self) -> str:
         tried = ", ".join(f"{t.value:g}: {t.psnr:.1f} dB" for t in self.trials)
         verdict = "" if self.reached else " (target NOT reached)"
-        return (f"{self.field}={self.value:g}: {self.psnr:.1f} dB (target {self.target_psnr:g} + "
+        text = (f"{self.knob}={self.value:g}: {self.psnr:.1f} dB (target {self.target_psnr:g} + "
                 f"{self.margin_db:g} dB margin){verdict}, {self.computed_share:.0%} of the denoiser calls "
                 f"computed; tried {tried}")
+        for alt in self.alternatives:
+            state = "" if alt.reached else ", target not reached"
+            text += (f"; also fitted: {alt.knob}={alt.value:g}, {alt.psnr:.1f} dB, {alt.computed_share:.0%} "
+                     f"computed{state}")
+        return text
 
 
 def _stack_and_target(plugins: Any, target_psnr: float | None) -> tuple[list[Plugin], float]:
@@ -234,6 +248,7 @@ def calibrate(
     seeds: Sequence[int] | int = (0,),
     margin_db: float = 2.0,
     max_trials: int = 8,
+    alternatives: Sequence[Any] = (),
     **call_kwargs: Any,
 ) -> Calibration:
     """Tune the speed knob of ``plugins`` so that ``pipe`` keeps ``target_psnr`` dB on these prompts.
@@ -250,19 +265,46 @@ def calibrate(
         margin_db: dB kept above the target on the calibration inputs, for other prompts. Default 2
             (with 1 dB and 4 prompts, settings fitted on our Flux model missed the target by 2-5 dB
             on a new prompt set: the mean over few images is dominated by the hardest one).
-        max_trials: most accelerated runs (>= 2). Default 8.
+        max_trials: most accelerated runs per stack (>= 2). Default 8.
+        alternatives: other stacks (configs, preset names or lists, each with one tunable plugin)
+            fitted to the same target on the same plain images; the fit computing the fewest
+            denoiser calls that reaches the target is returned (the others in ``.alternatives``). A
+            stack the pipeline refuses is skipped and logged. Default none.
         **call_kwargs: passed to every pipeline call (``num_inference_steps``, ``height``, ...): use
             the settings you will generate with, the fit depends on them.
 
     Returns:
         a :class:`Calibration` (``.plugins`` to apply or save, ``.summary()`` to print).
     """
-    from .api import _HANDLE_ATTR, accelerated
+    from .adapters import UnsupportedPipelineError
+    from .api import _HANDLE_ATTR
 
     stack, target = _stack_and_target(plugins, target_psnr)
+    if isinstance(alternatives, (str, Plugin)):
+        alternatives = [alternatives]
+    others = [_stack_and_target(alt, target)[0] for alt in alternatives]
     prompts_, seeds_ = _check_inputs(prompts, seeds, margin_db, max_trials)
     if getattr(pipe, _HANDLE_ATTR, None) is not None:
         raise ValueError(f"{type(pipe).__name__} is already accelerated; call diffboost.remove(pipe) before calibrating")
+    starts = [_start(s) for s in [stack, *others]]  # bad stacks fail here, before any pipeline call
+    plain = _run(pipe, prompts_, seeds_, call_kwargs)
+    calls = [len(plain)]
+    fits = []
+    for i, (candidate, start) in enumerate(zip([stack, *others], starts)):
+        try:
+            fits.append(_fit(pipe, candidate, start, plain, prompts_, seeds_, target, margin_db, max_trials,
+                             call_kwargs, calls))
+        except UnsupportedPipelineError as err:
+            if i == 0:
+                raise
+            logger.info("calibrate: skipping the alternative %s: %s", candidate, err)
+    reached = [f for f in fits if f.reached]
+    best = min(reached, key=lambda f: f.computed_share) if reached else fits[0]
+    return dataclasses.replace(best, pipeline_calls=calls[0], alternatives=tuple(f for f in fits if f is not best))
+
+
+def _start(stack: list[Plugin]) -> tuple[int, str, float, bool]:
+    """The tuned plugin's index and field, the search's start and whether the field is an integer."""
     index, field = _tuned(stack)
     start = getattr(stack[index], field)
     integer = isinstance(start, int)
@@ -271,28 +313,36 @@ def calibrate(
                          "from a value > 0 (e.g. the plugin's default)")
     if integer and start == 1:
         start = 2  # interval 1 computes every step
+    _with_value(stack, index, field, integer, start)  # a bad start fails here
+    return index, field, float(start), integer
 
-    def with_value(value: float) -> list[Plugin]:
-        cfg = dataclasses.replace(stack[index], **{field: int(value) if integer else float(value)})
-        return [*stack[:index], cfg, *stack[index + 1:]]
 
-    with_value(start)  # a bad start fails here, before any pipeline call
-    plain = _run(pipe, prompts_, seeds_, call_kwargs)
-    calls = len(plain)
+def _with_value(stack: list[Plugin], index: int, field: str, integer: bool, value: float) -> list[Plugin]:
+    cfg = dataclasses.replace(stack[index], **{field: int(value) if integer else float(value)})
+    return [*stack[:index], cfg, *stack[index + 1:]]
+
+
+def _fit(pipe: Any, stack: list[Plugin], start: tuple[int, str, float, bool], plain: list[Any], prompts: list[str],
+         seeds: list[int], target: float, margin_db: float, max_trials: int, call_kwargs: dict[str, Any],
+         calls: list[int]) -> Calibration:
+    """Search one stack's strength field (``calls[0]`` counts the pipeline calls made)."""
+    from .api import accelerated
+
+    index, field, first, integer = start
+    with_value = functools.partial(_with_value, stack, index, field, integer)
     trials: list[Trial] = []
 
     def trial(value: float) -> Trial:
-        nonlocal calls
         with accelerated(pipe, with_value(value)) as handle:
             computed = total = 0
             images = []
-            for prompt in prompts_:
-                for seed in seeds_:
+            for prompt in prompts:
+                for seed in seeds:
                     images.extend(_run(pipe, [prompt], [seed], call_kwargs))
                     summary = handle.describe().get("summary") or {}
                     computed += summary.get("computed", 0)
                     total += summary.get("denoiser_calls", 0)
-        calls += len(images)
+        calls[0] += len(images)
         db = _pooled_psnr(images, plain)
         t = Trial(float(value), db, computed / total if total else 1.0, _holds(db, target, margin_db))
         trials.append(t)
@@ -300,12 +350,12 @@ def calibrate(
                     field, value, db, 100 * t.computed_share, "holds" if t.held else "misses")
         return t
 
-    best, reached = search(trial, float(start), integer, max_trials, with_value)
+    best, reached = search(trial, first, integer, max_trials, with_value)
     if not reached:
         logger.warning("calibrate: no %s tried kept %g dB + %g dB margin (the most faithful, %s=%g, kept %.1f dB); "
                        "use a weaker plugin or a lower target", field, target, margin_db, field, best.value, best.psnr)
     return Calibration(
         plugins=with_value(best.value), field=field, value=int(best.value) if integer else best.value,
         target_psnr=target, margin_db=float(margin_db), psnr=best.psnr, computed_share=best.computed_share,
-        reached=reached, trials=tuple(trials), pipeline_calls=calls,
+        reached=reached, trials=tuple(trials), pipeline_calls=calls[0],
     )

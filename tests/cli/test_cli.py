@@ -222,6 +222,12 @@ def test_calibrate_writes_a_stack_that_generate_takes(flux_folder, tmp_path, cap
     assert f"threshold={fit[0].threshold:g}:" in text
     assert main(["generate", "--model", str(flux_folder), "--steps", "10", "--size", "64", "--plugins", str(out),
                  "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
+    also = diffboost.save([diffboost.TaylorSeer(interval=2, warmup=1)], tmp_path / "also.toml")
+    code = main(["calibrate", "--model", str(flux_folder), "--preset", "turbo", "--also", str(also), "--prompts",
+                 str(prompts), "--steps", "10", "--size", "64", "--trials", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code in (0, 1) and "also fitted: " in text
+    assert type(diffboost.load(out)[0]).__name__ in ("EasyCache", "TaylorSeer")
 
 
 def test_calibrate_refuses_before_loading(flux_folder, tmp_path, monkeypatch, capsys):

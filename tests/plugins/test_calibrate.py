@@ -249,8 +249,12 @@ def test_summary_text():
     fit = Calibration(plugins=[EasyCache(threshold=0.2)], field="threshold", value=0.2, target_psnr=38.0,
                       margin_db=2.0, psnr=40.25, computed_share=0.375, reached=True,
                       trials=(Trial(0.1, 45.0, 0.5, True), Trial(0.2, 40.25, 0.375, True)), pipeline_calls=6)
-    assert fit.summary() == ("threshold=0.2: 40.2 dB (target 38 + 2 dB margin), 38% of the denoiser calls computed; "
-                             "tried 0.1: 45.0 dB, 0.2: 40.2 dB")
+    assert fit.summary() == ("EasyCache.threshold=0.2: 40.2 dB (target 38 + 2 dB margin), 38% of the denoiser calls "
+                             "computed; tried 0.1: 45.0 dB, 0.2: 40.2 dB")
+    other = dataclasses.replace(fit, plugins=[TaylorSeer(interval=3)], field="interval", value=3, psnr=39.0,
+                                computed_share=0.5, reached=False)
+    assert dataclasses.replace(fit, alternatives=(other,)).summary().endswith(
+        "; also fitted: TaylorSeer.interval=3, 39.0 dB, 50% computed, target not reached")
     missed = dataclasses.replace(fit, reached=False)
     assert "40.2 dB (target 38 + 2 dB margin) (target NOT reached), 38%" in missed.summary()
 
@@ -316,3 +320,14 @@ def test_other_plugins_of_the_stack_are_kept_and_the_share_is_measured(flux):
 def test_an_interval_of_one_starts_the_search_at_two(flux):
     fit = diffboost.calibrate(flux, TaylorSeer(interval=1), target_psnr=20, prompts=PROMPTS[:1], max_trials=2, **CALL)
     assert fit.trials[0].value == 2
+
+
+def test_alternatives_are_fitted_on_the_same_plain_images_and_the_cheapest_wins(flux):
+    fit = diffboost.calibrate(flux, EasyCache(threshold=0.05, warmup=2), target_psnr=25, prompts=PROMPTS, max_trials=3,
+                              alternatives=[TaylorSeer(interval=2, warmup=1)], **CALL)
+    fits = [fit, *fit.alternatives]
+    assert sorted(type(f.plugins[0]).__name__ for f in fits) == ["EasyCache", "TaylorSeer"]
+    assert fit.reached and fit.computed_share == min(f.computed_share for f in fits if f.reached)
+    assert fit.pipeline_calls == len(PROMPTS) * (1 + sum(len(f.trials) for f in fits))
+    with pytest.raises(ValueError, match="more than one has one"):
+        diffboost.calibrate(Unrunnable(), "fast", prompts=PROMPTS, alternatives=[[EasyCache(), TaylorSeer()]])
