@@ -253,8 +253,10 @@ def test_summary_text():
                              "computed; tried 0.1: 45.0 dB, 0.2: 40.2 dB")
     other = dataclasses.replace(fit, plugins=[TaylorSeer(interval=3)], field="interval", value=3, psnr=39.0,
                                 computed_share=0.5, reached=False)
-    assert dataclasses.replace(fit, alternatives=(other,)).summary().endswith(
-        "; also fitted: TaylorSeer.interval=3, 39.0 dB, 50% computed, target not reached")
+    both = dataclasses.replace(fit, alternatives=(other, dataclasses.replace(other, reached=True))).summary()
+    assert both.startswith("EasyCache.threshold=0.2: 40.2 dB") and both.endswith(
+        "; also fitted: TaylorSeer.interval=3, 39.0 dB, 50% computed, target not reached"
+        "; also fitted: TaylorSeer.interval=3, 39.0 dB, 50% computed")
     missed = dataclasses.replace(fit, reached=False)
     assert "40.2 dB (target 38 + 2 dB margin) (target NOT reached), 38%" in missed.summary()
 
@@ -331,3 +333,21 @@ def test_alternatives_are_fitted_on_the_same_plain_images_and_the_cheapest_wins(
     assert fit.pipeline_calls == len(PROMPTS) * (1 + sum(len(f.trials) for f in fits))
     with pytest.raises(ValueError, match="more than one has one"):
         diffboost.calibrate(Unrunnable(), "fast", prompts=PROMPTS, alternatives=[[EasyCache(), TaylorSeer()]])
+
+
+def test_a_refused_alternative_is_skipped_and_a_refused_stack_is_an_error(flux, monkeypatch, caplog):
+    from diffboost import UnsupportedPipelineError
+
+    def refuse(self, adapter, tracker):
+        raise UnsupportedPipelineError("TaylorSeer refused for this test")
+
+    monkeypatch.setattr(TaylorSeer, "install", refuse)
+    with caplog.at_level(logging.INFO, logger="diffboost"):
+        fit = diffboost.calibrate(flux, EasyCache(threshold=0.05, warmup=2), target_psnr=25, prompts=PROMPTS[:1],
+                                  max_trials=2, alternatives=TaylorSeer(interval=2), **CALL)  # one bare config
+    assert type(fit.plugins[0]).__name__ == "EasyCache" and fit.alternatives == ()
+    assert "skipping the alternative" in caplog.text and "refused for this test" in caplog.text
+    with pytest.raises(UnsupportedPipelineError, match="refused for this test"):
+        diffboost.calibrate(flux, TaylorSeer(interval=2), target_psnr=25, prompts=PROMPTS[:1], max_trials=2,
+                            alternatives=[EasyCache()], **CALL)
+    assert not diffboost.describe(flux)["accelerated"]
