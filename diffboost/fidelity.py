@@ -46,6 +46,16 @@ def psnr(a: Any, b: Any, data_range: float = 1.0, reduction: str = "mean") -> to
     return out if reduction == "none" else out.mean()
 
 
+def pooled_psnr(a: Any, b: Any, data_range: float = 1.0) -> tuple[float, float]:
+    """PSNR of the mean squared error over all image pairs (``inf`` only when all are identical; one bad
+    image weighs fully), and the worst pair's PSNR. The measure of ``diffboost bench`` and
+    :func:`diffboost.calibrate`."""
+    per_image = psnr(a, b, data_range, reduction="none")
+    mse = torch.pow(10.0, -per_image / 10).mean()
+    pooled = float("inf") if mse == 0 else float(-10 * torch.log10(mse))
+    return pooled, float(per_image.min())
+
+
 def _gaussian_window(size: int, sigma: float, channels: int) -> torch.Tensor:
     r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(r**2) / (2 * sigma**2))

@@ -20,6 +20,7 @@ from diffboost_reference.evaluation import metrics
 from diffboost_reference.evaluation.classifier import DEFAULT_EVALUATOR_DIR, evaluator_available, load_evaluator
 from diffboost_reference.evaluation.images import to_tensor01
 
+from ..fidelity import pooled_psnr
 from .accelerators import Unavailable, denoiser_of, install
 from .configs import RIVAL_KINDS, BenchConfig
 from .flops import count_denoiser_flops
@@ -323,14 +324,6 @@ def trained_on_scene_captions(pipe: Any) -> bool:
     return all(word in vocab for word in vocabulary())
 
 
-def _pooled_psnr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """PSNR of the mean MSE over all images (inf only when all are identical), and the worst image's."""
-    per_image = metrics.psnr(a, b, reduction="none")
-    mse = torch.pow(10.0, -per_image / 10).mean()
-    pooled = float("inf") if mse == 0 else float(-10 * torch.log10(mse))
-    return pooled, float(per_image.min())
-
-
 def fill_metrics(report: BenchReport, pipe: Any) -> None:
     """Speedup, FLOPs reduction and fidelity vs the baseline's images of the same prompt + seed."""
     results = report.results
@@ -349,7 +342,7 @@ def fill_metrics(report: BenchReport, pipe: Any) -> None:
         r.speedup = base.time_s / r.time_s if r.time_s > 0 else math.nan
         if r.denoiser_flops > 0:
             r.flops_reduction = base.denoiser_flops / r.denoiser_flops
-        r.psnr, r.psnr_min = _pooled_psnr(r.images, base.images)
+        r.psnr, r.psnr_min = pooled_psnr(r.images, base.images)
         r.ssim = float(metrics.ssim(r.images, base.images))
         if evaluator is not None:
             # 1 - cos can come out a few ulps below 0 for identical images

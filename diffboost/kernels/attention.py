@@ -29,7 +29,7 @@ import torch
 from diffusers.hooks.hooks import ModelHook
 
 from ..plugins.adapters import Denoiser, PipelineAdapter, UnsupportedPipelineError
-from ..plugins.base import CallStats, Installed, Plugin, PluginKind, check_bools, check_choice, check_int, install_each
+from ..plugins.base import Installed, Plugin, PluginKind, check_bools, check_choice, check_int, install_each
 from ..plugins.runtime import CallTracker, HookSet
 from . import quantized as quant_math
 from . import sparse as sparse_math
@@ -388,10 +388,6 @@ class InstalledKernel(Installed):
         if isinstance(self.cfg, SparseAttention):
             out["sparsity"] = 1.0 - float(c.kept_pairs) / c.pairs if c.pairs else 0.0
         return out
-
-    def call_stats(self) -> CallStats:
-        details = self.stats()
-        return CallStats(details["plugin"], details=details)
 
 
 def _restore_backend(proc: Any, had: bool, old: Any) -> None:

@@ -28,6 +28,7 @@ import logging
 import math
 from typing import Any, Callable, Sequence
 
+from ..fidelity import pooled_psnr
 from .base import Plugin
 
 logger = logging.getLogger("diffboost")
@@ -152,17 +153,6 @@ def _run(pipe: Any, prompts: list[str], seeds: list[int], call_kwargs: dict[str,
             out = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), **call_kwargs)
             images.extend(out.images)
     return images
-
-
-def _pooled_psnr(images: list[Any], plain: list[Any]) -> float:
-    """PSNR of the mean MSE over the images (the bench's measure): one bad image weighs fully."""
-    import torch
-
-    from ..fidelity import psnr
-
-    per_image = psnr(images, plain, reduction="none")
-    mse = torch.pow(10.0, -per_image / 10).mean()
-    return math.inf if mse == 0 else float(-10 * torch.log10(mse))
 
 
 def _holds(db: float, target: float, margin_db: float) -> bool:
@@ -343,7 +333,7 @@ def _fit(pipe: Any, stack: list[Plugin], start: tuple[int, str, float, bool], pl
                     computed += summary.get("computed", 0)
                     total += summary.get("denoiser_calls", 0)
         calls[0] += len(images)
-        db = _pooled_psnr(images, plain)
+        db = pooled_psnr(images, plain)[0]
         t = Trial(float(value), db, computed / total if total else 1.0, _holds(db, target, margin_db))
         trials.append(t)
         logger.info("calibrate %s.%s=%g: %.2f dB, %.0f%% of the denoiser calls computed (%s)", type(stack[index]).__name__,

@@ -1,0 +1,16 @@
+"""diffboost.fidelity's pooled PSNR (the bench's and calibrate's measure) on exact numbers."""
+
+import math
+
+import torch
+
+from diffboost.fidelity import pooled_psnr
+
+
+def test_pooled_psnr_is_the_psnr_of_the_mean_mse():
+    a = torch.zeros(2, 3, 4, 4)
+    b = a.clone()
+    b[1] += 0.1  # MSE 0.01: 20 dB; the identical pair: inf
+    pooled, worst = pooled_psnr(a, b)
+    assert math.isclose(pooled, -10 * math.log10(0.005), rel_tol=1e-9) and math.isclose(worst, 20.0, rel_tol=1e-9)
+    assert pooled_psnr(a, a) == (math.inf, math.inf)
