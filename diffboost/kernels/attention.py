@@ -11,6 +11,11 @@ module is the model surgery, in two routes:
 - **attention processors** for the classic ``Attention`` module with ``AttnProcessor2_0`` (the SD
   and SDXL UNets, PixArt): the processor is replaced by :class:`KernelAttnProcessor`, which does what
   ``AttnProcessor2_0`` does around the attention product and calls the kernel for it.
+- **processors that call** ``torch.nn.functional.scaled_dot_product_attention`` **themselves** (SD3,
+  AuraFlow, CogVideoX, CogView3/4, Lumina 2, Mochi, Allegro, Sana's cross-attention): a hook on the
+  attention module runs its forward under :class:`_SdpaRedirect`, a ``TorchFunctionMode`` that hands
+  that one function to the kernel (every other torch call passes through untouched). The mode is
+  thread-local and only active inside the module's forward.
 
 Whenever the kernel cannot take an input (a mask, causal attention, another layout), or the step or
 layer is configured to stay dense, the previous attention runs unchanged. ``remove()`` restores every
@@ -294,11 +299,53 @@ class KernelAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+class _SdpaRedirect(torch.overrides.TorchFunctionMode):
+    """Inside one attention module's forward: ``scaled_dot_product_attention`` by the kernel when it
+    takes the call, every other function unchanged."""
+
+    def __init__(self, owner: "InstalledKernel"):
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return _redirected_sdpa(self.owner, func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _redirected_sdpa(owner: "InstalledKernel", sdpa: Callable[..., Any], query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
+                     scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    if query.ndim == 4 and _wants(owner, query.shape[2], key.shape[2], attn_mask, is_causal, dropout_p):
+        if enable_gqa and key.shape[1] != query.shape[1]:
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        return _run_kernel(owner, query, key, value, scale)
+    owner.counters.exact_calls += 1
+    return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                enable_gqa=enable_gqa)
+
+
+class _SdpaHook(ModelHook):
+    """On an attention module whose processor calls SDPA itself: its forward under the redirect."""
+
+    def __init__(self, owner: "InstalledKernel"):
+        super().__init__()
+        self.owner = owner
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
+        with _SdpaRedirect(self.owner):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+
 def _attention_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return [m for m in module.modules() if isinstance(m, (Attention, AttentionModuleMixin))]
+    # and attention modules of their own with a processor (MochiAttention)
+    return [m for m in module.modules() if isinstance(m, (Attention, AttentionModuleMixin))
+            or callable(getattr(m, "processor", None))]
 
 
 def _processor_route(processor: Any) -> str | None:
@@ -308,6 +355,9 @@ def _processor_route(processor: Any) -> str | None:
         return "dispatcher"
     if type(processor) is AttnProcessor2_0:
         return "processor"
+    call = getattr(type(processor), "__call__", None)
+    if "scaled_dot_product_attention" in getattr(getattr(call, "__code__", None), "co_names", ()):
+        return "sdpa"
     return None
 
 
@@ -328,7 +378,8 @@ class InstalledKernel(Installed):
             raise UnsupportedPipelineError(
                 f"{type(cfg).__name__}: {type(d.module).__name__} has no attention processor diffboost can route "
                 f"({', '.join(kinds)}); supported: processors using diffusers' attention dispatcher "
-                "(an _attention_backend attribute) and AttnProcessor2_0")
+                "(an _attention_backend attribute), AttnProcessor2_0, and processors that call "
+                "torch.nn.functional.scaled_dot_product_attention themselves")
         skipped = sorted({type(m.processor).__name__ for m, r in routes if r is None})
         if skipped:
             logger.info("%s: %s processors stay exact (no route for them)", type(cfg).__name__, ", ".join(skipped))
@@ -361,6 +412,9 @@ class InstalledKernel(Installed):
                     self._restore.append(functools.partial(setattr, m, "processor", original))
             self.hooks = HookSet(HOOK_NAME, d.module)
             self.hooks.add(d.module, _Gate(self))
+            for m, r in chosen:
+                if r == "sdpa":
+                    self.hooks.add(m, _SdpaHook(self))
         except BaseException:
             self.remove()
             raise

@@ -12,7 +12,7 @@ import torch
 
 import diffboost
 from diffboost import EasyCache, QuantizedAttention, SparseAttention, UnsupportedPipelineError
-from factories import make_flux, make_sd, run
+from factories import FAMILIES, make_flux, make_sd, run
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +223,55 @@ def test_with_model_cpu_offload_and_in_bfloat16():
         out = run(half, "flux")
     assert out.dtype == plain.dtype and torch.isfinite(out.float()).all()
     assert (out.float() - plain.float()).abs().mean() < 0.05 * plain.float().abs().mean()
+
+
+def test_processors_calling_sdpa_themselves_are_redirected_only_inside_their_module():
+    """SD3's JointAttnProcessor2_0 calls F.scaled_dot_product_attention itself: the kernel answers it
+    inside the attention modules' forward, nowhere else, and under regional compile without a graph
+    break."""
+    from torch._dynamo.utils import counters
+
+    pipe = FAMILIES["sd3"]()
+    base = run(pipe, "sd3", num_inference_steps=4)
+    q = torch.randn(1, 2, 32, 8)
+    with diffboost.accelerated(pipe, QuantizedAttention(dense_first_layers=1)):
+        out = run(pipe, "sd3", num_inference_steps=4)
+        stats = _stats(pipe)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # outside the pipeline: not ours
+        assert _stats(pipe) == stats
+        # every step, every routed layer; the first layer (dense) is not even hooked
+        assert stats["kernel_calls"] == 4 * stats["layers"] and stats["exact_calls"] == 0
+        torch._dynamo.reset()
+        counters.clear()
+        for block in pipe.transformer.transformer_blocks:
+            block.compile(backend="eager")
+        try:
+            compiled = run(pipe, "sd3", num_inference_steps=4)
+        finally:
+            torch._dynamo.reset()
+            for block in pipe.transformer.transformer_blocks:
+                block._compiled_call_impl = None
+    assert stats["layers"] == len(pipe.transformer.transformer_blocks) - 1
+    assert not torch.equal(out, base) and torch.equal(compiled, out)
+    assert counters["stats"]["calls_captured"] > 0 and not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.equal(run(pipe, "sd3", num_inference_steps=4), base)
+
+
+def test_the_redirect_hands_masked_and_grouped_query_calls_on_correctly():
+    from diffboost.kernels.attention import _Counters, _redirected_sdpa
+
+    class Owner:
+        active, exact, cfg = True, False, QuantizedAttention(pv_format="fp32")
+        counters = _Counters()
+        kernel = staticmethod(QuantizedAttention(pv_format="fp32").kernel())
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q, k = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8)
+    mask = torch.ones(16, 16, dtype=torch.bool).tril()
+    assert torch.equal(_redirected_sdpa(Owner, sdpa, q, q, q, attn_mask=mask), sdpa(q, q, q, attn_mask=mask))
+    assert torch.equal(_redirected_sdpa(Owner, sdpa, q, q, q, is_causal=True), sdpa(q, q, q, is_causal=True))
+    assert Owner.counters.exact_calls == 2 and Owner.counters.kernel_calls == 0
+    gqa = _redirected_sdpa(Owner, sdpa, q, k, k, enable_gqa=True, scale=0.3)
+    exact = sdpa(q, k, k, enable_gqa=True, scale=0.3)
+    assert Owner.counters.kernel_calls == 1 and gqa.shape == exact.shape
+    assert torch.nn.functional.cosine_similarity(gqa.flatten(), exact.flatten(), dim=0) > 0.999

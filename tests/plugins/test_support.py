@@ -28,30 +28,30 @@ from factories import FAMILIES, run
 
 STEPS = 8
 #: the methods that do not run on every family, and where they run
-#: "attention_masked": the attention kernels install, but every attention call of the family passes
-#: a mask (text padding), which the kernels leave to exact attention
+#: "attention_masked": the attention kernels install, but every softmax attention call of the family
+#: passes a mask (text padding), which the kernels leave to exact attention
 METHODS = ("sada", "bottleneck", "tokens", "sada_tokens", "attention")
 SUPPORT: dict[str, set[str]] = {
     "flux": {"sada", "bottleneck", "attention"},
-    "sd3": {"sada", "bottleneck"},
+    "sd3": {"sada", "bottleneck", "attention"},
     "pixart_sigma": {"sada", "tokens", "attention"},
-    "sana": {"sada"},
+    "sana": {"sada", "attention_masked"},  # linear self-attention; masked cross-attention
     "wan": {"sada", "bottleneck", "attention"},
-    "cogvideox": set(),  # CogVideoXDDIMScheduler: SADA reads Euler, DPM++, DDIM and flow Euler
+    "cogvideox": {"attention"},  # no SADA: CogVideoXDDIMScheduler: SADA reads Euler, DPM++, DDIM and flow Euler
     "hunyuan_video": {"sada", "bottleneck", "attention_masked"},
     "sd": {"sada", "tokens", "sada_tokens", "attention"},
     "sdxl": {"sada", "tokens", "sada_tokens", "attention"},
     "chroma": {"sada", "attention_masked"},
-    "auraflow": {"sada"},
+    "auraflow": {"sada", "attention"},
     "bria": {"sada", "attention"},
-    "cogview3plus": set(),  # CogVideoXDDIMScheduler
-    "cogview4": {"sada"},
-    "lumina2": {"sada"},
+    "cogview3plus": {"attention"},  # no SADA: CogVideoXDDIMScheduler
+    "cogview4": {"sada", "attention"},
+    "lumina2": {"sada", "attention"},
     "z_image": {"sada", "attention"},
     "qwen_image": {"sada", "attention"},
     "ltx_video": {"sada", "attention"},
-    "mochi": {"sada"},
-    "allegro": set(),  # EulerAncestralDiscreteScheduler (stochastic)
+    "mochi": {"sada", "attention"},
+    "allegro": {"attention"},  # no SADA: EulerAncestralDiscreteScheduler (stochastic)
     "skyreels_v2": {"attention"},  # no SADA: UniPCMultistepScheduler
     "flux2": {"sada", "attention"},
     "hunyuan_image": {"sada", "attention_masked"},
