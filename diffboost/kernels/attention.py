@@ -54,14 +54,23 @@ class _KernelPlugin(Plugin):
     dense_last_layers: int = 0
     dense_steps: int = 0
     cross_attention: bool = False
+    backend: str = "diffboost"
 
     def _check_common(self) -> None:
         check_bools(self)
         check_int(self, "dense_first_layers", 0, 100_000)
         check_int(self, "dense_last_layers", 0, 100_000)
         check_int(self, "dense_steps", 0, 100_000)
+        check_choice(self, "backend", backend_choices())
 
-    def kernel(self) -> Callable[..., Any]:  # pragma: no cover - interface
+    def kernel(self) -> Callable[..., Any]:
+        """The attention product on ``(batch, heads, tokens, head_dim)`` tensors: this plugin's kernel,
+        or the diffusers backend named by ``backend``."""
+        if self.backend == "diffboost":
+            return self._own_kernel()
+        return functools.partial(_by_backend, _backend_member(self.backend))
+
+    def _own_kernel(self) -> Callable[..., Any]:  # pragma: no cover - interface
         raise NotImplementedError
 
     def install(self, adapter: PipelineAdapter, tracker: CallTracker) -> list[Installed]:
@@ -82,6 +91,11 @@ class QuantizedAttention(_KernelPlugin):
         dense_steps: the first denoising steps of each call left exact (0).
         cross_attention: also attention whose keys are not the queries' tokens (text
             cross-attention; False). Joint text-image attention (Flux, SD3) is self-attention here.
+        backend: ``"diffboost"`` (default: this kernel) or the name of a diffusers attention backend
+            that computes the routed calls instead, with the same layer, step and mask rules (e.g.
+            ``"sage"`` or ``"_sage_qk_int8_pv_fp8_cuda"`` for SageAttention's own CUDA kernels,
+            ``"xformers"``, ``"flash"``): checked installed at ``apply()``; the kernel's own fields
+            are then unused. Backends that download kernels (``*_hub``) are not offered.
 
     On CPU this computes the quantized numerics in float32 (fake quantization): it shows the
     fidelity of the kernel, not its speed (no CPU path is faster than exact attention; see
@@ -100,7 +114,7 @@ class QuantizedAttention(_KernelPlugin):
         check_int(self, "block_q", 1, 4096)
         check_int(self, "block_k", 1, 4096)
 
-    def kernel(self) -> Callable[..., Any]:
+    def _own_kernel(self) -> Callable[..., Any]:
         return functools.partial(quant_math.quantized_attention, qk_format=self.qk_format, pv_format=self.pv_format,
                                  block_q=self.block_q, block_k=self.block_k, smooth_k=self.smooth_k)
 
@@ -117,7 +131,7 @@ class SparseAttention(_KernelPlugin):
             ([-1, 1]; default 0.5).
         block_q, block_k: tokens per query block (128) and key block (64).
         impl: ``"auto"`` (gather on CPU), ``"gather"``, ``"reference"`` or ``"flex"``.
-        dense_first_layers, dense_last_layers, dense_steps, cross_attention: as
+        dense_first_layers, dense_last_layers, dense_steps, cross_attention, backend: as
             :class:`QuantizedAttention`.
     """
 
@@ -136,12 +150,46 @@ class SparseAttention(_KernelPlugin):
         check_choice(self, "impl", sparse_math.IMPLS)
 
     def never_skips(self) -> bool:
-        return self.cdf_threshold >= 1 and self.topk is None
+        return self.backend == "diffboost" and self.cdf_threshold >= 1 and self.topk is None
 
-    def kernel(self) -> Callable[..., Any]:
+    def _own_kernel(self) -> Callable[..., Any]:
         return functools.partial(sparse_math.sparse_attention, cdf_threshold=self.cdf_threshold, topk=self.topk,
                                  sim_threshold=self.sim_threshold, block_q=self.block_q, block_k=self.block_k,
                                  impl=self.impl, return_keep=True)
+
+
+def backend_choices() -> tuple[str, ...]:
+    """``"diffboost"`` and diffusers' attention backends that run from installed packages."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return ("diffboost",) + tuple(m.value for m in AttentionBackendName
+                                  if not m.value.endswith("_hub") and not m.value.startswith("diffboost_"))
+
+
+def _backend_member(name: str) -> Any:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return AttentionBackendName(name)
+
+
+def _by_backend(member: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, backend=member)
+    return out.transpose(1, 2)
+
+
+def _check_backend_installed(cfg: "_KernelPlugin") -> None:
+    if cfg.backend == "diffboost":
+        return
+    from diffusers.models.attention_dispatch import _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(_backend_member(cfg.backend))
+    except RuntimeError as err:
+        raise UnsupportedPipelineError(
+            f"{type(cfg).__name__}(backend={cfg.backend!r}) cannot run here: {err} (xformers, SageAttention "
+            "and flash-attn are CUDA extras; backend='diffboost' is this library's kernel)") from None
 
 
 class _Counters:
@@ -365,6 +413,7 @@ class InstalledKernel(Installed):
     """One attention plugin on one denoiser: processors re-pointed or replaced, a step gate."""
 
     def __init__(self, cfg: _KernelPlugin, d: Denoiser, tracker: CallTracker):
+        _check_backend_installed(cfg)
         self.cfg, self.denoiser, self.tracker = cfg, d, tracker
         self.kernel = cfg.kernel()
         self.exact = cfg.never_skips()  # keeps every block: the previous attention, bit for bit

@@ -275,3 +275,27 @@ def test_the_redirect_hands_masked_and_grouped_query_calls_on_correctly():
     exact = sdpa(q, k, k, enable_gqa=True, scale=0.3)
     assert Owner.counters.kernel_calls == 1 and gqa.shape == exact.shape
     assert torch.nn.functional.cosine_similarity(gqa.flatten(), exact.flatten(), dim=0) > 0.999
+
+
+def test_another_dispatcher_backend_computes_the_routed_calls(flux, sd):
+    """backend= hands the routed calls to a diffusers backend (here PyTorch's math kernel, the one
+    available on every machine), with the same layer rules; a backend that is not installed is
+    refused at apply() naming it, a name diffusers does not know at construction."""
+    from diffboost.kernels.attention import backend_choices
+
+    assert "xformers" in backend_choices() and "sage" in backend_choices()
+    assert not [b for b in backend_choices() if b.endswith("_hub")]
+    for pipe, family in ((flux[0], "flux"), (sd[0], "sd")):
+        base = run(pipe, family)
+        with diffboost.accelerated(pipe, SparseAttention(cdf_threshold=1.0, backend="_native_math")):
+            out = run(pipe, family)
+            stats = _stats(pipe)
+        assert stats["kernel_calls"] > 0 and torch.allclose(out, base, atol=1e-4), family
+    with pytest.raises(ValueError, match="backend='bogus' is not supported; choose one of .*xformers"):
+        QuantizedAttention(backend="bogus")
+    from diffusers.models.attention_dispatch import _CAN_USE_XFORMERS_ATTN
+
+    if not _CAN_USE_XFORMERS_ATTN:
+        with pytest.raises(UnsupportedPipelineError, match=r"backend='xformers'\) cannot run here: .*xformers"):
+            diffboost.apply(flux[0], QuantizedAttention(backend="xformers"))
+        assert not hasattr(flux[0], "_diffboost_handle")
