@@ -3,6 +3,7 @@
     diffboost generate ["PROMPT"] [--model PATH] [--preset NAME|none | --plugins FILE] [--steps N] [--seed S] [--out FILE] [--compare]
     diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none | --plugins FILE] [--seeds N] [--steps N] ...
     diffboost calibrate [--model PATH] [--preset NAME | --plugins FILE] [--also FILE] [--target DB] [--prompts FILE] [--out FILE.toml]
+    diffboost distill [--teacher PATH] [--out PATH] [--method reflow] [--steps N] [--resume] [--device cpu|cuda]
     diffboost bench [--model PATH] [--quick] ...
     diffboost demo [--model PATH] [--host 127.0.0.1] [--port 7860]
 
@@ -259,6 +260,48 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0 if fit.reached else 1
 
 
+def distill_prompts(path: str | None) -> list[str]:
+    """A prompt file's prompts, or the scene generator's captions (every single-object scene, in a
+    fixed shuffled order) when diffboost-reference is installed."""
+    from .batch import read_prompts
+
+    if path:
+        return [e["prompt"] for e in read_prompts(path)]
+    try:
+        from diffboost_reference.data import scenes
+    except ImportError:
+        raise ValueError("--prompts FILE is needed: the built-in prompts come from the scene generator of "
+                         "diffboost-reference (pip install ./reference)") from None
+    import random
+
+    captions = [s.caption for s in scenes.all_specs()]
+    random.Random(24).shuffle(captions)
+    return captions
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill
+
+    config = DistillConfig(method=args.method, train_steps=args.steps, pairs=args.pairs, batch_size=args.batch_size,
+                           lr=args.lr, max_student_steps=args.max_student_steps, teacher_steps=args.teacher_steps,
+                           save_every=args.save_every, seed=args.seed)
+    teacher = check_model_folder(args.teacher) if args.teacher else default_model_path()
+    out = Path(args.out or f"out/{teacher.name}-1step")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device here; use --device cpu")
+    prompts = distill_prompts(args.prompts)
+    info = distill(teacher, out, prompts, config, work=args.work, device=args.device, resume=args.resume,
+                   progress=not args.quiet)
+    last = info["history"][-1][1] if info["history"] else float("nan")
+    print(f"student: {out} ({config.method}, {info['step']} steps, final loss {last:.4f}; teacher pairs "
+          f"{info['pair_minutes']:.1f} min, training {info['train_minutes']:.1f} min)")
+    print(f"generate with it: diffboost generate --model {out} --steps 1 --preset none")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .app.demo import launch
 
@@ -365,6 +408,35 @@ def _add_calibrate(sub: Any) -> None:
     p.set_defaults(func=cmd_calibrate)
 
 
+def _add_distill(sub: Any) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a pipeline into a one-step (and 2-4-step) student; resumable",
+        description="Data-free distillation: the teacher generates (noise, image) pairs with its own steps and "
+        "guidance, and a copy of its denoiser learns to go there in 1 to --max-student-steps steps (rectified-flow "
+        "reflow). Writes a pipeline folder of the teacher's class. Pairs and checkpoints live in a work folder "
+        "(default OUT.work): run the same command again after an interruption and it continues.",
+    )
+    p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: assets/flux-shapes)")
+    p.add_argument("--out", default=None, help="student pipeline folder to write (default: out/TEACHER-1step)")
+    p.add_argument("--method", choices=("reflow",), default="reflow", help="distillation method (default: reflow)")
+    p.add_argument("--steps", type=_positive_int, default=3000, help="student training steps (default: 3000)")
+    p.add_argument("--pairs", type=_positive_int, default=8192, help="teacher pairs to generate (default: 8192)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="pairs per training step (default: 64)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    p.add_argument("--max-student-steps", type=_positive_int, default=4,
+                   help="the student serves 1..N steps (default: 4)")
+    p.add_argument("--teacher-steps", type=_positive_int, default=None, help="teacher steps per pair (default: the model's)")
+    p.add_argument("--save-every", type=_positive_int, default=250, help="checkpoint period in steps (default: 250)")
+    p.add_argument("--prompts", default=None, help="prompt file (.txt or .jsonl; default: the scene generator's captions)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pairs and batches (default: 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
+    p.add_argument("--work", default=None, help="work folder for pairs and checkpoints (default: OUT.work)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint in the work folder to continue from")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_distill)
+
+
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
@@ -407,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_batch(sub)
     _add_calibrate(sub)
+    _add_distill(sub)
     _add_bench(sub)
     _add_demo(sub)
     return parser

@@ -1,0 +1,296 @@
+"""``diffboost.distill``: a teacher pipeline folder in, a one-step (and few-step) pipeline folder out.
+
+Data-free: the teacher makes every training example (noise -> its final latent, with its steps and
+its guidance; :mod:`diffboost.distill.pairs`). The student starts as a copy of the teacher's denoiser
+and is trained by reflow regression (:mod:`diffboost.distill.reflow`). Everything lives in a work
+folder: the pair shards, a checkpoint (student, optimizer, step, loss history) every ``save_every``
+steps, written atomically. Run the same command again after an interruption and it continues from
+the last checkpoint; with the same seed the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..files import umask, write_atomic, write_text_atomic
+from ..plugins.base import check_choice, check_float, check_int
+from . import pairs as pair_io
+from . import reflow
+from .plot import plot_loss
+from .teachers import teacher_for
+
+logger = logging.getLogger("diffboost")
+
+METHODS = ("reflow",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """How a student is distilled (pure data; every field validated).
+
+    Args:
+        method: ``"reflow"``: rectified-flow reflow, one-step and few-step regression on teacher pairs.
+        train_steps: optimizer steps of the student (3000).
+        pairs: teacher (noise, latent) pairs generated once and reused (8192).
+        batch_size: pairs per optimizer step (64).
+        lr: AdamW learning rate (1e-4; the student starts from the teacher's weights), with a
+            linear warm-up over ``warmup`` steps (100) and a cosine decay to 10% at the end.
+        max_student_steps: the student is trained for 1..N-step sampling, N = 4 by default.
+        teacher_steps: the teacher's step count for the pairs (None: the model folder's default, else 28).
+        shard_size, pair_batch: pairs per shard file (256) and per teacher call (64).
+        save_every: checkpoint period in optimizer steps (250).
+        seed: seeds the pairs' noise and every training batch (0).
+    """
+
+    method: str = "reflow"
+    train_steps: int = 3000
+    pairs: int = 8192
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup: int = 100
+    max_student_steps: int = 4
+    teacher_steps: int | None = None
+    shard_size: int = 256
+    pair_batch: int = 64
+    save_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self, "method", METHODS)
+        check_int(self, "train_steps", 1, 10_000_000)
+        check_int(self, "pairs", 1, 100_000_000)
+        check_int(self, "batch_size", 1, 65_536)
+        check_float(self, "lr", 0.0, 1.0, lo_open=True)
+        check_int(self, "warmup", 0, 10_000_000)
+        check_int(self, "max_student_steps", 1, 16)
+        if self.teacher_steps is not None:
+            check_int(self, "teacher_steps", 1, 1000)
+        check_int(self, "shard_size", 1, 1_000_000)
+        check_int(self, "pair_batch", 1, 65_536)
+        check_int(self, "save_every", 1, 10_000_000)
+        check_int(self, "seed", 0, 2**63 - 1)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        span = max(self.train_steps - self.warmup, 1)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step - self.warmup, span) / span)))
+
+    def data_fields(self) -> dict[str, Any]:
+        """The fields the pairs depend on (a work folder's pairs are reused only when they match)."""
+        return {k: getattr(self, k) for k in ("pairs", "shard_size", "teacher_steps", "seed")}
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for index, st in state["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(json.loads(meta["scalars"]).items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+
+
+def _save_checkpoint(work: Path, student: torch.nn.Module, opt: torch.optim.Optimizer, info: dict[str, Any]) -> None:
+    weights = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    write_atomic(work / "student.safetensors", lambda tmp: save_file(weights, tmp))
+    _save_optimizer(opt, work / "optimizer.safetensors")
+    write_text_atomic(work / "state.json", json.dumps(info, indent=1))  # last: names a complete checkpoint
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _check_out(out: Path, teacher: Path) -> None:
+    if out.resolve() == teacher.resolve():
+        raise ValueError(f"--out {out} is the teacher's folder; choose a new folder")
+    if out.exists() and not (out / "distill.json").is_file():
+        raise FileExistsError(f"{out} exists and is not a distilled model folder; choose a new --out or remove it")
+    parent = out.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write {out}: {parent} is not a writable folder")
+
+
+def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: DistillConfig = DistillConfig(), *,
+            work: str | Path | None = None, device: str = "cpu", resume: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    """Distil the pipeline folder ``teacher`` into a pipeline folder ``out`` that generates in
+    1..``config.max_student_steps`` steps; returns the run's record (also ``out/distill.json``).
+
+    ``work`` (default ``<out>.work``) keeps pairs and checkpoints: a rerun continues; ``resume=True``
+    insists on a checkpoint being there."""
+    from tqdm.auto import tqdm
+
+    from ..generation import check_model_folder, default_call_kwargs, load_pipeline, model_defaults
+
+    teacher_path = check_model_folder(teacher)
+    out = Path(out)
+    _check_out(out, teacher_path)
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    work = Path(work) if work is not None else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    defaults = model_defaults(teacher_path)
+    teacher_steps = config.teacher_steps or int(defaults.get("steps", 28))
+    record_cfg = dataclasses.asdict(config) | {"teacher_steps": teacher_steps}
+
+    state_file = work / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if state is not None:
+        differs = {k: (state["config"].get(k), v) for k, v in record_cfg.items() if state["config"].get(k) != v}
+        if differs or state.get("teacher") != str(teacher_path.resolve()) or state.get("prompts") != len(prompts):
+            raise ValueError(
+                f"the work folder {work} holds a run with other settings ({differs or 'teacher or prompts'}); "
+                "use the same settings to continue it, or another --work folder (or delete it) to start over")
+    elif resume:
+        raise FileNotFoundError(f"nothing to resume: {work} has no checkpoint (state.json)")
+
+    pipe = load_pipeline(teacher_path, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    call_kwargs = default_call_kwargs(pipe, defaults)
+    t = teacher_for(pipe, call_kwargs)
+
+    # 1. the teacher's pairs
+    t0 = time.perf_counter()
+    shards_dir = work / "pairs"
+    with tqdm(total=config.pairs, desc="teacher pairs", unit="pair", disable=not progress) as bar:
+        shards = pair_io.generate_pairs(t, prompts, shards_dir, count=config.pairs, shard_size=config.shard_size,
+                                        batch=config.pair_batch, steps=teacher_steps, seed=config.seed,
+                                        progress=bar.update)
+    pair_minutes = (time.perf_counter() - t0) / 60
+    data = pair_io.load_pairs(shards)
+    n = data["noise"].shape[0]
+    cond_keys = [k for k in data if k not in ("noise", "x0", "prompts")]
+
+    # 2. the student
+    student = copy.deepcopy(pipe.transformer).float().to(device).train()
+    student.requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
+    sigmas, weights = reflow.training_sigmas(config.max_student_steps)
+    sig_t, w_t = torch.tensor(sigmas), torch.tensor(weights)
+    history: list[list[float]] = []
+    step, train_minutes = 0, 0.0
+    if state is not None:
+        student.load_state_dict(load_file(str(work / "student.safetensors")))
+        _load_optimizer(opt, work / "optimizer.safetensors")
+        step, history = state["step"], state["history"]
+        train_minutes = state["train_minutes"]
+        pair_minutes = state["pair_minutes"] + pair_minutes
+        logger.info("distill: continuing from step %d of %d (%s)", step, config.train_steps, work)
+
+    def record() -> dict[str, Any]:
+        return {"config": record_cfg, "teacher": str(teacher_path.resolve()), "prompts": len(prompts), "step": step,
+                "history": history, "train_minutes": train_minutes, "pair_minutes": pair_minutes}
+
+    t1 = time.perf_counter()
+    window: list[float] = []
+    with tqdm(total=config.train_steps, initial=step, desc="distill", unit="step", disable=not progress) as bar:
+        while step < config.train_steps:
+            g = torch.Generator().manual_seed(config.seed * 7919 + step)
+            idx = torch.randint(n, (config.batch_size,), generator=g)
+            sigma = sig_t[torch.multinomial(w_t, config.batch_size, replacement=True, generator=g)]
+            z, x0 = data["noise"][idx].to(device), data["x0"][idx].to(device)
+            cond = {k: data[k][idx].to(device) for k in cond_keys}
+            x = reflow.interpolate(z, x0, sigma.to(device))
+            pred = t.velocity(student, x, sigma, cond)
+            loss = reflow.reflow_loss(pred, z, x0)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"distill: the loss is {loss.item()} at step {step}; lower --lr")
+            for group in opt.param_groups:
+                group["lr"] = config.lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            step += 1
+            window.append(loss.item())
+            if step % 10 == 0 or step == config.train_steps:
+                history.append([step, sum(window) / len(window)])
+                window = []
+                bar.set_postfix(loss=f"{history[-1][1]:.4f}")
+            bar.update(1)
+            if step % config.save_every == 0 or step == config.train_steps:
+                train_minutes += (time.perf_counter() - t1) / 60
+                t1 = time.perf_counter()
+                _save_checkpoint(work, student, opt, record())
+    if history:
+        plot_loss([int(s) for s, _ in history], [v for _, v in history], work / "loss.png",
+                  title=f"diffboost distill ({config.method}): reflow loss")
+
+    # 3. the student's pipeline folder
+    info = record() | {"method": config.method, "guidance": {k: v for k, v in call_kwargs.items()
+                                                              if k in ("true_cfg_scale", "guidance_scale")},
+                       "student_steps": list(range(1, config.max_student_steps + 1)),
+                       "schedule": "linear sigmas linspace(1, 1/N, N) (FlowMatchEulerDiscreteScheduler, shift 1, "
+                                   "no dynamic shifting)",
+                       "teacher_defaults": defaults}
+    _export(pipe, student, teacher_path, out, defaults, info, work)
+    return info
+
+
+def _export(pipe: Any, student: torch.nn.Module, teacher_path: Path, out: Path, defaults: dict[str, Any],
+            info: dict[str, Any], work: Path) -> None:
+    """Save the teacher pipeline with the student denoiser and the linear schedule, atomically: a
+    temporary folder next to ``out``, renamed onto it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    teacher_denoiser, teacher_scheduler = pipe.transformer, pipe.scheduler
+    student = student.eval().to(teacher_denoiser.dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False,
+                                                           shift=1.0)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    try:
+        pipe.transformer, pipe.scheduler = student, scheduler
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        settings = {k: v for k, v in defaults.items() if k not in ("true_cfg_scale", "negative_prompt", "guidance_scale")}
+        settings["steps"] = 1
+        (tmp / "diffboost.json").write_text(json.dumps(settings, indent=2))
+        (tmp / "distill.json").write_text(json.dumps(info, indent=1))
+        if (work / "loss.png").is_file():
+            shutil.copyfile(work / "loss.png", tmp / "loss.png")
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        pipe.transformer, pipe.scheduler = teacher_denoiser, teacher_scheduler
