@@ -28,6 +28,7 @@ from .plugins.stacking import IncompatiblePluginsError
 from .plugins.stacks import StackFileError, load, save
 from .samplers.sada import SADA
 from .samplers.bottleneck import BottleneckSampling
+from .samplers.onestep import OneStep
 from .tokens.merging import TokenDownsampling, TokenMerging
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "EasyCache",
     "ErrorControlledCache",
     "IncompatiblePluginsError",
+    "OneStep",
     "PRESETS",
     "Plugin",
     "PluginKind",

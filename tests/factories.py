@@ -1681,3 +1681,32 @@ def run(pipe, family: str, seed: int = 0, **overrides) -> torch.Tensor:
     if isinstance(out, tuple):
         return _to_tensor(out[0])
     return _to_tensor(out)
+
+
+#: generation settings of the tiny teacher written by :func:`save_flux_teacher`
+TEACHER_SETTINGS = {"height": 32, "width": 32, "steps": 4, "true_cfg_scale": 2.0, "negative_prompt": "",
+                    "max_sequence_length": 8}
+
+
+def save_flux_teacher(folder: Any, seed: int = 0) -> Any:
+    """A tiny Flux teacher (true CFG, no guidance embedding) saved as a pipeline folder with its
+    ``diffboost.json``, for the distillation tests."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    make_flux(seed, guidance_embeds=False).save_pretrained(str(folder), safe_serialization=True)
+    (folder / "diffboost.json").write_text(json.dumps(TEACHER_SETTINGS))
+    return folder
+
+
+def distill_tiny(teacher: Any, out: Any, train_steps: int = 6, **overrides: Any) -> dict[str, Any]:
+    """``diffboost.distill.distill`` on a tiny teacher in about a second."""
+    from diffboost.distill import DistillConfig, distill
+
+    run = {k: overrides.pop(k) for k in ("work", "resume") if k in overrides}
+    settings = dict(train_steps=train_steps, pairs=16, batch_size=4, shard_size=8, pair_batch=8, save_every=3,
+                    warmup=2, lr=1e-3)
+    settings.update(overrides)
+    return distill(teacher, out, ["a red circle", "a blue square", "a green star"], DistillConfig(**settings),
+                   progress=False, **run)

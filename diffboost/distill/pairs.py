@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +43,7 @@ def generate_pairs(teacher: Teacher, prompts: list[str], folder: str | Path, *, 
             if progress:
                 progress(n)
             continue
+        started = time.perf_counter()
         g = torch.Generator().manual_seed(seed * 1_000_003 + index)
         noise = teacher.noise(n, g)
         texts = [prompts[(first + i) % len(prompts)] for i in range(n)]
@@ -56,20 +58,25 @@ def generate_pairs(teacher: Teacher, prompts: list[str], folder: str | Path, *, 
         tensors = {"noise": noise.contiguous(), "x0": torch.cat(x0).contiguous()}
         for key in conds[0]:
             tensors[key] = torch.cat([c[key] for c in conds]).contiguous()
-        meta = {"first": str(first), "prompts": json.dumps(texts)}
+        meta = {"first": str(first), "prompts": json.dumps(texts), "seconds": f"{time.perf_counter() - started:.3f}"}
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return shards
 
 
 def load_pairs(shards: list[Path]) -> dict[str, Any]:
-    """All shards in memory: ``noise``, ``x0`` and the conditioning tensors, plus ``prompts``."""
+    """All shards in memory: ``noise``, ``x0`` and the conditioning tensors, plus ``prompts`` and
+    ``seconds`` (the teacher time that made them, summed over the shards)."""
     parts = [load_file(str(p)) for p in shards]
     out: dict[str, Any] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    prompts: list[str] = []
-    for p in shards:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
+    prompts: list[str] = []
+    seconds = 0.0
+    for p in shards:
         with safe_open(str(p), "pt") as f:
-            prompts += json.loads(f.metadata()["prompts"])
+            meta = f.metadata()
+        prompts += json.loads(meta["prompts"])
+        seconds += float(meta.get("seconds", 0.0))
     out["prompts"] = prompts
+    out["seconds"] = seconds
     return out

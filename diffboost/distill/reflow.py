@@ -23,16 +23,18 @@ def step_sigmas(steps: int) -> list[float]:
 
 def training_sigmas(max_steps: int) -> tuple[list[float], list[float]]:
     """Every noise level a 1..``max_steps``-step sampler visits, and a weight for each: half the
-    mass on s = 1 (the one-step case, the hardest), the rest shared by the step counts."""
-    levels: dict[float, float] = {}
-    for n in range(1, max_steps + 1):
-        for s in step_sigmas(n):
-            key = round(s, 6)
-            levels[key] = levels.get(key, 0.0) + 1.0 / n / max_steps
-    levels[1.0] += sum(levels.values())  # s = 1 gets half of the total
-    total = sum(levels.values())
-    sig = sorted(levels, reverse=True)
-    return sig, [levels[s] / total for s in sig]
+    mass on s = 1 (the one-step case, the hardest), the other half over the other levels in
+    proportion to how often the step counts 2..``max_steps`` visit them."""
+    levels: dict[float, list] = {}  # rounded level -> [exact level, visits weighted per step count]
+    for n in range(2, max_steps + 1):
+        for s in step_sigmas(n)[1:]:
+            entry = levels.setdefault(round(s, 9), [s, 0.0])
+            entry[1] += 1.0 / (n - 1)
+    if not levels:
+        return [1.0], [1.0]
+    total = sum(v for _, v in levels.values())
+    ordered = sorted(levels.values(), key=lambda e: -e[0])
+    return [1.0] + [s for s, _ in ordered], [0.5] + [0.5 * v / total for _, v in ordered]
 
 
 def interpolate(z: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -183,14 +183,13 @@ def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: Di
     t = teacher_for(pipe, call_kwargs)
 
     # 1. the teacher's pairs
-    t0 = time.perf_counter()
     shards_dir = work / "pairs"
     with tqdm(total=config.pairs, desc="teacher pairs", unit="pair", disable=not progress) as bar:
         shards = pair_io.generate_pairs(t, prompts, shards_dir, count=config.pairs, shard_size=config.shard_size,
                                         batch=config.pair_batch, steps=teacher_steps, seed=config.seed,
                                         progress=bar.update)
-    pair_minutes = (time.perf_counter() - t0) / 60
     data = pair_io.load_pairs(shards)
+    pair_minutes = data.pop("seconds") / 60
     n = data["noise"].shape[0]
     cond_keys = [k for k in data if k not in ("noise", "x0", "prompts")]
 
@@ -207,7 +206,6 @@ def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: Di
         _load_optimizer(opt, work / "optimizer.safetensors")
         step, history = state["step"], state["history"]
         train_minutes = state["train_minutes"]
-        pair_minutes = state["pair_minutes"] + pair_minutes
         logger.info("distill: continuing from step %d of %d (%s)", step, config.train_steps, work)
 
     def record() -> dict[str, Any]:

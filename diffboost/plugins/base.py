@@ -99,6 +99,8 @@ class Plugin:
     kind: ClassVar[PluginKind] = PluginKind.CACHE
     #: former keyword names still accepted (old name -> new name; see :func:`renamed_fields`)
     renamed: ClassVar[Mapping[str, str]] = {}
+    #: plugin kinds this plugin cannot be stacked with, and why (checked by ``apply``)
+    refuses: ClassVar[Mapping[PluginKind, str]] = {}
     #: the field that trades fidelity for speed, larger = faster (what :func:`diffboost.calibrate`
     #: tunes); None when the plugin has no single such knob
     strength: ClassVar[str | None] = None

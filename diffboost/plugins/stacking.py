@@ -17,7 +17,8 @@ skipping -> samplers. Inner plugins change *how* a module computes, outer ones *
    ``final_full_steps``) counts the denoiser calls that happen, and ``describe`` reports the skipped
    step under SADA only (cache steps + SADA skips = solver steps). SADA reads the denoiser output the
    cache produced (full or forecast) as the model's output.
-5. ``SAMPLER`` (at most one, e.g. bottleneck sampling, one-step generators): owns the schedule;
+5. ``SAMPLER`` (at most one, e.g. bottleneck sampling, one-step generators): owns the schedule
+   (a sampler's ``refuses`` names kinds it cannot sit on: ``OneStep`` refuses caches and step plugins);
    caches and step plugins reset their state at every resolution switch. SADA + bottleneck
    sampling: the sampler integrates its stages on its own sigmas and hands each step to SADA
    (``solve_flow_step``), which decides skips in the pipeline's step indices in every stage.
@@ -66,6 +67,11 @@ def check_stack(plugins: Sequence[Plugin]) -> list[Plugin]:
                 f"{p.kind.value} plugin (see diffboost.plugins.stacking)"
             )
         by_kind[p.kind] = p
+    for p in plugins:
+        for kind, why in p.refuses.items():
+            if kind in by_kind:
+                raise IncompatiblePluginsError(f"{p.name} cannot be stacked with {by_kind[kind].name} "
+                                               f"({kind.value} plugin): {why}")
     names = [p.name for p in plugins]
     for pair, why in CONFLICTS.items():
         if pair <= set(names):

@@ -47,11 +47,12 @@ def plugin_classes() -> dict[str, type[Plugin]]:
     from ..caches.taylorseer import TaylorSeer
     from ..kernels.attention import QuantizedAttention, SparseAttention
     from ..samplers.bottleneck import BottleneckSampling
+    from ..samplers.onestep import OneStep
     from ..samplers.sada import SADA
     from ..tokens.merging import TokenDownsampling, TokenMerging
 
     classes = (AdaptiveBlockCache, ErrorControlledCache, EasyCache, TaylorSeer, BottleneckSampling, SADA, TokenDownsampling,
-               TokenMerging, QuantizedAttention, SparseAttention)
+               TokenMerging, QuantizedAttention, SparseAttention, OneStep)
     return {c.__name__: c for c in classes}
 
 
