@@ -74,23 +74,41 @@ def _side_file(out: Path) -> Path:
     return out.with_name(out.stem + "_compare" + out.suffix)
 
 
+#: ``--preset onestep``: the distilled student next to the model (``MODEL-1step``, see ``diffboost distill``)
+ONESTEP = "onestep"
+
+
+def student_of(model: Path) -> Path | None:
+    """The distilled student shipped next to a model folder (``<model>-1step`` with a ``distill.json``)."""
+    candidate = model.with_name(model.name + "-1step")
+    return candidate if (candidate / "distill.json").is_file() else None
+
+
+def is_student(model: Path) -> bool:
+    return (model / "distill.json").is_file()
+
+
 def _preset_or_none(name: str) -> str | None:
-    """``none`` (the plain pipeline) or a known preset; an unknown name fails here, before any work."""
+    """``none`` (the plain pipeline), ``onestep`` or a known preset; an unknown name fails here, before any work."""
     from .plugins.presets import resolve
 
     if name == "none":
         return None
+    if name == ONESTEP:
+        return name
     try:
         resolve(name)
     except ValueError as err:
-        raise ValueError(f"{err}, or none for the plain pipeline") from None
+        raise ValueError(f"{err}, onestep (the distilled student next to the model), or none for the plain "
+                         "pipeline") from None
     return name
 
 
-def stack_from_args(args: argparse.Namespace) -> tuple[list[Any] | None, str]:
+def stack_from_args(args: argparse.Namespace, model: Path | None = None) -> tuple[list[Any] | None, str]:
     """The plugins to apply (None: the plain pipeline) and their label, from ``--plugins FILE`` or
-    ``--preset NAME``; checked before any work. The label of a file names it and a hash of its
-    content, so that ``batch`` remakes images when the file changes."""
+    ``--preset NAME`` (default ``fast``; ``none`` for a distilled student, which has nothing to
+    cache); checked before any work. The label of a file names it and a hash of its content, so
+    that ``batch`` remakes images when the file changes."""
     import hashlib
     import json
 
@@ -100,8 +118,22 @@ def stack_from_args(args: argparse.Namespace) -> tuple[list[Any] | None, str]:
         stack = load(args.plugins)
         digest = hashlib.sha256(json.dumps(to_data(stack), sort_keys=True).encode()).hexdigest()[:8]
         return stack, f"{Path(args.plugins).name}#{digest}"
-    preset = _preset_or_none(args.preset)
-    return ([preset] if preset else None), args.preset
+    name = args.preset
+    if name is None:
+        name = "none" if model is not None and is_student(model) else "fast"
+        if name == "none":
+            logger.info("%s is a distilled student: running it plain (a preset has little to reuse in %s)",
+                        model, "its few steps")
+    preset = _preset_or_none(name)
+    if preset == ONESTEP:
+        from .samplers.onestep import OneStep
+
+        student = student_of(model) if model is not None else None
+        if student is None:
+            raise ValueError(f"--preset onestep: no distilled student next to {model} (a folder {model}-1step with "
+                             f"distill.json); make one with: diffboost distill --teacher {model}")
+        return [OneStep(str(student))], f"onestep:{student.name}"
+    return ([preset] if preset else None), name
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -110,8 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import diffboost
 
     # everything that can be wrong is checked before the model is loaded
-    stack, _ = stack_from_args(args)
     model = check_model_folder(args.model) if args.model else default_model_path()
+    stack, _ = stack_from_args(args, model)
     defaults = model_defaults(model)
     check_settings(args, defaults)
     out = check_output_file(args.out)
@@ -168,8 +200,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     # everything that can be wrong is checked before the model is loaded
     entries = read_prompts(args.prompts)
-    stack, label = stack_from_args(args)
     model = check_model_folder(args.model) if args.model else default_model_path()
+    stack, label = stack_from_args(args, model)
     defaults = model_defaults(model)
     check_settings(args, defaults)
     check_seed_range(args.seed, args.seeds)
@@ -221,9 +253,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .plugins.calibrate import PRESET_LEVELS
 
     # everything that can be wrong is checked before the model is loaded
+    args.preset = args.preset or "fast"
     if args.plugins:
         stack, label = stack_from_args(args)
     else:
+        if args.preset == ONESTEP:
+            raise ValueError("diffboost calibrate fits a preset's speed knob; onestep has none (choose its steps with "
+                             "OneStep(path, steps=N) in a stack file)")
         if _preset_or_none(args.preset) is None:
             raise ValueError("diffboost calibrate needs a preset (safe, fast, turbo) or --plugins FILE, not none")
         stack, label = args.preset, args.preset
@@ -330,8 +366,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_stack_args(p: argparse.ArgumentParser) -> None:
     """``--preset NAME`` or ``--plugins FILE`` (a stack saved with ``diffboost.save``)."""
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--preset", default="fast", help="preset name: safe, fast, turbo, or none for the plain pipeline "
-                       "(default: fast)")
+    group.add_argument("--preset", default=None, help="preset name: safe, fast, turbo, onestep (the distilled student "
+                       "MODEL-1step next to the model), or none for the plain pipeline (default: fast; none for a "
+                       "distilled student)")
     group.add_argument("--plugins", default=None, metavar="FILE",
                        help="a plugin stack file (.toml or .json, written by diffboost.save; presets are such files)")
 

@@ -55,7 +55,7 @@ def _err(capsys):
     (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
     (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
     (["--guidance", "-3"], "--guidance -3 is out of range; allowed: 0 to 100"),
-    (["--preset", "warp"], "unknown preset 'warp'; available presets: ['fast', 'safe', 'turbo'], or none"),
+    (["--preset", "warp"], "unknown preset 'warp'; available presets: ['fast', 'safe', 'turbo'], onestep"),
     (["--preset", "warp", "--compare"], "unknown preset 'warp'"),
     (["--out", "x.gif"], "unsupported image file type '.gif'"),
 ])
