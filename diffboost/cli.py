@@ -3,7 +3,7 @@
     diffboost generate ["PROMPT"] [--model PATH] [--preset NAME|none | --plugins FILE] [--steps N] [--seed S] [--out FILE] [--compare]
     diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none | --plugins FILE] [--seeds N] [--steps N] ...
     diffboost calibrate [--model PATH] [--preset NAME | --plugins FILE] [--also FILE] [--target DB] [--prompts FILE] [--out FILE.toml]
-    diffboost distill [--teacher PATH] [--out PATH] [--method reflow] [--steps N] [--resume] [--device cpu|cuda]
+    diffboost distill [--teacher PATH] [--out PATH] [--method reflow|dmd] [--steps N] [--resume] [--device cpu|cuda]
     diffboost bench [--model PATH] [--quick] ...
     diffboost demo [--model PATH] [--host 127.0.0.1] [--port 7860]
 
@@ -320,7 +320,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     config = DistillConfig(method=args.method, train_steps=args.steps, pairs=args.pairs, batch_size=args.batch_size,
                            lr=args.lr, max_student_steps=args.max_student_steps, teacher_steps=args.teacher_steps,
-                           save_every=args.save_every, seed=args.seed)
+                           save_every=args.save_every, seed=args.seed, init=args.init,
+                           fake_updates=args.fake_updates, regression_weight=args.regression_weight)
     teacher = check_model_folder(args.teacher) if args.teacher else default_model_path()
     out = Path(args.out or f"out/{teacher.name}-1step")
     if args.device == "cuda":
@@ -456,7 +457,14 @@ def _add_distill(sub: Any) -> None:
     )
     p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: assets/flux-shapes)")
     p.add_argument("--out", default=None, help="student pipeline folder to write (default: out/TEACHER-1step)")
-    p.add_argument("--method", choices=("reflow",), default="reflow", help="distillation method (default: reflow)")
+    p.add_argument("--method", choices=("reflow", "dmd"), default="reflow",
+                   help="reflow: regression on teacher pairs (1..N steps); dmd: DMD2 distribution matching with a "
+                   "fake score network, plus the reflow regression (default: reflow)")
+    p.add_argument("--init", default="teacher",
+                   help="start the student from the teacher (default) or from a student folder (e.g. dmd on a reflow student)")
+    p.add_argument("--fake-updates", type=_positive_int, default=5, help="dmd: fake-score updates per step (default: 5)")
+    p.add_argument("--regression-weight", type=float, default=0.25,
+                   help="dmd: weight of the reflow regression in the generator loss (default: 0.25)")
     p.add_argument("--steps", type=_positive_int, default=3000, help="student training steps (default: 3000)")
     p.add_argument("--pairs", type=_positive_int, default=8192, help="teacher pairs to generate (default: 8192)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="pairs per training step (default: 64)")

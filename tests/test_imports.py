@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"diffboost": ROOT, "diffboost_reference": ROOT / "reference"}
 #: what sits on top of the runtime: never imported by it
 TOP = ("diffboost.cli", "diffboost.batch", "diffboost.generation", "diffboost.limits", "diffboost.app",
-       "diffboost.bench", "diffboost_reference")
+       "diffboost.bench", "diffboost.distill", "diffboost_reference")
 RUNTIME = ("diffboost.plugins", "diffboost.caches", "diffboost.samplers", "diffboost.tokens", "diffboost.kernels",
            "diffboost.files")
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..files import umask, write_atomic, write_text_atomic
 from ..plugins.base import check_choice, check_float, check_int
+from . import dmd
 from . import pairs as pair_io
 from . import reflow
 from .plot import plot_loss
@@ -34,7 +35,7 @@ from .teachers import teacher_for
 
 logger = logging.getLogger("diffboost")
 
-METHODS = ("reflow",)
+METHODS = ("reflow", "dmd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,9 @@ class DistillConfig:
     """How a student is distilled (pure data; every field validated).
 
     Args:
-        method: ``"reflow"``: rectified-flow reflow, one-step and few-step regression on teacher pairs.
+        method: ``"reflow"``: rectified-flow reflow, one-step and few-step regression on teacher
+            pairs; ``"dmd"``: DMD2 distribution matching (a fake score network trained online, the
+            teacher's guided score as the real one) plus ``regression_weight`` times the reflow loss.
         train_steps: optimizer steps of the student (3000).
         pairs: teacher (noise, latent) pairs generated once and reused (8192).
         batch_size: pairs per optimizer step (64).
@@ -53,6 +56,10 @@ class DistillConfig:
         shard_size, pair_batch: pairs per shard file (256) and per teacher call (64).
         save_every: checkpoint period in optimizer steps (250).
         seed: seeds the pairs' noise and every training batch (0).
+        init: ``"teacher"`` (default) or a student folder whose denoiser the student starts from
+            (e.g. a reflow student refined by ``method="dmd"``).
+        fake_updates: DMD's fake-score updates per generator step (5; DMD2 uses 5-10).
+        regression_weight: DMD's weight of the reflow regression in the generator loss (0.25).
     """
 
     method: str = "reflow"
@@ -67,6 +74,9 @@ class DistillConfig:
     pair_batch: int = 64
     save_every: int = 250
     seed: int = 0
+    init: str = "teacher"
+    fake_updates: int = 5
+    regression_weight: float = 0.25
 
     def __post_init__(self) -> None:
         check_choice(self, "method", METHODS)
@@ -82,6 +92,10 @@ class DistillConfig:
         check_int(self, "pair_batch", 1, 65_536)
         check_int(self, "save_every", 1, 10_000_000)
         check_int(self, "seed", 0, 2**63 - 1)
+        if not isinstance(self.init, str) or not self.init:
+            raise ValueError("DistillConfig.init must be 'teacher' or a student folder to start from")
+        check_int(self, "fake_updates", 1, 100)
+        check_float(self, "regression_weight", 0.0, 1000.0)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -123,11 +137,154 @@ def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
 
 
-def _save_checkpoint(work: Path, student: torch.nn.Module, opt: torch.optim.Optimizer, info: dict[str, Any]) -> None:
-    weights = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    write_atomic(work / "student.safetensors", lambda tmp: save_file(weights, tmp))
-    _save_optimizer(opt, work / "optimizer.safetensors")
+def _opt_file(name: str) -> str:
+    return "optimizer" if name == "student" else f"{name}_optimizer"
+
+
+def _save_checkpoint(work: Path, method: "_Method", info: dict[str, Any]) -> None:
+    for name, module in method.modules.items():
+        weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        write_atomic(work / f"{name}.safetensors", lambda tmp, w=weights: save_file(w, tmp))
+    for name, opt in method.optimizers.items():
+        _save_optimizer(opt, work / f"{_opt_file(name)}.safetensors")
     write_text_atomic(work / "state.json", json.dumps(info, indent=1))  # last: names a complete checkpoint
+
+
+def _student_state(path: str, student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The denoiser weights of a student folder (``init=``), checked against the teacher's denoiser."""
+    folder = Path(path) / "transformer"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"init={path!r}: no transformer/*.safetensors there (a student folder of "
+                                "diffboost distill is expected)")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    if set(weights) != set(student.state_dict()):
+        raise ValueError(f"init={path!r}: its denoiser does not match the teacher's (another architecture)")
+    return weights
+
+
+# --- the methods -------------------------------------------------------------------------------
+
+
+class _Method:
+    """One optimizer step of a method: its trainable modules and optimizers by name (checkpointed)."""
+
+    loss_name = "loss"
+    modules: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    def step(self, g: torch.Generator) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _batch(data: dict[str, Any], keys: list[str], idx: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
+    return {k: data[k][idx].to(device) for k in keys}
+
+
+class _Reflow(_Method):
+    """Regression of the student's velocity on the straight line of teacher pairs, at the noise
+    levels of 1..N-step sampling (:mod:`diffboost.distill.reflow`)."""
+
+    loss_name = "reflow loss"
+
+    def __init__(self, teacher: Any, data: dict[str, Any], student: torch.nn.Module, config: DistillConfig,
+                 device: str):
+        self.teacher, self.data, self.student, self.config, self.device = teacher, data, student, config, device
+        self.modules = {"student": student}
+        self.optimizers = {"student": torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)}
+        sigmas, weights = reflow.training_sigmas(config.max_student_steps)
+        self.sigmas, self.weights = torch.tensor(sigmas), torch.tensor(weights)
+        self.cond_keys = [k for k in data if k not in ("noise", "x0", "prompts")]
+
+    def regression(self, g: torch.Generator, batch_size: int) -> torch.Tensor:
+        idx = torch.randint(self.data["noise"].shape[0], (batch_size,), generator=g)
+        sigma = self.sigmas[torch.multinomial(self.weights, batch_size, replacement=True, generator=g)]
+        z, x0 = self.data["noise"][idx].to(self.device), self.data["x0"][idx].to(self.device)
+        cond = _batch(self.data, self.cond_keys, idx, self.device)
+        x = reflow.interpolate(z, x0, sigma.to(self.device))
+        return reflow.reflow_loss(self.teacher.velocity(self.student, x, sigma, cond), z, x0)
+
+    def step(self, g: torch.Generator) -> float:
+        loss = self.regression(g, self.config.batch_size)
+        opt = self.optimizers["student"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+
+class _DMD(_Reflow):
+    """DMD2 (:mod:`diffboost.distill.dmd`): the generator's one-step images pulled towards the
+    teacher's distribution by the real-minus-fake score difference, the fake score network updated
+    ``fake_updates`` times per generator step, plus ``regression_weight`` times the reflow regression
+    on the teacher's pairs at every 1..N-step noise level (keeps the few-step schedule and anchors
+    the generator to the teacher's noise-to-image map)."""
+
+    loss_name = "generator loss (DMD + regression)"
+
+    def __init__(self, teacher: Any, data: dict[str, Any], student: torch.nn.Module, config: DistillConfig,
+                 device: str, pipe: Any, call_kwargs: dict[str, Any]):
+        super().__init__(teacher, data, student, config, device)
+        self.fake = copy.deepcopy(pipe.transformer).float().to(device).train()
+        self.fake.requires_grad_(True)
+        self.real = pipe.transformer
+        self.real.requires_grad_(False)
+        self.modules["fake"] = self.fake
+        self.optimizers["fake"] = torch.optim.AdamW(self.fake.parameters(), lr=config.lr, weight_decay=0.0)
+        self.scale = float(call_kwargs.get("true_cfg_scale", call_kwargs.get("guidance_scale", 1.0)) or 1.0)
+        with torch.no_grad():
+            negative = call_kwargs.get("negative_prompt", "") or ""
+            self.negative = teacher.encode([negative])
+
+    def _generate(self, g: torch.Generator, n: int, with_grad: bool):
+        idx = torch.randint(self.data["noise"].shape[0], (n,), generator=g)
+        cond = _batch(self.data, self.cond_keys, idx, self.device)
+        z = self.teacher.noise(n, g).to(self.device)
+        one = torch.ones(n)
+        with torch.set_grad_enabled(with_grad):
+            x0 = z - self.teacher.velocity(self.student, z, one, cond)
+        return x0, cond
+
+    def _noised(self, g: torch.Generator, x0: torch.Tensor):
+        t = 0.02 + 0.96 * torch.rand(x0.shape[0], generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        return t, noise, dmd.noise_to(x0, noise, t.to(self.device))
+
+    def step(self, g: torch.Generator) -> float:
+        cfg = self.config
+        # the fake score: flow matching on the generator's current images
+        opt_f = self.optimizers["fake"]
+        for _ in range(cfg.fake_updates):
+            x0, cond = self._generate(g, cfg.batch_size, with_grad=False)
+            t, noise, x_t = self._noised(g, x0)
+            loss_f = dmd.fake_score_loss(self.teacher.velocity(self.fake, x_t, t, cond), x0, noise)
+            opt_f.zero_grad(set_to_none=True)
+            loss_f.backward()
+            torch.nn.utils.clip_grad_norm_(self.fake.parameters(), 1.0)
+            opt_f.step()
+        # the generator
+        x0, cond = self._generate(g, cfg.batch_size, with_grad=True)
+        t, noise, x_t = self._noised(g, x0.detach())
+        with torch.no_grad():
+            neg = {k: v.expand(x0.shape[0], *v.shape[1:]).to(self.device) for k, v in self.negative.items()}
+            v_real = dmd.guided(self.teacher.velocity(self.real, x_t, t, cond),
+                                self.teacher.velocity(self.real, x_t, t, neg), self.scale)
+            v_fake = self.teacher.velocity(self.fake, x_t, t, cond)
+            tt = t.to(self.device)
+            grad = dmd.dmd_gradient(x0.detach(), dmd.clean_prediction(x_t, tt, v_real),
+                                    dmd.clean_prediction(x_t, tt, v_fake))
+        loss = dmd.dmd_loss(x0, grad)
+        if cfg.regression_weight:
+            loss = loss + cfg.regression_weight * self.regression(g, cfg.batch_size)
+        opt = self.optimizers["student"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        opt.step()
+        return loss.item()
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -169,7 +326,9 @@ def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: Di
     state_file = work / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state is not None:
-        differs = {k: (state["config"].get(k), v) for k, v in record_cfg.items() if state["config"].get(k) != v}
+        defaults_now = dataclasses.asdict(DistillConfig())  # fields added later read as their defaults
+        stored = {k: state["config"].get(k, defaults_now.get(k)) for k in record_cfg}
+        differs = {k: (stored[k], v) for k, v in record_cfg.items() if stored[k] != v}
         if differs or state.get("teacher") != str(teacher_path.resolve()) or state.get("prompts") != len(prompts):
             raise ValueError(
                 f"the work folder {work} holds a run with other settings ({differs or 'teacher or prompts'}); "
@@ -190,20 +349,21 @@ def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: Di
                                         progress=bar.update)
     data = pair_io.load_pairs(shards)
     pair_minutes = data.pop("seconds") / 60
-    n = data["noise"].shape[0]
-    cond_keys = [k for k in data if k not in ("noise", "x0", "prompts")]
 
-    # 2. the student
+    # 2. the student (and, for DMD, the fake score network)
     student = copy.deepcopy(pipe.transformer).float().to(device).train()
+    if config.init != "teacher":
+        student.load_state_dict(_student_state(config.init, student))
     student.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
-    sigmas, weights = reflow.training_sigmas(config.max_student_steps)
-    sig_t, w_t = torch.tensor(sigmas), torch.tensor(weights)
+    method: _Method = (_Reflow(t, data, student, config, device) if config.method == "reflow"
+                       else _DMD(t, data, student, config, device, pipe, call_kwargs))
     history: list[list[float]] = []
     step, train_minutes = 0, 0.0
     if state is not None:
-        student.load_state_dict(load_file(str(work / "student.safetensors")))
-        _load_optimizer(opt, work / "optimizer.safetensors")
+        for name, module in method.modules.items():
+            module.load_state_dict(load_file(str(work / f"{name}.safetensors")))
+        for name, opt in method.optimizers.items():
+            _load_optimizer(opt, work / f"{_opt_file(name)}.safetensors")
         step, history = state["step"], state["history"]
         train_minutes = state["train_minutes"]
         logger.info("distill: continuing from step %d of %d (%s)", step, config.train_steps, work)
@@ -214,26 +374,18 @@ def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: Di
 
     t1 = time.perf_counter()
     window: list[float] = []
-    with tqdm(total=config.train_steps, initial=step, desc="distill", unit="step", disable=not progress) as bar:
+    with tqdm(total=config.train_steps, initial=step, desc=f"distill ({config.method})", unit="step",
+              disable=not progress) as bar:
         while step < config.train_steps:
             g = torch.Generator().manual_seed(config.seed * 7919 + step)
-            idx = torch.randint(n, (config.batch_size,), generator=g)
-            sigma = sig_t[torch.multinomial(w_t, config.batch_size, replacement=True, generator=g)]
-            z, x0 = data["noise"][idx].to(device), data["x0"][idx].to(device)
-            cond = {k: data[k][idx].to(device) for k in cond_keys}
-            x = reflow.interpolate(z, x0, sigma.to(device))
-            pred = t.velocity(student, x, sigma, cond)
-            loss = reflow.reflow_loss(pred, z, x0)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"distill: the loss is {loss.item()} at step {step}; lower --lr")
-            for group in opt.param_groups:
-                group["lr"] = config.lr_at(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
+            for opt in method.optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = config.lr_at(step)
+            loss = method.step(g)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"distill: the loss is {loss} at step {step}; lower --lr")
             step += 1
-            window.append(loss.item())
+            window.append(loss)
             if step % 10 == 0 or step == config.train_steps:
                 history.append([step, sum(window) / len(window)])
                 window = []
@@ -242,10 +394,10 @@ def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: Di
             if step % config.save_every == 0 or step == config.train_steps:
                 train_minutes += (time.perf_counter() - t1) / 60
                 t1 = time.perf_counter()
-                _save_checkpoint(work, student, opt, record())
+                _save_checkpoint(work, method, record())
     if history:
         plot_loss([int(s) for s, _ in history], [v for _, v in history], work / "loss.png",
-                  title=f"diffboost distill ({config.method}): reflow loss")
+                  title=f"diffboost distill ({config.method}): {method.loss_name}")
 
     # 3. the student's pipeline folder
     info = record() | {"method": config.method, "guidance": {k: v for k, v in call_kwargs.items()

@@ -36,7 +36,7 @@ def test_distill_writes_a_student_and_a_rerun_continues(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--teacher", "/nonexistent"], "does not exist"),
-    (["--method", "dmd"], "invalid choice: 'dmd'"),
+    (["--method", "sim"], "invalid choice: 'sim'"),
     (["--lr", "-1"], "lr=-1.0 is out of range"),
 ])
 def test_distill_bad_input(extra, message, tmp_path, capsys):

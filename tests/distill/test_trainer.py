@@ -99,7 +99,9 @@ def test_bad_input_is_refused_before_work(teacher, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("method", "dmd", "method='dmd' is not supported; choose one of"),
+    ("method", "sim", "method='sim' is not supported; choose one of"),
+    ("fake_updates", 0, "fake_updates=0 is out of range"),
+    ("init", "", "init must be"),
     ("train_steps", 0, "train_steps=0 is out of range"),
     ("lr", 0.0, "lr=0.0 is out of range"),
     ("max_student_steps", 17, "max_student_steps=17"),
