@@ -42,9 +42,11 @@ from .generation import (  # noqa: F401  (re-exported: the command line's helper
     default_model_path,
     guidance_kwargs,
     guidance_setting,
+    is_student,
     load_pipeline,
     model_defaults,
     save_image_atomic,
+    student_of,
 )
 from .generation import generate_once as _generate_once
 
@@ -76,16 +78,6 @@ def _side_file(out: Path) -> Path:
 
 #: ``--preset onestep``: the distilled student next to the model (``MODEL-1step``, see ``diffboost distill``)
 ONESTEP = "onestep"
-
-
-def student_of(model: Path) -> Path | None:
-    """The distilled student shipped next to a model folder (``<model>-1step`` with a ``distill.json``)."""
-    candidate = model.with_name(model.name + "-1step")
-    return candidate if (candidate / "distill.json").is_file() else None
-
-
-def is_student(model: Path) -> bool:
-    return (model / "distill.json").is_file()
 
 
 def _preset_or_none(name: str) -> str | None:

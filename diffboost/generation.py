@@ -72,6 +72,18 @@ def check_model_folder(path: str | Path) -> Path:
     return path
 
 
+def student_of(model: Path) -> Path | None:
+    """The distilled student shipped next to a model folder (``<model>-1step`` with a ``distill.json``,
+    written by ``diffboost distill``), or None."""
+    candidate = Path(model).with_name(Path(model).name + "-1step")
+    return candidate if (candidate / "distill.json").is_file() else None
+
+
+def is_student(model: Path) -> bool:
+    """Whether a model folder is a distilled student (it has a ``distill.json``)."""
+    return (Path(model) / "distill.json").is_file()
+
+
 def load_pipeline(path: str | Path, dtype: str = "float32", device: str | None = None) -> Any:
     """Load a local Diffusers pipeline folder: safetensors only, no remote code, no network."""
     import torch

@@ -59,15 +59,24 @@ class Comparison:
         ])
 
 
+#: the choice that serves the distilled student next to the model (``MODEL-1step``)
+ONESTEP = "onestep"
+
+
 class DemoModel:
     """A local pipeline folder loaded once, with the generation settings shipped next to it."""
 
     def __init__(self, path: str | Path, dtype: str = "float32", stacks: dict[str, list[Any]] | None = None) -> None:
-        from ..generation import default_call_kwargs, load_pipeline, model_defaults
+        from ..generation import default_call_kwargs, load_pipeline, model_defaults, student_of
 
         #: plugin stacks offered besides the presets (``--plugins FILE``), by label
         self.stacks = dict(stacks or {})
         self.path = Path(path)
+        student = student_of(self.path)
+        if student is not None:  # a distilled student next to the model: offered as "onestep"
+            from ..samplers.onestep import OneStep
+
+            self.stacks.setdefault(ONESTEP, [OneStep(str(student))])
         self.pipe = load_pipeline(self.path, dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.defaults = model_defaults(self.path)
@@ -160,8 +169,9 @@ def build_app(model: DemoModel) -> Any:
         gr.Markdown(f"## diffboost: plain vs accelerated\nModel: `{model.path}`")
         with gr.Row():
             prompt = gr.Textbox(value=DEFAULT_PROMPT, label="prompt", max_length=MAX_PROMPT_CHARS, scale=4)
-            choices = [*model.stacks, *sorted(PRESETS)]
-            preset = gr.Dropdown(choices=choices, value=choices[0] if model.stacks else "fast", label="preset")
+            user = [k for k in model.stacks if k != ONESTEP]  # --plugins files: listed first, the first selected
+            choices = [*user, *sorted(PRESETS), *[k for k in model.stacks if k == ONESTEP]]
+            preset = gr.Dropdown(choices=choices, value=choices[0] if user else "fast", label="preset")
         with gr.Row():
             steps = gr.Slider(1, MAX_STEPS, value=model.default_steps, step=1, label="steps")
             seed = gr.Number(value=0, precision=0, minimum=0, label="seed")

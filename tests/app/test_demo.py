@@ -99,3 +99,17 @@ def test_a_stack_file_is_offered_and_a_step_skipping_stack_reports_its_calls(mod
         assert dropdown.value == "mine.toml" and [c[0] for c in dropdown.choices][:2] == ["mine.toml", "fast"]
     finally:
         model.stacks.clear()
+
+
+def test_a_student_next_to_the_model_is_offered_as_onestep(tmp_path):
+    from factories import distill_tiny, save_flux_teacher
+
+    teacher = save_flux_teacher(tmp_path / "shapes")
+    distill_tiny(teacher, tmp_path / "shapes-1step", train_steps=3)
+    model = DemoModel(teacher)
+    result = model.compare("a red circle", "onestep", steps=4, seed=1)
+    assert result.plugins[0].startswith("OneStep(") and (result.computed_calls, result.total_calls) == (1, 2)
+    assert not hasattr(model.pipe, "_diffboost_handle")
+    gr = pytest.importorskip("gradio")
+    (dropdown,) = [b for b in build_app(model).blocks.values() if isinstance(b, gr.Dropdown)]
+    assert dropdown.value == "fast" and [c[0] for c in dropdown.choices][-1] == "onestep"
