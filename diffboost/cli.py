@@ -322,8 +322,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device here; use --device cpu")
     prompts = distill_prompts(args.prompts)
-    info = distill(teacher, out, prompts, config, work=args.work, device=args.device, resume=args.resume,
-                   progress=not args.quiet)
+    info = distill(teacher, out, prompts, config, work=args.work, pairs=args.pairs_dir, device=args.device,
+                   resume=args.resume, progress=not args.quiet)
     last = info["history"][-1][1] if info["history"] else float("nan")
     print(f"student: {out} ({config.method}, {info['step']} steps, final loss {last:.4f}; teacher pairs "
           f"{info['pair_minutes']:.1f} min, training {info['train_minutes']:.1f} min)")
@@ -469,6 +469,9 @@ def _add_distill(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs and batches (default: 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
     p.add_argument("--work", default=None, help="work folder for pairs and checkpoints (default: OUT.work)")
+    p.add_argument("--pairs-dir", default=None,
+                   help="folder of teacher pairs to make or reuse (default: WORK/pairs); runs on the same teacher, "
+                   "prompts and seed can share one")
     p.add_argument("--resume", action="store_true", help="require a checkpoint in the work folder to continue from")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_distill)

@@ -1700,13 +1700,13 @@ def save_flux_teacher(folder: Any, seed: int = 0) -> Any:
     return folder
 
 
-def distill_tiny(teacher: Any, out: Any, train_steps: int = 6, **overrides: Any) -> dict[str, Any]:
-    """``diffboost.distill.distill`` on a tiny teacher in about a second."""
+def distill_tiny(teacher: Any, out: Any, train_steps: int = 6, *, work: Any = None, pairs_dir: Any = None,
+                 resume: bool = False, **overrides: Any) -> dict[str, Any]:
+    """``diffboost.distill.distill`` on a tiny teacher in about a second (``overrides``: DistillConfig fields)."""
     from diffboost.distill import DistillConfig, distill
 
-    run = {k: overrides.pop(k) for k in ("work", "resume") if k in overrides}
     settings = dict(train_steps=train_steps, pairs=16, batch_size=4, shard_size=8, pair_batch=8, save_every=3,
                     warmup=2, lr=1e-3)
     settings.update(overrides)
     return distill(teacher, out, ["a red circle", "a blue square", "a green star"], DistillConfig(**settings),
-                   progress=False, **run)
+                   work=work, pairs=pairs_dir, resume=resume, progress=False)

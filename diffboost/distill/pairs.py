@@ -7,6 +7,7 @@ already on disk (each is written atomically, so a killed run leaves whole shards
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import write_atomic
+from ..files import write_atomic, write_text_atomic
 from .teachers import Teacher
 
 logger = logging.getLogger("diffboost")
@@ -27,12 +28,28 @@ def shard_path(folder: Path, index: int) -> Path:
 
 
 def generate_pairs(teacher: Teacher, prompts: list[str], folder: str | Path, *, count: int, shard_size: int,
-                   batch: int, steps: int, seed: int, progress: Callable[[int], None] | None = None) -> list[Path]:
-    """Write ``count`` pairs into ``folder`` (shards of ``shard_size``), skipping shards already there."""
+                   batch: int, steps: int, seed: int, progress: Callable[[int], None] | None = None,
+                   source: str = "") -> list[Path]:
+    """Write ``count`` pairs into ``folder`` (shards of ``shard_size``), skipping shards already there.
+
+    ``folder/pairs.json`` records what the shards depend on (``source``: the teacher, its steps and
+    call settings, the seed, the shard size, a hash of the prompts); a folder made with other
+    settings is refused, so several runs (reflow, then DMD) can share one folder safely."""
     if not prompts:
         raise ValueError("distillation needs at least one prompt")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    recipe = {"source": source, "teacher_steps": steps, "seed": seed, "shard_size": shard_size,
+              "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
+    manifest = folder / "pairs.json"
+    if manifest.is_file():
+        made = json.loads(manifest.read_text())
+        if made != recipe:
+            differ = sorted(k for k in recipe if made.get(k) != recipe[k])
+            raise ValueError(f"the pairs in {folder} were made with other settings ({', '.join(differ)}); "
+                             "use another pairs folder")
+    else:
+        write_text_atomic(manifest, json.dumps(recipe, indent=1))
     shards = []
     for index in range((count + shard_size - 1) // shard_size):
         path = shard_path(folder, index)

@@ -301,13 +301,14 @@ def _check_out(out: Path, teacher: Path) -> None:
 
 
 def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: DistillConfig = DistillConfig(), *,
-            work: str | Path | None = None, device: str = "cpu", resume: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            work: str | Path | None = None, pairs: str | Path | None = None, device: str = "cpu",
+            resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Distil the pipeline folder ``teacher`` into a pipeline folder ``out`` that generates in
     1..``config.max_student_steps`` steps; returns the run's record (also ``out/distill.json``).
 
-    ``work`` (default ``<out>.work``) keeps pairs and checkpoints: a rerun continues; ``resume=True``
-    insists on a checkpoint being there."""
+    ``work`` (default ``<out>.work``) keeps checkpoints and, unless ``pairs`` names another folder
+    (shared by several runs on the same teacher), the teacher pairs: a rerun continues;
+    ``resume=True`` insists on a checkpoint being there."""
     from tqdm.auto import tqdm
 
     from ..generation import check_model_folder, default_call_kwargs, load_pipeline, model_defaults
@@ -342,11 +343,12 @@ def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: Di
     t = teacher_for(pipe, call_kwargs)
 
     # 1. the teacher's pairs
-    shards_dir = work / "pairs"
+    shards_dir = Path(pairs) if pairs is not None else work / "pairs"
+    source = json.dumps({"teacher": str(teacher_path.resolve()), "call": call_kwargs}, sort_keys=True, default=str)
     with tqdm(total=config.pairs, desc="teacher pairs", unit="pair", disable=not progress) as bar:
         shards = pair_io.generate_pairs(t, prompts, shards_dir, count=config.pairs, shard_size=config.shard_size,
                                         batch=config.pair_batch, steps=teacher_steps, seed=config.seed,
-                                        progress=bar.update)
+                                        progress=bar.update, source=source)
     data = pair_io.load_pairs(shards)
     pair_minutes = data.pop("seconds") / 60
 

@@ -115,3 +115,19 @@ def test_the_config_is_validated(field, value, message):
 def test_a_unet_teacher_is_refused_by_name():
     with pytest.raises(UnsupportedTeacherError, match="Flux-architecture teachers .*not StableDiffusionPipeline"):
         teacher_for(make_sd(), {})
+
+
+def test_runs_share_a_pairs_folder_made_with_the_same_settings(teacher, tmp_path, monkeypatch):
+    shared = tmp_path / "pairs"
+    distill_tiny(teacher, tmp_path / "a", train_steps=2, pairs_dir=shared)
+    calls = []
+    import diffboost.distill.teachers as teachers
+
+    monkeypatch.setattr(teachers.FluxTeacher, "sample", lambda self, *a: calls.append(1))
+    distill_tiny(teacher, tmp_path / "b", train_steps=2, method="dmd", fake_updates=1, pairs_dir=shared)
+    assert calls == [] and json.loads((shared / "pairs.json").read_text())["seed"] == 0
+    with pytest.raises(ValueError, match=r"made with other settings \(prompts_sha256, seed\)"):
+        from diffboost.distill import DistillConfig, distill
+
+        distill(teacher, tmp_path / "c", ["another prompt"], DistillConfig(train_steps=1, pairs=16, shard_size=8,
+                                                                           seed=1), pairs=shared, progress=False)
