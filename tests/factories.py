@@ -1710,3 +1710,19 @@ def distill_tiny(teacher: Any, out: Any, train_steps: int = 6, *, work: Any = No
     settings.update(overrides)
     return distill(teacher, out, ["a red circle", "a blue square", "a green star"], DistillConfig(**settings),
                    work=work, pairs=pairs_dir, resume=resume, progress=False)
+
+
+def interrupt_at_call(monkeypatch: Any, owner: Any, name: str, n: int) -> Callable[[], None]:
+    """Make ``owner.name`` raise KeyboardInterrupt at its ``n``-th call (a killed run); returns the
+    function that puts the original back."""
+    real = getattr(owner, name)
+    calls = [0]
+
+    def dies(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, dies)
+    return lambda: monkeypatch.setattr(owner, name, real)

@@ -179,6 +179,15 @@ class _Method:
         raise NotImplementedError
 
 
+def _descend(opt: torch.optim.Optimizer, module: torch.nn.Module, loss: torch.Tensor) -> float:
+    """One optimizer step on ``loss`` (gradients clipped to norm 1); returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def _batch(data: dict[str, Any], keys: list[str], idx: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
     return {k: data[k][idx].to(device) for k in keys}
 
@@ -207,13 +216,7 @@ class _Reflow(_Method):
         return reflow.reflow_loss(self.teacher.velocity(self.student, x, sigma, cond), z, x0)
 
     def step(self, g: torch.Generator) -> float:
-        loss = self.regression(g, self.config.batch_size)
-        opt = self.optimizers["student"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
-        opt.step()
-        return loss.item()
+        return _descend(self.optimizers["student"], self.student, self.regression(g, self.config.batch_size))
 
 
 class _DMD(_Reflow):
@@ -260,11 +263,7 @@ class _DMD(_Reflow):
         for _ in range(cfg.fake_updates):
             x0, cond = self._generate(g, cfg.batch_size, with_grad=False)
             t, noise, x_t = self._noised(g, x0)
-            loss_f = dmd.fake_score_loss(self.teacher.velocity(self.fake, x_t, t, cond), x0, noise)
-            opt_f.zero_grad(set_to_none=True)
-            loss_f.backward()
-            torch.nn.utils.clip_grad_norm_(self.fake.parameters(), 1.0)
-            opt_f.step()
+            _descend(opt_f, self.fake, dmd.fake_score_loss(self.teacher.velocity(self.fake, x_t, t, cond), x0, noise))
         # the generator
         x0, cond = self._generate(g, cfg.batch_size, with_grad=True)
         t, noise, x_t = self._noised(g, x0.detach())
@@ -279,12 +278,7 @@ class _DMD(_Reflow):
         loss = dmd.dmd_loss(x0, grad)
         if cfg.regression_weight:
             loss = loss + cfg.regression_weight * self.regression(g, cfg.batch_size)
-        opt = self.optimizers["student"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
-        opt.step()
-        return loss.item()
+        return _descend(self.optimizers["student"], self.student, loss)
 
 
 # --- the run -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from diffboost.distill import dmd
 from diffboost.distill import trainer as trainer_mod
-from factories import distill_tiny, save_flux_teacher
+from factories import distill_tiny, interrupt_at_call, save_flux_teacher
 
 
 def test_the_direction_points_from_real_to_fake_normalised_per_sample():
@@ -48,19 +48,10 @@ def test_a_dmd_run_trains_both_networks_and_resumes_to_the_same_weights(teacher,
     original = load_file(str(next((teacher / "transformer").glob("*.safetensors"))))
     assert any(not torch.equal(fake[k], original[k]) for k in original)
     assert (work / "fake_optimizer.safetensors").is_file()
-    calls = {"n": 0}
-    real = trainer_mod.dmd.dmd_loss
-
-    def dies(*args):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(trainer_mod.dmd, "dmd_loss", dies)
+    restore = interrupt_at_call(monkeypatch, trainer_mod.dmd, "dmd_loss", 5)
     with pytest.raises(KeyboardInterrupt):
         distill_tiny(teacher, tmp_path / "cut", method="dmd", fake_updates=2)
-    monkeypatch.setattr(trainer_mod.dmd, "dmd_loss", real)
+    restore()
     distill_tiny(teacher, tmp_path / "cut", method="dmd", fake_updates=2)
     for name in ("student", "fake"):
         a = load_file(str(tmp_path / "whole.work" / f"{name}.safetensors"))

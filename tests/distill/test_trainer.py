@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from diffboost.distill import DistillConfig, UnsupportedTeacherError, distill, teacher_for
 from diffboost.distill import trainer as trainer_mod
-from factories import TEACHER_SETTINGS, distill_tiny, make_sd, save_flux_teacher
+from factories import TEACHER_SETTINGS, distill_tiny, interrupt_at_call, make_sd, save_flux_teacher
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +44,10 @@ def test_the_student_folder_loads_with_the_pipeline_class_and_generates_in_one_s
 
 def test_an_interrupted_run_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch):
     distill_tiny(teacher, tmp_path / "whole")
-    calls = {"n": 0}
-    real = trainer_mod.reflow.reflow_loss
-
-    def dies_at_step_five(*args):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(trainer_mod.reflow, "reflow_loss", dies_at_step_five)
+    restore = interrupt_at_call(monkeypatch, trainer_mod.reflow, "reflow_loss", 5)
     with pytest.raises(KeyboardInterrupt):
         distill_tiny(teacher, tmp_path / "cut")
-    monkeypatch.setattr(trainer_mod.reflow, "reflow_loss", real)
+    restore()
     state = json.loads((tmp_path / "cut.work" / "state.json").read_text())
     assert state["step"] == 3 and not (tmp_path / "cut").exists()  # the checkpoint of step 3, no half folder
     distill_tiny(teacher, tmp_path / "cut", resume=True)
