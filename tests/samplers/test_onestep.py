@@ -108,3 +108,21 @@ def test_a_scheduler_replaced_after_apply_is_refused(folders):
             _gen(teacher, 4)
     finally:
         diffboost.remove(teacher)
+
+
+def test_under_model_cpu_offload_and_in_bfloat16(folders):
+    teacher_dir, student_dir = folders
+    own = _gen(_load(student_dir), 1, cfg=False)
+    teacher = _load(teacher_dir)
+    teacher.enable_model_cpu_offload(device="cpu")
+    base = _gen(teacher, 4)
+    with diffboost.accelerated(teacher, OneStep(str(student_dir))):
+        assert torch.equal(_gen(teacher, 4), own)
+    assert torch.equal(_gen(teacher, 4), base)
+    half = _load(teacher_dir).to(torch.bfloat16)
+    plain = _gen(half, 4)
+    with diffboost.accelerated(half, OneStep(str(student_dir))):
+        out = _gen(half, 4)
+        assert half.transformer.dtype == torch.bfloat16
+    assert torch.isfinite(out.float()).all() and (out.float() - own.float()).abs().mean() < 0.05
+    assert torch.equal(_gen(half, 4), plain)
