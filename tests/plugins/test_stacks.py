@@ -15,6 +15,7 @@ from diffboost import (
     BottleneckSampling,
     EasyCache,
     ErrorControlledCache,
+    OneStep,
     QuantizedAttention,
     StackFileError,
     TaylorSeer,
@@ -50,10 +51,11 @@ EXAMPLES = [
                  merge_crossattn=True, merge_mlp=True),
     QuantizedAttention(),
     QuantizedAttention(qk_format="fp8_e4m3", pv_format="fp8_e4m3", block_q=64, block_k=32, smooth_k=False,
-                       dense_first_layers=1, dense_last_layers=2, dense_steps=3, cross_attention=True),
+                       dense_first_layers=1, dense_last_layers=2, dense_steps=3, cross_attention=True, backend="sage"),
     SparseAttention(),
     SparseAttention(cdf_threshold=0.9, topk=0.5, sim_threshold=0.3, block_q=64, block_k=128, impl="gather",
-                    dense_first_layers=2, dense_last_layers=1, dense_steps=1, cross_attention=True),
+                    dense_first_layers=2, dense_last_layers=1, dense_steps=1, cross_attention=True, backend="flash"),
+    OneStep("students/flux-1step", steps=3),  # no defaults: a path is required
 ]
 
 
