@@ -13,12 +13,13 @@ from factories import distill_tiny, interrupt_at_call, save_flux_teacher
 
 
 def test_the_direction_points_from_real_to_fake_normalised_per_sample():
-    x0 = torch.zeros(2, 3)
-    real = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
-    fake = real + torch.tensor([[0.5, 0.0, -0.5], [1.0, 0.0, 0.0]])
+    x0 = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.2, 0.2]])
+    real = x0 + torch.tensor([[0.05, 0.05, 0.05], [0.1, 0.1, 0.1]])  # mean |x0 - real|: 0.05 and 0.1
+    fake = real + torch.tensor([[0.02, 0.0, -0.02], [0.1, 0.0, 0.0]])
     g = dmd.dmd_gradient(x0, real, fake)
-    assert torch.allclose(g, torch.tensor([[0.5, 0.0, -0.5], [0.5, 0.0, 0.0]]))
+    assert torch.allclose(g, torch.tensor([[0.4, 0.0, -0.4], [1.0, 0.0, 0.0]]))
     assert torch.equal(dmd.dmd_gradient(x0, real, real), torch.zeros(2, 3))
+    assert torch.isfinite(dmd.dmd_gradient(x0, x0, fake)).all()  # no division by zero
 
 
 def test_the_surrogate_loss_has_the_direction_as_gradient():
@@ -32,7 +33,9 @@ def test_noise_clean_prediction_and_guidance_are_consistent():
     x0, n, t = torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0.3, 0.9])
     x_t = dmd.noise_to(x0, n, t)
     assert torch.allclose(dmd.clean_prediction(x_t, t, n - x0), x0, atol=1e-6)
-    assert torch.equal(dmd.guided(torch.ones(2), torch.zeros(2), 3.0), torch.full((2,), 3.0))
+    assert torch.equal(dmd.guided(torch.full((2,), 3.0), torch.ones(2), 3.0), torch.full((2,), 7.0))
+    assert dmd.noise_to(x0.bfloat16(), n.bfloat16(), t).dtype == torch.bfloat16
+    assert dmd.clean_prediction(x_t.bfloat16(), t, n.bfloat16()).dtype == torch.bfloat16
     assert torch.equal(dmd.fake_score_loss(n - x0, x0, n), torch.tensor(0.0))
 
 

@@ -36,8 +36,24 @@ def test_the_straight_line_velocity_reaches_the_endpoint_in_any_step_count(steps
 
 
 def test_interpolation_and_loss():
-    z, x0 = torch.ones(2, 3), torch.zeros(2, 3)
+    z, x0 = torch.full((2, 3), 2.0), torch.full((2, 3), 0.5)
     x = reflow.interpolate(z, x0, torch.tensor([1.0, 0.25]))
-    assert torch.equal(x[0], z[0]) and torch.allclose(x[1], torch.full((3,), 0.25))
+    assert torch.equal(x[0], z[0]) and torch.allclose(x[1], torch.full((3,), 0.75 * 0.5 + 0.25 * 2.0))
+    assert reflow.interpolate(z.bfloat16(), x0.bfloat16(), torch.tensor([0.5, 0.5])).dtype == torch.bfloat16
     assert reflow.reflow_loss(z - x0, z, x0) == 0
-    assert torch.isclose(reflow.reflow_loss(torch.zeros(2, 3), z, x0), torch.tensor(1.0))
+    assert torch.isclose(reflow.reflow_loss(torch.zeros(2, 3), z, x0), torch.tensor(2.25))
+
+
+def test_euler_steps_the_sampler_way():
+    """Each step: x <- x + (s_next - s) * v(x, s), v given the current x and a per-sample sigma."""
+    seen = []
+
+    def velocity(x, s):
+        seen.append(s.clone())
+        return x * s.view(-1, 1)
+
+    z = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    out = reflow.euler(velocity, z, 2)
+    step1 = z + (0.5 - 1.0) * z * 1.0
+    assert torch.allclose(out, step1 + (0.0 - 0.5) * step1 * 0.5)
+    assert [t.tolist() for t in seen] == [[1.0] * 3, [0.5] * 3]

@@ -46,9 +46,14 @@ def test_it_gives_the_student_pipelines_images_and_remove_restores_the_teacher(f
     base = _gen(teacher, 4)
     own = _gen(student, steps, cfg=False)
     with diffboost.accelerated(teacher, OneStep(str(student_dir), steps=steps)):
+        before = diffboost.call_stats(teacher)[0]  # nothing run yet: empty, not an error
         served = _gen(teacher, 28)  # the call's 28 steps and CFG: the plugin decides both
         stats = diffboost.call_stats(teacher)[0]
+        assert teacher.scheduler.num_inference_steps == steps
+        assert teacher._diffboost_handle.tracker.num_steps == steps
+    assert before.reused == {} and before.skipped_steps == ()
     assert torch.equal(served, own)
+    assert stats.details["plugin"] == repr(OneStep(str(student_dir), steps=steps)) and stats.details["steps"] == steps
     assert stats.details["denoiser_calls"] == steps and stats.details["cfg_passes_shared"] == steps
     assert stats.reused == {"uncond": steps} and stats.skipped_steps == tuple(range(steps))
     assert torch.equal(_gen(teacher, 4), base)
@@ -83,6 +88,8 @@ def test_bad_input_is_named(folders, tmp_path):
         OneStep()
     with pytest.raises(ValueError, match="steps=17 is out of range"):
         OneStep(str(student_dir), steps=17)
+    with pytest.raises(ValueError, match="steps=0 is out of range"):
+        OneStep(str(student_dir), steps=0)
     with pytest.raises(FileNotFoundError, match="not a distilled student folder"):
         diffboost.apply(teacher, OneStep(str(teacher_dir)))
     with pytest.raises(ValueError, match=r"trained for \[1, 2, 3, 4\] steps"):
@@ -126,3 +133,23 @@ def test_under_model_cpu_offload_and_in_bfloat16(folders):
         assert half.transformer.dtype == torch.bfloat16
     assert torch.isfinite(out.float()).all() and (out.float() - own.float()).abs().mean() < 0.05
     assert torch.equal(_gen(half, 4), plain)
+
+
+def test_a_student_record_without_step_counts_serves_one_step_and_configs_must_match_key_for_key(folders, tmp_path):
+    import shutil
+
+    teacher_dir, student_dir = folders
+    teacher = _load(teacher_dir)
+    bare = tmp_path / "bare"
+    shutil.copytree(student_dir, bare)
+    info = json.loads((bare / "distill.json").read_text())
+    del info["student_steps"]
+    (bare / "distill.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"trained for \[1\] steps"):
+        diffboost.apply(teacher, OneStep(str(bare), steps=2))
+    with diffboost.accelerated(teacher, OneStep(str(bare), steps=1)):
+        assert diffboost.call_stats(teacher)[0].details == {}
+    config = json.loads((bare / "transformer" / "config.json").read_text())
+    (bare / "transformer" / "config.json").write_text(json.dumps({**config, "extra_field": 1}))
+    with pytest.raises(UnsupportedPipelineError, match=r"another transformer configuration than this pipeline \(extra_field\)"):
+        diffboost.apply(teacher, OneStep(str(bare)))
