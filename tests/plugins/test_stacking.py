@@ -86,3 +86,19 @@ def test_conflicting_pairs_are_refused_with_the_reason(monkeypatch):
     # one of the pair alone, or with others, is fine
     assert check_stack([x, z]) == [z, x] and check_stack([y]) == [y]
     assert stacking.CONFLICTS is CONFLICTS
+
+
+def test_a_plugin_refuses_the_kinds_it_names_in_either_order():
+    """``Plugin.refuses``: OneStep names caches and step plugins; every other kind stacks with it."""
+    from diffboost import OneStep
+
+    one = OneStep("student")
+    assert set(one.refuses) == {PluginKind.CACHE, PluginKind.STEP}
+    for other, why in ((fake(PluginKind.CACHE), "nothing to cache"), (fake(PluginKind.STEP), "no steps to skip")):
+        for stack in ([one, other], [other, one]):
+            with pytest.raises(IncompatiblePluginsError,
+                               match=f"^OneStep cannot be stacked with {type(other).__name__} "
+                                     f"\\({other.kind.value} plugin\\): .*{why}"):
+                check_stack(stack)
+    assert check_stack([one, fake(PluginKind.ATTENTION), fake(PluginKind.TOKENS)])[-1] is one
+    assert all(not p.refuses for p in (TaylorSeer(), SADA(), TokenMerging()))

@@ -153,3 +153,21 @@ def test_a_student_record_without_step_counts_serves_one_step_and_configs_must_m
     (bare / "transformer" / "config.json").write_text(json.dumps({**config, "extra_field": 1}))
     with pytest.raises(UnsupportedPipelineError, match=r"another transformer configuration than this pipeline \(extra_field\)"):
         diffboost.apply(teacher, OneStep(str(bare)))
+
+
+def test_student_weights_that_do_not_match_the_denoiser_are_named(folders, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher_dir, student_dir = folders
+    bad = tmp_path / "bad"
+    shutil.copytree(student_dir, bad)
+    (weights_file,) = (bad / "transformer").glob("*.safetensors")
+    weights = load_file(str(weights_file))
+    dropped = sorted(weights)[0]
+    weights["not.a.weight"] = weights.pop(dropped)
+    save_file(weights, str(weights_file))
+    with pytest.raises(UnsupportedPipelineError,
+                       match=rf"do not match this transformer \(missing \['{dropped}'\], unexpected \['not.a.weight'\]\)"):
+        diffboost.apply(_load(teacher_dir), OneStep(str(bad)))
