@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..batch import FolderLock
 from ..files import umask, write_atomic, write_text_atomic
 from ..plugins.base import check_choice, check_float, check_int
 from . import dmd
@@ -303,9 +304,7 @@ def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: Di
     ``work`` (default ``<out>.work``) keeps checkpoints and, unless ``pairs`` names another folder
     (shared by several runs on the same teacher), the teacher pairs: a rerun continues;
     ``resume=True`` insists on a checkpoint being there."""
-    from tqdm.auto import tqdm
-
-    from ..generation import check_model_folder, default_call_kwargs, load_pipeline, model_defaults
+    from ..generation import check_model_folder
 
     teacher_path = check_model_folder(teacher)
     out = Path(out)
@@ -314,6 +313,23 @@ def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: Di
         raise ValueError("prompts must be a non-empty list of non-empty strings")
     work = Path(work) if work is not None else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(work)  # one run per work folder: a second writer is refused, not interleaved
+    if not lock.claim("0"):
+        lock.close()
+        raise ValueError(f"another diffboost distill is running on the work folder {work}; wait for it to finish "
+                         "or use another --work folder")
+    try:
+        return _distill(teacher_path, out, prompts, config, work, pairs, device, resume, progress)
+    finally:
+        lock.close()  # the kernel drops the lock with the descriptor (and when a process dies)
+
+
+def _distill(teacher_path: Path, out: Path, prompts: list[str], config: DistillConfig, work: Path,
+             pairs: str | Path | None, device: str, resume: bool, progress: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from ..generation import default_call_kwargs, load_pipeline, model_defaults
+
     defaults = model_defaults(teacher_path)
     teacher_steps = config.teacher_steps or int(defaults.get("steps", 28))
     record_cfg = dataclasses.asdict(config) | {"teacher_steps": teacher_steps}

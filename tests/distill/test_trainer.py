@@ -122,3 +122,28 @@ def test_runs_share_a_pairs_folder_made_with_the_same_settings(teacher, tmp_path
 
         distill(teacher, tmp_path / "c", ["another prompt"], DistillConfig(train_steps=1, pairs=16, shard_size=8,
                                                                            seed=1), pairs=shared, progress=False)
+
+
+def test_a_second_run_on_the_same_work_folder_is_refused_while_the_first_runs(teacher, tmp_path):
+    """Two writers would interleave checkpoints: the work folder is locked (a POSIX record lock that the
+    kernel drops when the holder dies, so a killed run leaves no stale lock)."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("fcntl")
+    work = tmp_path / "s.work"
+    work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from diffboost.batch import FolderLock; "
+        f"lock = FolderLock(Path({str(work)!r})); assert lock.claim('0'); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match="another diffboost distill is running on the work folder"):
+            distill_tiny(teacher, tmp_path / "s")
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert distill_tiny(teacher, tmp_path / "s", train_steps=2)["step"] == 2  # the dead holder's lock is gone
