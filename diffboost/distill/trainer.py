@@ -172,11 +172,11 @@ def _student_state(path: str, student: torch.nn.Module) -> dict[str, torch.Tenso
 class _Method:
     """One optimizer step of a method: its trainable modules and optimizers by name (checkpointed)."""
 
-    loss_name = "loss"
     modules: dict[str, torch.nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
 
-    def step(self, g: torch.Generator) -> float:  # pragma: no cover - interface
+    def step(self, g: torch.Generator) -> dict[str, float]:  # pragma: no cover - interface
+        """One optimizer step; its named losses, the optimised one first."""
         raise NotImplementedError
 
 
@@ -197,7 +197,6 @@ class _Reflow(_Method):
     """Regression of the student's velocity on the straight line of teacher pairs, at the noise
     levels of 1..N-step sampling (:mod:`diffboost.distill.reflow`)."""
 
-    loss_name = "reflow loss"
 
     def __init__(self, teacher: Any, data: dict[str, Any], student: torch.nn.Module, config: DistillConfig,
                  device: str):
@@ -216,8 +215,8 @@ class _Reflow(_Method):
         x = reflow.interpolate(z, x0, sigma.to(self.device))
         return reflow.reflow_loss(self.teacher.velocity(self.student, x, sigma, cond), z, x0)
 
-    def step(self, g: torch.Generator) -> float:
-        return _descend(self.optimizers["student"], self.student, self.regression(g, self.config.batch_size))
+    def step(self, g: torch.Generator) -> dict[str, float]:
+        return {"reflow": _descend(self.optimizers["student"], self.student, self.regression(g, self.config.batch_size))}
 
 
 class _DMD(_Reflow):
@@ -227,7 +226,6 @@ class _DMD(_Reflow):
     on the teacher's pairs at every 1..N-step noise level (keeps the few-step schedule and anchors
     the generator to the teacher's noise-to-image map)."""
 
-    loss_name = "generator loss (DMD + regression)"
 
     def __init__(self, teacher: Any, data: dict[str, Any], student: torch.nn.Module, config: DistillConfig,
                  device: str, pipe: Any, call_kwargs: dict[str, Any]):
@@ -257,14 +255,16 @@ class _DMD(_Reflow):
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         return t, noise, dmd.noise_to(x0, noise, t.to(self.device))
 
-    def step(self, g: torch.Generator) -> float:
+    def step(self, g: torch.Generator) -> dict[str, float]:
         cfg = self.config
         # the fake score: flow matching on the generator's current images
         opt_f = self.optimizers["fake"]
+        fake_losses = []
         for _ in range(cfg.fake_updates):
             x0, cond = self._generate(g, cfg.batch_size, with_grad=False)
             t, noise, x_t = self._noised(g, x0)
-            _descend(opt_f, self.fake, dmd.fake_score_loss(self.teacher.velocity(self.fake, x_t, t, cond), x0, noise))
+            fake_losses.append(_descend(opt_f, self.fake, dmd.fake_score_loss(
+                self.teacher.velocity(self.fake, x_t, t, cond), x0, noise)))
         # the generator
         x0, cond = self._generate(g, cfg.batch_size, with_grad=True)
         t, noise, x_t = self._noised(g, x0.detach())
@@ -276,10 +276,11 @@ class _DMD(_Reflow):
             tt = t.to(self.device)
             grad = dmd.dmd_gradient(x0.detach(), dmd.clean_prediction(x_t, tt, v_real),
                                     dmd.clean_prediction(x_t, tt, v_fake))
-        loss = dmd.dmd_loss(x0, grad)
-        if cfg.regression_weight:
-            loss = loss + cfg.regression_weight * self.regression(g, cfg.batch_size)
-        return _descend(self.optimizers["student"], self.student, loss)
+        matching = dmd.dmd_loss(x0, grad)
+        regression = self.regression(g, cfg.batch_size) if cfg.regression_weight else torch.zeros(())
+        total = _descend(self.optimizers["student"], self.student, matching + cfg.regression_weight * regression)
+        return {"generator": total, "distribution matching": matching.item(), "reflow regression": regression.item(),
+                "fake score": sum(fake_losses) / len(fake_losses)}
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def _distill(teacher_path: Path, out: Path, prompts: list[str], config: DistillC
                 "history": history, "train_minutes": train_minutes, "pair_minutes": pair_minutes}
 
     t1 = time.perf_counter()
-    window: list[float] = []
+    window: dict[str, list[float]] = {}
     with tqdm(total=config.train_steps, initial=step, desc=f"distill ({config.method})", unit="step",
               disable=not progress) as bar:
         while step < config.train_steps:
@@ -393,14 +394,17 @@ def _distill(teacher_path: Path, out: Path, prompts: list[str], config: DistillC
             for opt in method.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = config.lr_at(step)
-            loss = method.step(g)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"distill: the loss is {loss} at step {step}; lower --lr")
+            losses = method.step(g)  # named losses, the optimised one first
+            bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+            if bad:
+                raise FloatingPointError(f"distill: non-finite loss at step {step} ({bad}); lower --lr")
             step += 1
-            window.append(loss)
+            for name, value in losses.items():
+                window.setdefault(name, []).append(value)
             if step % 10 == 0 or step == config.train_steps:
-                history.append([step, sum(window) / len(window)])
-                window = []
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                history.append([step, next(iter(means.values())), means])  # [step, loss, every named loss]
+                window = {}
                 bar.set_postfix(loss=f"{history[-1][1]:.4f}")
             bar.update(1)
             if step % config.save_every == 0 or step == config.train_steps:
@@ -408,8 +412,13 @@ def _distill(teacher_path: Path, out: Path, prompts: list[str], config: DistillC
                 t1 = time.perf_counter()
                 _save_checkpoint(work, method, record())
     if history:
-        plot_loss([int(s) for s, _ in history], [v for _, v in history], work / "loss.png",
-                  title=f"diffboost distill ({config.method}): {method.loss_name}")
+        series: dict[str, tuple[list[int], list[float]]] = {}
+        for entry in history:  # entries of runs before named losses were recorded: [step, loss]
+            for name, value in (entry[2] if len(entry) > 2 else {"loss": entry[1]}).items():
+                series.setdefault(name, ([], []))
+                series[name][0].append(int(entry[0]))
+                series[name][1].append(value)
+        plot_loss(series, work / "loss.png", title=f"diffboost distill ({config.method}): losses, mean of 10 steps")
 
     # 3. the student's pipeline folder
     info = record() | {"method": config.method, "guidance": {k: v for k, v in call_kwargs.items()

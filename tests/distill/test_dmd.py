@@ -66,6 +66,9 @@ def test_dmd_starts_from_a_reflow_student(teacher, tmp_path):
     distill_tiny(teacher, tmp_path / "reflow", train_steps=3)
     record = distill_tiny(teacher, tmp_path / "dmd", train_steps=1, method="dmd", fake_updates=1,
                           init=str(tmp_path / "reflow"))
+    (step, loss, parts), = record["history"]
+    assert set(parts) == {"generator", "distribution matching", "reflow regression", "fake score"}
+    assert abs(parts["generator"] - (parts["distribution matching"] + 0.25 * parts["reflow regression"])) < 1e-5
     assert record["config"]["init"] == str(tmp_path / "reflow")
     with pytest.raises(FileNotFoundError, match="no transformer"):
         distill_tiny(teacher, tmp_path / "bad", method="dmd", init=str(tmp_path))

@@ -68,7 +68,8 @@ def test_pairs_are_made_once_and_reused(teacher, tmp_path, monkeypatch):
 
 def test_training_lowers_the_reflow_loss(teacher, tmp_path):
     record = distill_tiny(teacher, tmp_path / "s", train_steps=60, save_every=60, lr=2e-3)
-    losses = [v for _, v in record["history"]]
+    losses = [h[1] for h in record["history"]]
+    assert all(set(h[2]) == {"reflow"} and h[2]["reflow"] == h[1] for h in record["history"])
     assert losses[-1] < 0.7 * losses[0], losses
 
 
