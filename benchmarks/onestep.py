@@ -79,7 +79,7 @@ def main() -> None:
                     diffboost.remove(pipe)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"teacher": str(teacher), "teacher_steps": teacher_steps, "call_kwargs": {k: v for k, v in kwargs.items()},
+    result = {"teacher": str(teacher), "teacher_steps": teacher_steps, "call_kwargs": dict(kwargs),
               "prompts": args.prompts, "repeats": args.repeats, "threads": torch.get_num_threads(), "rows": {}}
     base_total = statistics.median(t for t, _ in times["teacher"])
     base_den = statistics.median(d for _, d in times["teacher"])

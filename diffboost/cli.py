@@ -114,8 +114,8 @@ def stack_from_args(args: argparse.Namespace, model: Path | None = None) -> tupl
     if name is None:
         name = "none" if model is not None and is_student(model) else "fast"
         if name == "none":
-            logger.info("%s is a distilled student: running it plain (a preset has little to reuse in %s)",
-                        model, "its few steps")
+            logger.info("%s is a distilled student: running it plain (a preset has little to reuse in a few "
+                        "steps; --preset NAME to apply one anyway)", model)
     preset = _preset_or_none(name)
     if preset == ONESTEP:
         from .samplers.onestep import OneStep

@@ -8,7 +8,6 @@ latents, flow matching) are supported; other families are refused with the list 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -99,6 +98,3 @@ def teacher_for(pipe: Any, call_kwargs: dict[str, Any]) -> Teacher:
     raise UnsupportedTeacherError(
         f"diffboost distill supports Flux-architecture teachers (FluxPipeline), not {type(pipe).__name__}")
 
-
-def accepts(pipe: Any, name: str) -> bool:
-    return name in inspect.signature(type(pipe).__call__).parameters

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from ..batch import FolderLock
 from ..files import umask, write_atomic, write_text_atomic
 from ..plugins.base import check_choice, check_float, check_int
+from ..samplers.onestep import student_weights
 from . import dmd
 from . import pairs as pair_io
 from . import reflow
@@ -104,9 +105,6 @@ class DistillConfig:
         span = max(self.train_steps - self.warmup, 1)
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step - self.warmup, span) / span)))
 
-    def data_fields(self) -> dict[str, Any]:
-        """The fields the pairs depend on (a work folder's pairs are reused only when they match)."""
-        return {k: getattr(self, k) for k in ("pairs", "shard_size", "teacher_steps", "seed")}
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -149,21 +147,6 @@ def _save_checkpoint(work: Path, method: "_Method", info: dict[str, Any]) -> Non
     for name, opt in method.optimizers.items():
         _save_optimizer(opt, work / f"{_opt_file(name)}.safetensors")
     write_text_atomic(work / "state.json", json.dumps(info, indent=1))  # last: names a complete checkpoint
-
-
-def _student_state(path: str, student: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The denoiser weights of a student folder (``init=``), checked against the teacher's denoiser."""
-    folder = Path(path) / "transformer"
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"init={path!r}: no transformer/*.safetensors there (a student folder of "
-                                "diffboost distill is expected)")
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        weights.update(load_file(str(f)))
-    if set(weights) != set(student.state_dict()):
-        raise ValueError(f"init={path!r}: its denoiser does not match the teacher's (another architecture)")
-    return weights
 
 
 # --- the methods -------------------------------------------------------------------------------
@@ -291,9 +274,12 @@ def _check_out(out: Path, teacher: Path) -> None:
         raise ValueError(f"--out {out} is the teacher's folder; choose a new folder")
     if out.exists() and not (out / "distill.json").is_file():
         raise FileExistsError(f"{out} exists and is not a distilled model folder; choose a new --out or remove it")
-    parent = out.resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write {out}: {parent} is not a writable folder")
+    ancestor = out.resolve().parent
+    while not ancestor.exists():  # folders still missing are made (out/ on a fresh checkout)
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise PermissionError(f"cannot write {out}: {ancestor} is not a writable folder")
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
 
 
 def distill(teacher: str | Path, out: str | Path, prompts: list[str], config: DistillConfig = DistillConfig(), *,
@@ -366,7 +352,7 @@ def _distill(teacher_path: Path, out: Path, prompts: list[str], config: DistillC
     # 2. the student (and, for DMD, the fake score network)
     student = copy.deepcopy(pipe.transformer).float().to(device).train()
     if config.init != "teacher":
-        student.load_state_dict(_student_state(config.init, student))
+        student.load_state_dict(student_weights(config.init, "transformer", student))
     student.requires_grad_(True)
     method: _Method = (_Reflow(t, data, student, config, device) if config.method == "reflow"
                        else _DMD(t, data, student, config, device, pipe, call_kwargs))
@@ -427,11 +413,11 @@ def _distill(teacher_path: Path, out: Path, prompts: list[str], config: DistillC
                        "schedule": "linear sigmas linspace(1, 1/N, N) (FlowMatchEulerDiscreteScheduler, shift 1, "
                                    "no dynamic shifting)",
                        "teacher_defaults": defaults}
-    _export(pipe, student, teacher_path, out, defaults, info, work)
+    _export(pipe, student, out, defaults, info, work)
     return info
 
 
-def _export(pipe: Any, student: torch.nn.Module, teacher_path: Path, out: Path, defaults: dict[str, Any],
+def _export(pipe: Any, student: torch.nn.Module, out: Path, defaults: dict[str, Any],
             info: dict[str, Any], work: Path) -> None:
     """Save the teacher pipeline with the student denoiser and the linear schedule, atomically: a
     temporary folder next to ``out``, renamed onto it."""

@@ -129,7 +129,7 @@ class InstalledOneStep(Installed):
                                            f"{type(adapter.pipe).__name__} has {len(denoisers)}")
         self.denoiser: Denoiser = denoisers[0]
         module = self.denoiser.module
-        weights = _student_weights(cfg.path, self.denoiser.attr, module)
+        weights = student_weights(cfg.path, self.denoiser.attr, module)
         self.computed = 0
         self.reused: dict[str, int] = {}
         self.reused_steps: set[int] = set()
@@ -204,8 +204,9 @@ class InstalledOneStep(Installed):
                          skipped_steps=tuple(s.get("reused_steps", ())), details=s)
 
 
-def _student_weights(path: str, attr: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The student's state dict, checked against the pipeline's denoiser (same class and config)."""
+def student_weights(path: str, attr: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a student folder's denoiser ``attr``, checked against ``module`` (same class,
+    configuration and weight names); also what ``diffboost distill --init`` starts from."""
     folder = Path(path) / attr
     if not folder.is_dir():
         raise FileNotFoundError(f"{path} has no {attr}/ folder: it is not a student of a pipeline with a {attr}")

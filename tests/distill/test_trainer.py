@@ -73,6 +73,12 @@ def test_training_lowers_the_reflow_loss(teacher, tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_folders_missing_above_the_student_are_made(teacher, tmp_path):
+    """``diffboost distill`` with its default ``--out out/NAME-1step`` on a fresh checkout (no out/ yet)."""
+    record = distill_tiny(teacher, tmp_path / "out" / "deeper" / "s", train_steps=1)
+    assert record["step"] == 1 and (tmp_path / "out" / "deeper" / "s" / "distill.json").is_file()
+
+
 def test_bad_input_is_refused_before_work(teacher, tmp_path):
     with pytest.raises(ValueError, match="is the teacher's folder"):
         distill_tiny(teacher, teacher)
@@ -85,6 +91,9 @@ def test_bad_input_is_refused_before_work(teacher, tmp_path):
         distill(teacher, tmp_path / "x", [], DistillConfig(train_steps=1, pairs=1))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         distill(tmp_path / "nope", tmp_path / "x", ["a"], DistillConfig())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="is not a writable folder"):
+        distill_tiny(teacher, tmp_path / "file" / "s")
     distill_tiny(teacher, tmp_path / "s", train_steps=3)
     with pytest.raises(ValueError, match="holds a run with other settings .*batch_size"):
         distill_tiny(teacher, tmp_path / "s", train_steps=3, batch_size=2)
