@@ -30,10 +30,16 @@ from .samplers.sada import SADA
 from .samplers.bottleneck import BottleneckSampling
 from .samplers.onestep import OneStep
 from .tokens.merging import TokenDownsampling, TokenMerging
+from .vlm import Downsample, FastV, HiPrune, HiRED, VisionZip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VisionZip",
+    "HiRED",
+    "HiPrune",
+    "FastV",
+    "Downsample",
     "Acceleration",
     "AdaptiveBlockCache",
     "BottleneckSampling",

@@ -1726,3 +1726,34 @@ def interrupt_at_call(monkeypatch: Any, owner: Any, name: str, n: int) -> Callab
 
     monkeypatch.setattr(owner, name, dies)
     return lambda: monkeypatch.setattr(owner, name, real)
+
+
+# ----------------------------------------------------------------------------------------------
+# vision-language models (Transformers): a tiny LLaVA-1.5-layout model and its processor
+# ----------------------------------------------------------------------------------------------
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+
+
+def make_llava(seed: int = 0, image_size: int = 32, feature_strategy: str = "default", attn: str = "sdpa"):
+    """A random-init ``LlavaForConditionalGeneration`` (CLIP vision 4 layers, Llama 4 layers with grouped
+    keys), 32 px images in 4 px patches: 64 visual tokens per image; returns ``(model, processor)``."""
+    from diffboost_reference.training import vlm_model
+
+    processor = vlm_model.build_processor(image_size=image_size)
+    if feature_strategy == "full":
+        processor.vision_feature_select_strategy = "full"
+    model = vlm_model.build_model(len(processor.tokenizer), vision=TINY_VISION, text=TINY_TEXT, seed=seed,
+                                  image_size=image_size, feature_strategy=feature_strategy, attn_implementation=attn)
+    return model.eval(), processor
+
+
+def llava_inputs(processor: Any, n: int = 3, seed: int = 0, questions: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Processor inputs for ``n`` procedural scenes (prompts of different lengths: left padding)."""
+    from diffboost_reference.data import vqa
+
+    examples = [vqa.make_example(seed + i) for i in range(n)]
+    size = processor.image_processor.crop_size["height"]
+    texts = questions or [f"<image> {e.question}" for e in examples]
+    return dict(processor(images=[e.pil(size) for e in examples], text=texts, return_tensors="pt", padding=True))

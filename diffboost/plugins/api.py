@@ -26,6 +26,7 @@ class Acceleration:
         self.tracker.subscribe(CallStarted, lambda event: self.reset())
         self.tracker.subscribe(StageSwitched, self._stage_switched)
         self.counters: list[tuple[HookSet, DenoiserCalls]] = []
+        self.call_starts: Installed | None = None
         #: per finished stage of a multi-resolution sampler: the other plugins' statistics
         self.per_stage: list[list[dict[str, Any]]] = []
 
@@ -38,6 +39,10 @@ class Acceleration:
             for d in self.adapter:
                 hooks = HookSet("diffboost_calls", d.module)
                 self.counters.append((hooks, hooks.add(d.module, DenoiserCalls(self.tracker))))
+            # models without a scheduler (vision-language models) say themselves when a call starts
+            starts = getattr(self.adapter, "call_starts", None)
+            if starts is not None:
+                self.call_starts = starts(self.tracker)
         except BaseException:
             self.remove()
             raise
@@ -57,6 +62,9 @@ class Acceleration:
             item.reset()
 
     def remove(self) -> None:
+        if self.call_starts is not None:
+            self.call_starts.remove()
+            self.call_starts = None
         for hooks, _ in reversed(self.counters):
             hooks.remove()
         self.counters.clear()
@@ -128,10 +136,19 @@ def apply(pipe: Any, *plugins: Any) -> Acceleration:
             f"{type(pipe).__name__} is already accelerated with {getattr(pipe, _HANDLE_ATTR).plugins}; "
             "call diffboost.remove(pipe) first"
         )
-    stack = check_stack(_as_plugins(plugins))
-    if not stack:
+    requested = _as_plugins(plugins)
+    if not requested:
         raise ValueError("diffboost.apply needs at least one plugin or preset name")
-    adapter = PipelineAdapter(pipe)
+    from ..vlm.adapter import VlmAdapter, is_vlm
+
+    if is_vlm(pipe):
+        from ..vlm.stacking import check_vlm_stack
+
+        stack = check_vlm_stack(requested)
+        adapter: Any = VlmAdapter.of(pipe)
+    else:
+        stack = check_stack(requested)
+        adapter = PipelineAdapter(pipe)
     handle = Acceleration(pipe, adapter, stack)
     handle._install()
     setattr(pipe, _HANDLE_ATTR, handle)

@@ -1,0 +1,176 @@
+"""The common part of the visual-token plugins: the token budget, and what a vision-side pruner sees.
+
+A vision-side pruner (HiPrune, HiRED, VisionZip, Downsample) gets a :class:`VisionContext` (the
+vision tower's hidden states of one batch of images, the patch grid, helpers that recompute the
+attention maps it asks for) and returns the features the language model will see: ``(images, kept,
+width)``, *before* the projector. Kept patch tokens stay in spatial order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..plugins.base import Installed, Plugin, PluginKind, check_int
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..plugins.runtime import CallTracker
+    from .adapter import VlmAdapter
+
+
+def check_keep(obj: Any) -> None:
+    """``keep``: a share of the visual tokens in (0, 1] (float) or a token count >= 1 (int)."""
+    keep = obj.keep
+    name = f"{type(obj).__name__}.keep"
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"{name} must be a share of the visual tokens (a float in (0, 1]) or a token count "
+                        f"(an int >= 1), got {type(keep).__name__} ({keep!r})")
+    if isinstance(keep, float):
+        if not (math.isfinite(keep) and 0.0 < keep <= 1.0):
+            raise ValueError(f"{name}={keep} is out of range; allowed: a share in (0, 1] or a token count >= 1")
+    elif keep < 1:
+        raise ValueError(f"{name}={keep} is out of range; allowed: a token count >= 1 or a share in (0, 1]")
+
+
+def budget(keep: float | int, tokens: int) -> int:
+    """Tokens kept of ``tokens`` for ``keep`` (a share rounds to the nearest count, at least 1)."""
+    if isinstance(keep, float):
+        return max(1, min(tokens, int(math.floor(keep * tokens + 0.5))))
+    return max(1, min(tokens, int(keep)))
+
+
+def resolve_layer(obj: Any, field: str, depth: int, default: int) -> int:
+    """A layer index field (``None`` = ``default``; negative counts from the end) as 0..depth-1."""
+    value = getattr(obj, field)
+    if value is None:
+        return default
+    index = value if value >= 0 else depth + value
+    if not 0 <= index < depth:
+        raise ValueError(f"{type(obj).__name__}.{field}={value} is outside the vision tower's {depth} layers "
+                         f"(allowed: 0..{depth - 1} or -{depth}..-1)")
+    return index
+
+
+def check_layer_field(obj: Any, field: str) -> None:
+    if getattr(obj, field) is not None:
+        check_int(obj, field)
+
+
+class VisionContext:
+    """One batch of images as the vision tower saw it. Attention maps are recomputed on request and
+    cached for the call (:mod:`diffboost.vlm.attention`)."""
+
+    def __init__(self, adapter: "VlmAdapter", hidden_states: tuple[torch.Tensor, ...], kept: int):
+        self.adapter = adapter
+        self.hidden_states = hidden_states
+        #: tokens to return per image
+        self.kept = kept
+        self.grid = adapter.grid
+        self._cache: dict[Any, torch.Tensor] = {}
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The feature layer's patch tokens (images, patches, width), CLS dropped."""
+        return self.hidden_states[self.adapter.feature_layer][:, 1:]
+
+    @property
+    def cls(self) -> torch.Tensor:
+        """The feature layer's CLS token (images, 1, width)."""
+        return self.hidden_states[self.adapter.feature_layer][:, :1]
+
+    def attention(self, layer: int) -> torch.Tensor:
+        """Probabilities (images, heads, tokens, tokens) of vision encoder layer ``layer`` (0-based;
+        token 0 is CLS)."""
+        from .attention import vision_attention
+
+        key = ("all", layer)
+        if key not in self._cache:
+            self._cache[key] = vision_attention(self.adapter.vision_layers[layer], self.hidden_states[layer])
+        return self._cache[key]
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        """CLS -> patch attention of ``layer``, averaged over heads (images, patches)."""
+        from .attention import vision_attention
+
+        key = ("cls", layer)
+        if key not in self._cache:
+            if ("all", layer) in self._cache:
+                probs = self._cache[("all", layer)][:, :, :1]
+            else:
+                probs = vision_attention(self.adapter.vision_layers[layer], self.hidden_states[layer], slice(0, 1))
+            self._cache[key] = probs[:, :, 0, 1:].mean(1)
+        return self._cache[key]
+
+    def received_attention(self, layer: int) -> torch.Tensor:
+        """Attention each patch receives in ``layer``, averaged over heads and over all queries
+        (images, patches)."""
+        return self.attention(layer)[..., 1:].mean(dim=(1, 2))
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Keys of ``layer`` averaged over heads (images, tokens, head_dim)."""
+        from .attention import vision_keys
+
+        key = ("keys", layer)
+        if key not in self._cache:
+            self._cache[key] = vision_keys(self.adapter.vision_layers[layer], self.hidden_states[layer])
+        return self._cache[key]
+
+
+def gather_tokens(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``features[b, index[b]]`` for (images, tokens, width) and (images, kept) indices."""
+    return features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+
+
+def top_in_order(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores per row, in ascending (spatial) order."""
+    return score.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualTokenPlugin(Plugin):
+    """Base of the plugins that cut the visual tokens a VLM's language model sees.
+
+    Attributes:
+        keep: the visual tokens kept per image: a share in (0, 1] (0.25 keeps 64 of 256) or a count
+            (an int >= 1). 1.0 keeps every token and leaves the model's outputs bit-identical.
+    """
+
+    keep: float | int = 0.25
+    kind: ClassVar[PluginKind] = PluginKind.VLM
+    #: "vision": prunes the vision features before the language model; "language": inside it
+    stage: ClassVar[str] = "vision"
+
+    def __post_init__(self) -> None:
+        check_keep(self)
+
+    def never_skips(self) -> bool:
+        return isinstance(self.keep, float) and self.keep == 1.0
+
+    def kept_tokens(self, adapter: "VlmAdapter") -> int:
+        """Visual tokens per image the language model will see."""
+        return budget(self.keep, adapter.patches)
+
+    def check_model(self, adapter: "VlmAdapter") -> None:
+        """Refuse a model this configuration cannot work on (before any work)."""
+
+    def select(self, ctx: VisionContext) -> torch.Tensor:  # pragma: no cover - interface
+        """The kept features (images, ctx.kept, width), before the projector."""
+        raise NotImplementedError
+
+    def install(self, adapter: "VlmAdapter", tracker: "CallTracker") -> list[Installed]:
+        from .runtime import VisionPruning
+
+        self.check_model(adapter)
+        return [VisionPruning(adapter, tracker, self)]
+
+
+def needs_cls(plugin: Any, adapter: "VlmAdapter") -> None:
+    """Refuse a vision tower without a CLS token for methods that read CLS attention."""
+    has_cls = getattr(getattr(adapter.vision_tower, "config", None), "model_type", "") in ("clip_vision_model", "clip")
+    if not has_cls and not hasattr(getattr(adapter.vision_tower, "vision_model", None), "pre_layrnorm"):
+        raise ValueError(f"{type(plugin).__name__} reads the CLS token's attention; the vision tower "
+                         f"{type(adapter.vision_tower).__name__} has none (use HiPrune or Downsample)")
+

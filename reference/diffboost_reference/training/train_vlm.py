@@ -1,0 +1,180 @@
+"""Train the reference vision-language model on procedural visual questions.
+
+``python -m diffboost_reference.training.train_vlm --out assets/llava-shapes`` trains
+:mod:`diffboost_reference.training.vlm_model` (vision tower, projector and language model from
+scratch, together) on :mod:`diffboost_reference.data.vqa` examples drawn on the fly, and writes a
+``LlavaForConditionalGeneration`` folder (safetensors) with its processor, ``accuracy.json`` (held-out
+accuracy per question type) and ``train.json`` (the recipe and the measured time) into ``--out``.
+
+The language-model loss covers the answer word and ``</s>``. A second loss trains the vision tower's
+CLS output to name which shapes and colours the scene holds (as contrastive pre-training makes CLIP's
+CLS token summarise the image), so that methods reading CLS attention find a meaningful one.
+
+Resumable: the run checkpoints into ``--work`` every ``--save-every`` steps; rerunning the same
+command continues from the last checkpoint (examples, and the learning rate, are a function of the
+step number only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffboost_reference.data import scenes, vqa
+from diffboost_reference.evaluation import vqa as vqa_eval
+from diffboost_reference.training import vlm_model
+from diffboost_reference.training.common import load_checkpoint, lr_factor, save_checkpoint, setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def presence_targets(examples: list[vqa.Example]) -> torch.Tensor:
+    """Multi-hot (shapes present, colours present) per example."""
+    colors = tuple(scenes.COLORS)
+    t = torch.zeros(len(examples), len(scenes.SHAPES) + len(colors))
+    for i, e in enumerate(examples):
+        for o in e.objects:
+            t[i, scenes.SHAPES.index(o.shape)] = 1
+            t[i, len(scenes.SHAPES) + colors.index(o.color)] = 1
+    return t
+
+
+def train_batch(processor, step: int, batch_size: int) -> tuple[dict[str, torch.Tensor], list[vqa.Example]]:
+    """The examples of ``step`` with prompt + answer + ``</s>``; labels on the last two tokens."""
+    base = vqa.TRAIN_SEED_BASE + step * batch_size
+    examples = [vqa.make_example(base + i) for i in range(batch_size)]
+    enc = processor(
+        images=[e.pil() for e in examples],
+        text=[f"{vlm_model.prompt(e.question)} {e.answer} {vlm_model.EOS}" for e in examples],
+        return_tensors="pt", padding=True,
+    )
+    labels = torch.full_like(enc["input_ids"], -100)
+    labels[:, -2:] = enc["input_ids"][:, -2:]  # left padding: every row ends with answer, </s>
+    enc["labels"] = labels
+    return dict(enc), examples
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("assets/llava-shapes"))
+    p.add_argument("--work", type=Path, default=Path("runs/llava-shapes"))
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the CLS presence loss")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-examples", type=int, default=256)
+    p.add_argument("--final-examples", type=int, default=1024)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (checkpointed) after this long; 0 = no limit")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "save_every", "eval_every", "eval_examples", "final_examples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error("--lr must be a positive number")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    setup_logging(args.work / "train.log")
+    device = torch.device(args.device)
+    started = time.monotonic()
+
+    processor = vlm_model.build_processor()
+    model = vlm_model.build_model(len(processor.tokenizer), seed=args.seed).to(device)
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, len(scenes.SHAPES) + len(scenes.COLORS)).to(device)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    ckpt = args.work / "checkpoint.safetensors"
+    step, seconds, history = 0, 0.0, []
+    if ckpt.exists():
+        meta = load_checkpoint(ckpt, {"model": model, "head": head}, {"opt": opt})
+        step, seconds, history = meta["step"], meta["seconds"], meta["history"]
+        logger.info("resumed at step %d (%.1f min trained)", step, seconds / 60)
+
+    pooled: dict[str, torch.Tensor] = {}
+    hook = model.model.vision_tower.register_forward_hook(lambda m, a, out: pooled.__setitem__("cls", out.pooler_output))
+
+    def save() -> None:
+        save_checkpoint(ckpt, {"model": model, "head": head}, {"opt": opt},
+                        {"step": step, "seconds": seconds, "history": history, "args": vars(args) | {"out": str(args.out), "work": str(args.work)}})
+
+    held = vqa.held_out(args.eval_examples)
+    t0 = time.monotonic()
+    model.train()
+    while step < args.steps:
+        for g in opt.param_groups:
+            g["lr"] = args.lr * lr_factor(step, args.warmup, args.warmup, args.steps)
+        batch, examples = train_batch(processor, step, args.batch_size)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        aux = F.binary_cross_entropy_with_logits(head(pooled["cls"]), presence_targets(examples).to(device))
+        loss = out.loss + args.aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        now = time.monotonic()
+        seconds += now - t0
+        t0 = now
+        if step % 50 == 0:
+            history.append([step, round(out.loss.item(), 5), round(aux.item(), 5)])
+            logger.info("step %d answer loss %.4f presence loss %.4f (%.2f s/step)", step, out.loss.item(), aux.item(), seconds / step if step else 0)
+        if step % args.eval_every == 0 or step == args.steps:
+            model.eval()
+            acc = vqa_eval.accuracy(vqa_eval.answers(model, processor, held), held)
+            model.train()
+            history.append([step, "eval", acc])
+            logger.info("step %d held-out accuracy %s", step, {k: round(v, 3) for k, v in acc.items()})
+            t0 = time.monotonic()
+        if step % args.save_every == 0 or step == args.steps:
+            save()
+            t0 = time.monotonic()
+        if args.max_minutes and (time.monotonic() - started) / 60 >= args.max_minutes and step < args.steps:
+            save()
+            logger.info("stopped after %.1f minutes at step %d; rerun the same command to continue", args.max_minutes, step)
+            return
+    hook.remove()
+
+    model.eval()
+    final = vqa.held_out(args.final_examples)
+    acc = vqa_eval.accuracy(vqa_eval.answers(model, processor, final), final)
+    logger.info("final held-out accuracy over %d questions: %s", len(final), acc)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.cpu().save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "accuracy.json").write_text(json.dumps({"held_out_examples": len(final), "accuracy": acc}, indent=2) + "\n")
+    (tmp / "train.json").write_text(json.dumps({
+        "recipe": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "steps": step, "train_minutes": round(seconds / 60, 1), "threads": torch.get_num_threads(),
+        "device": str(device), "history": history,
+    }, indent=1) + "\n")
+    for f in tmp.iterdir():  # save_pretrained leaves some files owner-only
+        f.chmod(0o644)
+    if args.out.exists():
+        import shutil
+
+        shutil.rmtree(args.out)
+    os.replace(tmp, args.out)
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
