@@ -21,14 +21,14 @@ DEFAULT_PROMPT = "a large red circle at the left on a white background"
 DEFAULT_MODEL = "flux-shapes"
 
 
-def default_model_candidates() -> list[Path]:
+def default_model_candidates(name: str = DEFAULT_MODEL) -> list[Path]:
     """Where the embedded default model is looked for, in order: ``$DIFFBOOST_ASSETS/flux-shapes``
     (when set), ``diffboost/assets/flux-shapes`` inside an installed wheel (``pip install .``), and
     ``<repository>/assets/flux-shapes`` in a source checkout (``pip install -e .``)."""
     here = Path(__file__).resolve().parent
-    found = [here / "assets" / DEFAULT_MODEL, here.parent / "assets" / DEFAULT_MODEL]
+    found = [here / "assets" / name, here.parent / "assets" / name]
     root = os.environ.get("DIFFBOOST_ASSETS")
-    return ([Path(root) / DEFAULT_MODEL] if root else []) + found
+    return ([Path(root) / name] if root else []) + found
 
 
 def default_model_path() -> Path:

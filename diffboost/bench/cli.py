@@ -64,6 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"CI smoke mode: {QUICK} and a handful of configs (unless --configs is given)")
     parser.add_argument("--list-configs", action="store_true", help="print the configurations and exit")
+    vlm = parser.add_argument_group("vision-language models (--vlm)")
+    vlm.add_argument("--vlm", action="store_true",
+                     help="benchmark the visual-token pruners on a LLaVA model (default: the shipped assets/llava-shapes)")
+    vlm.add_argument("--methods", default=None, help="comma-separated pruners (default: HiPrune,HiRED,VisionZip,FastV,Downsample)")
+    vlm.add_argument("--budgets", default=None, help="comma-separated shares of visual tokens kept (default 0.33,0.25,0.22,0.11)")
+    vlm.add_argument("--questions", type=int, default=None, help="held-out questions for accuracy (default 512; quick: 16)")
+    vlm.add_argument("--question-offset", type=int, default=100_000,
+                     help="first seed of the question set (default %(default)s; the trainer monitors seeds 0..)")
+    vlm.add_argument("--timed", type=int, default=16, help="questions timed one by one per repeat (default %(default)s)")
+    vlm.add_argument("--decode-tokens", type=int, default=16, help="forced new tokens for decode speed (default %(default)s)")
 
 
 def model_call_defaults(model: Path) -> dict:
@@ -111,6 +121,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; return the process exit code."""
+    if args.vlm:
+        from .vlm import run_from_args as run_vlm
+
+        return run_vlm(args)
     try:
         if args.model is None:
             from diffboost.generation import default_model_path

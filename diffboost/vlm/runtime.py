@@ -29,7 +29,7 @@ import torch
 
 from ..plugins.base import Installed
 from ..plugins.runtime import ConcurrentCallError, InstanceWrap
-from .base import VisionContext
+from .context import VisionContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..plugins.runtime import CallTracker

@@ -47,6 +47,24 @@ def presence_targets(examples: list[vqa.Example]) -> torch.Tensor:
     return t
 
 
+def patch_targets(examples: list[vqa.Example], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch of a ``grid x grid`` split: the shape (0 = none, 1.. = SHAPES) and colour (0 = none,
+    1.. = COLORS) of the object whose disc covers the patch centre (positions before jitter)."""
+    colors = tuple(scenes.COLORS)
+    cell = vqa.IMAGE_SIZE / grid
+    centres = (torch.arange(grid) + 0.5) * cell
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    shape_t = torch.zeros(len(examples), grid * grid, dtype=torch.long)
+    color_t = torch.zeros_like(shape_t)
+    for i, e in enumerate(examples):
+        for o in e.objects:
+            cx, cy = vqa.CELLS[o.cell]
+            inside = ((xs - cx) ** 2 + (ys - cy) ** 2 <= (vqa.RADIUS * 0.8) ** 2).flatten()
+            shape_t[i, inside] = 1 + scenes.SHAPES.index(o.shape)
+            color_t[i, inside] = 1 + colors.index(o.color)
+    return shape_t, color_t
+
+
 def train_batch(processor, step: int, batch_size: int) -> tuple[dict[str, torch.Tensor], list[vqa.Example]]:
     """The examples of ``step`` with prompt + answer + ``</s>``; labels on the last two tokens."""
     base = vqa.TRAIN_SEED_BASE + step * batch_size
@@ -71,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the CLS presence loss")
+    p.add_argument("--dense-weight", type=float, default=0.3,
+                   help="weight of the per-patch loss (each visual feature names the shape and colour under it)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-examples", type=int, default=256)
@@ -95,20 +115,27 @@ def main(argv: list[str] | None = None) -> None:
     processor = vlm_model.build_processor()
     model = vlm_model.build_model(len(processor.tokenizer), seed=args.seed).to(device)
     head = torch.nn.Linear(model.config.vision_config.hidden_size, len(scenes.SHAPES) + len(scenes.COLORS)).to(device)
-    params = list(model.parameters()) + list(head.parameters())
+    width = model.config.vision_config.hidden_size
+    dense = torch.nn.Linear(width, 1 + len(scenes.SHAPES) + 1 + len(scenes.COLORS)).to(device)
+    params = list(model.parameters()) + list(head.parameters()) + list(dense.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     ckpt = args.work / "checkpoint.safetensors"
     step, seconds, history = 0, 0.0, []
     if ckpt.exists():
-        meta = load_checkpoint(ckpt, {"model": model, "head": head}, {"opt": opt})
+        meta = load_checkpoint(ckpt, {"model": model, "head": head, "dense": dense}, {"opt": opt})
         step, seconds, history = meta["step"], meta["seconds"], meta["history"]
         logger.info("resumed at step %d (%.1f min trained)", step, seconds / 60)
 
     pooled: dict[str, torch.Tensor] = {}
     hook = model.model.vision_tower.register_forward_hook(lambda m, a, out: pooled.__setitem__("cls", out.pooler_output))
+    tower = model.model.vision_tower
+    feature_block = getattr(tower, "vision_model", tower).encoder.layers[model.config.vision_feature_layer]
+    hook2 = feature_block.register_forward_hook(
+        lambda m, a, out: pooled.__setitem__("patches", (out[0] if isinstance(out, tuple) else out)[:, 1:]))
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
 
     def save() -> None:
-        save_checkpoint(ckpt, {"model": model, "head": head}, {"opt": opt},
+        save_checkpoint(ckpt, {"model": model, "head": head, "dense": dense}, {"opt": opt},
                         {"step": step, "seconds": seconds, "history": history, "args": vars(args) | {"out": str(args.out), "work": str(args.work)}})
 
     held = vqa.held_out(args.eval_examples)
@@ -121,7 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
         aux = F.binary_cross_entropy_with_logits(head(pooled["cls"]), presence_targets(examples).to(device))
-        loss = out.loss + args.aux_weight * aux
+        shape_t, color_t = patch_targets(examples, grid)
+        logits = dense(pooled["patches"])
+        n_shape = 1 + len(scenes.SHAPES)
+        dense_loss = F.cross_entropy(logits[..., :n_shape].flatten(0, 1), shape_t.flatten().to(device)) + \
+            F.cross_entropy(logits[..., n_shape:].flatten(0, 1), color_t.flatten().to(device))
+        loss = out.loss + args.aux_weight * aux + args.dense_weight * dense_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -131,8 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         seconds += now - t0
         t0 = now
         if step % 50 == 0:
-            history.append([step, round(out.loss.item(), 5), round(aux.item(), 5)])
-            logger.info("step %d answer loss %.4f presence loss %.4f (%.2f s/step)", step, out.loss.item(), aux.item(), seconds / step if step else 0)
+            history.append([step, round(out.loss.item(), 5), round(aux.item(), 5), round(dense_loss.item(), 5)])
+            logger.info("step %d answer loss %.4f presence loss %.4f patch loss %.4f (%.2f s/step)", step, out.loss.item(),
+                        aux.item(), dense_loss.item(), seconds / step if step else 0)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             acc = vqa_eval.accuracy(vqa_eval.answers(model, processor, held), held)
@@ -148,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("stopped after %.1f minutes at step %d; rerun the same command to continue", args.max_minutes, step)
             return
     hook.remove()
+    hook2.remove()
 
     model.eval()
     final = vqa.held_out(args.final_examples)
