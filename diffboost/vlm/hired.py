@@ -57,7 +57,8 @@ def hired_select(early_cls: torch.Tensor, late_cls: torch.Tensor, parts: torch.T
     onehot = torch.nn.functional.one_hot(parts, n_parts).to(early_cls.dtype)  # (patches, parts)
     weights = early_cls @ onehot
     sizes = onehot.sum(0).long()
-    quota = share_budget(weights, sizes, budget)  # (images, parts)
+    # a few numbers per image: shared out on the CPU (one transfer per call)
+    quota = share_budget(weights.cpu(), sizes.cpu(), budget).to(early_cls.device)  # (images, parts)
     # rank of each patch inside its partition by late CLS attention
     order = late_cls.argsort(dim=-1, descending=True)
     ranked_parts = parts[order]  # (images, patches) partition of the i-th best patch

@@ -167,3 +167,18 @@ def test_full_strategy_keeps_the_cls_token():
     assert stats["visual_tokens_per_image"] == 65 and stats["kept_per_image"] == 9
     assert out.sequences.shape == base.sequences.shape
     diffboost.remove(model)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS, ids=lambda m: m.__name__)
+def test_bfloat16_model(method):
+    model, processor = make_llava(seed=0)
+    model = model.to(torch.bfloat16)
+    inputs = llava_inputs(processor, n=2)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    base = generate(model, inputs)
+    diffboost.apply(model, method(keep=0.25))
+    out = generate(model, inputs)
+    assert out.sequences.shape == base.sequences.shape and out.scores[0].dtype == base.scores[0].dtype
+    assert all(torch.isfinite(s).all() for s in out.scores)
+    diffboost.remove(model)
+    assert torch.equal(generate(model, inputs).sequences, base.sequences)
