@@ -121,6 +121,16 @@ def make_example(seed: int, qtype: str | None = None) -> Example:
     return Example(objects, background, question, answer, qtype, seed)
 
 
+def describe(example: Example) -> str:
+    """The scene's objects in raster order of their cells, e.g. ``"red circle top left and blue star
+    center"`` (the answer of the training-only ``"describe ?"`` task)."""
+    order = list(CELLS)
+    objects = sorted(example.objects, key=lambda o: order.index(o.cell))
+    return " and ".join(f"{o.color} {o.shape} {o.cell}" for o in objects)
+
+
+DESCRIBE = "describe ?"
+
 #: seeds of training examples start here; held-out sets use 0 .. 999_999 (disjoint)
 TRAIN_SEED_BASE = 1_000_000
 
@@ -134,7 +144,8 @@ def held_out(n: int = 512, offset: int = 0) -> list[Example]:
 
 def vocabulary() -> list[str]:
     """Every word a question or an answer can contain, sorted."""
-    words = {"what", "color", "is", "the", "shape", "at", "how", "many", "are", "there", "a", "object", "?"}
+    words = {"what", "color", "is", "the", "shape", "at", "how", "many", "are", "there", "a", "object", "?",
+             "describe", "and"}
     for cell in CELLS:
         words.update(cell.split())
     words.update(SHAPES)

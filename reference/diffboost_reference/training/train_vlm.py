@@ -65,17 +65,26 @@ def patch_targets(examples: list[vqa.Example], grid: int) -> tuple[torch.Tensor,
     return shape_t, color_t
 
 
-def train_batch(processor, step: int, batch_size: int) -> tuple[dict[str, torch.Tensor], list[vqa.Example]]:
-    """The examples of ``step`` with prompt + answer + ``</s>``; labels on the last two tokens."""
+def train_batch(processor, step: int, batch_size: int, describe_share: float = 0.0
+                ) -> tuple[dict[str, torch.Tensor], list[vqa.Example]]:
+    """The examples of ``step``: prompt + answer + ``</s>``, labels on the answer and ``</s>``. A
+    ``describe_share`` of them (the first ones) ask ``"describe ?"`` instead and are answered with
+    the scene's objects (:func:`vqa.describe`): many supervised tokens per image, as LLaVA's
+    captioning stage."""
     base = vqa.TRAIN_SEED_BASE + step * batch_size
     examples = [vqa.make_example(base + i) for i in range(batch_size)]
+    n_describe = round(describe_share * batch_size)
+    pairs = [(vqa.DESCRIBE, vqa.describe(e)) if i < n_describe else (e.question, e.answer)
+             for i, e in enumerate(examples)]
     enc = processor(
         images=[e.pil() for e in examples],
-        text=[f"{vlm_model.prompt(e.question)} {e.answer} {vlm_model.EOS}" for e in examples],
+        text=[f"{vlm_model.prompt(q)} {a} {vlm_model.EOS}" for q, a in pairs],
         return_tensors="pt", padding=True,
     )
     labels = torch.full_like(enc["input_ids"], -100)
-    labels[:, -2:] = enc["input_ids"][:, -2:]  # left padding: every row ends with answer, </s>
+    for i, (_, answer) in enumerate(pairs):  # left padding: every row ends with its answer, </s>
+        n = len(answer.split()) + 1
+        labels[i, -n:] = enc["input_ids"][i, -n:]
     enc["labels"] = labels
     return dict(enc), examples
 
@@ -91,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the CLS presence loss")
     p.add_argument("--dense-weight", type=float, default=0.3,
                    help="weight of the per-patch loss (each visual feature names the shape and colour under it)")
+    p.add_argument("--describe-share", type=float, default=0.5,
+                   help="share of each batch asked to describe the scene instead of a question (training only)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-examples", type=int, default=256)
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     while step < args.steps:
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step, args.warmup, args.warmup, args.steps)
-        batch, examples = train_batch(processor, step, args.batch_size)
+        batch, examples = train_batch(processor, step, args.batch_size, args.describe_share)
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
         aux = F.binary_cross_entropy_with_logits(head(pooled["cls"]), presence_targets(examples).to(device))
