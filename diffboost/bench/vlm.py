@@ -46,6 +46,8 @@ class VlmRow:
     ttft_speedup: float
     decode_tok_s: float
     prefill_tokens: float
+    #: share of questions answered exactly as the unpruned model answers them
+    agreement: float = 1.0
     status: str = "ok"
 
 
@@ -114,6 +116,7 @@ def run(model_dir: Path, *, methods: tuple[str, ...] = METHOD_NAMES, budgets: tu
             diffboost.apply(model, _plugin(method, keep))
 
     acc: dict[str, dict[str, float]] = {}
+    said: dict[str, list[str]] = {}
     kept: dict[str, int] = {}
     prefill: dict[str, float] = {}
     for name, method, keep in configs:
@@ -121,6 +124,7 @@ def run(model_dir: Path, *, methods: tuple[str, ...] = METHOD_NAMES, budgets: tu
         try:
             answers = vqa_eval.answers(model, processor, examples, batch_size=batch_size)
             acc[name] = vqa_eval.accuracy(answers, examples)
+            said[name] = answers
             enc = {k: v.to(device) for k, v in vqa_eval.inputs(processor, examples[:1]).items()}
             model.generate(**enc, max_new_tokens=1)
             stats = diffboost.describe(model).get("last_call", [{}]) if method != "none" else [{}]
@@ -156,6 +160,7 @@ def run(model_dir: Path, *, methods: tuple[str, ...] = METHOD_NAMES, budgets: tu
             name=name, method=method, keep=keep, kept_tokens=kept[name], accuracy=acc[name],
             retained=acc[name]["all"] / base_acc if base_acc else math.nan, ttft_s=t1, ttft_speedup=base_ttft / t1,
             decode_tok_s=(decode_tokens - 1) / max(tn - t1, 1e-9), prefill_tokens=prefill[name],
+            agreement=sum(a == b for a, b in zip(said[name], said["none"])) / len(examples),
         ))
     workload = {"model": str(model_dir), "questions": questions, "question_offset": question_offset, "timed": timed,
                 "repeats": repeats, "decode_tokens": decode_tokens, "device": device,
@@ -175,16 +180,17 @@ def markdown(rows: list[VlmRow], workload: dict[str, Any]) -> str:
         f"Accuracy: greedy one-word answers, batch 64. Time to first token (TTFT): `generate` with one new token, "
         f"batch 1, median over {w['timed']} questions x {w['repeats']} repeats (configs interleaved). Decode: "
         f"{w['decode_tokens']} forced new tokens, batch 1, tokens/s after the first. Prefill tokens: the prompt the "
-        "language model sees (FastV: after its pruning layer).",
+        "language model sees (FastV: after its pruning layer). Same answer: share of questions answered exactly as "
+        "the unpruned model answers them (its fidelity, right or wrong).",
         "",
-        "| config | visual tokens | accuracy | retained | color | shape | count | exists | TTFT ms | prefill speedup "
-        "| decode tok/s | prefill tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | visual tokens | accuracy | retained | same answer | color | shape | count | exists | TTFT ms "
+        "| prefill speedup | decode tok/s | prefill tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         a = r.accuracy
         lines.append(
-            f"| `{r.name}` | {r.kept_tokens} | {a['all']:.3f} | {r.retained:.1%} | "
+            f"| `{r.name}` | {r.kept_tokens} | {a['all']:.3f} | {r.retained:.1%} | {r.agreement:.1%} | "
             + " | ".join(f"{a.get(q, math.nan):.3f}" for q in QTYPES)
             + f" | {r.ttft_s * 1e3:.1f} | {r.ttft_speedup:.2f}x | {r.decode_tok_s:.0f} | {r.prefill_tokens:.0f} |"
         )
@@ -195,11 +201,11 @@ def write_all(rows: list[VlmRow], workload: dict[str, Any], out: Path) -> dict[s
     from diffboost.files import write_text_atomic as atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    header = ["name", "method", "keep", "visual_tokens", "accuracy", "retained", *[f"acc_{q}" for q in QTYPES],
+    header = ["name", "method", "keep", "visual_tokens", "accuracy", "retained", "agreement", *[f"acc_{q}" for q in QTYPES],
               "ttft_s", "ttft_speedup", "decode_tok_s", "prefill_tokens"]
     lines = [",".join(header)]
     for r in rows:
-        vals = [r.name, r.method, r.keep, r.kept_tokens, r.accuracy["all"], r.retained,
+        vals = [r.name, r.method, r.keep, r.kept_tokens, r.accuracy["all"], r.retained, r.agreement,
                 *[r.accuracy.get(q, math.nan) for q in QTYPES], r.ttft_s, r.ttft_speedup, r.decode_tok_s, r.prefill_tokens]
         lines.append(",".join(f'"{v}"' if isinstance(v, str) else f"{v:.6g}" if isinstance(v, float) else str(v)
                               for v in vals))

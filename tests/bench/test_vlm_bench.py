@@ -23,7 +23,8 @@ def test_rows_files_and_honest_ratios(saved_llava, tmp_path):
                                    questions=8, timed=1, repeats=1, decode_tokens=2)
     assert [r.name for r in rows] == ["none", "HiPrune 25%", "Downsample 25%", "FastV 25%"]
     base = rows[0]
-    assert base.kept_tokens == 256 and base.ttft_speedup == 1.0
+    assert base.kept_tokens == 256 and base.ttft_speedup == 1.0 and base.agreement == 1.0
+    assert all(0.0 <= r.agreement <= 1.0 for r in rows)
     for r in rows[1:]:
         assert r.kept_tokens == 64
         assert r.retained == pytest.approx(r.accuracy["all"] / base.accuracy["all"]) if base.accuracy["all"] else True

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="weight of the per-patch loss (each visual feature names the shape and colour under it)")
     p.add_argument("--describe-share", type=float, default=0.5,
                    help="share of each batch asked to describe the scene instead of a question (training only)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from the model weights of another run's checkpoint.safetensors (a second stage)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-examples", type=int, default=256)
@@ -136,6 +138,16 @@ def main(argv: list[str] | None = None) -> None:
         meta = load_checkpoint(ckpt, {"model": model, "head": head, "dense": dense}, {"opt": opt})
         step, seconds, history = meta["step"], meta["seconds"], meta["history"]
         logger.info("resumed at step %d (%.1f min trained)", step, seconds / 60)
+    elif args.init is not None:
+        from safetensors.torch import load_file
+
+        if not args.init.is_file():
+            p.error(f"--init {args.init}: no such checkpoint file")
+        tensors = load_file(str(args.init))
+        for name, module in (("model", model), ("head", head), ("dense", dense)):
+            prefix = f"module.{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        logger.info("initialised from %s", args.init)
 
     pooled: dict[str, torch.Tensor] = {}
     hook = model.model.vision_tower.register_forward_hook(lambda m, a, out: pooled.__setitem__("cls", out.pooler_output))
@@ -147,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def save() -> None:
         save_checkpoint(ckpt, {"model": model, "head": head, "dense": dense}, {"opt": opt},
-                        {"step": step, "seconds": seconds, "history": history, "args": vars(args) | {"out": str(args.out), "work": str(args.work)}})
+                        {"step": step, "seconds": seconds, "history": history, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}})
 
     held = vqa.held_out(args.eval_examples)
     t0 = time.monotonic()

@@ -50,3 +50,17 @@ def test_train_batch_labels_the_answers_only() -> None:
         labelled = tok.convert_ids_to_tokens(batch["input_ids"][i][batch["labels"][i] != -100].tolist())
         answer = vqa.describe(e) if i < 2 else e.answer
         assert labelled == answer.split() + ["</s>"]
+
+
+def test_second_stage_starts_from_another_runs_weights(tmp_path: Path) -> None:
+    train_vlm.main(_args(tmp_path, "stage1", 2))
+    first = tmp_path / "stage1-work" / "checkpoint.safetensors"
+    train_vlm.main(_args(tmp_path, "stage2", 2) + ["--init", str(first), "--describe-share", "0"])
+    log = (tmp_path / "stage2-work" / "train.log").read_text()
+    assert f"initialised from {first}" in log
+    info = json.loads((tmp_path / "stage2-out" / "train.json").read_text())
+    assert info["recipe"]["init"] == str(first) and info["recipe"]["describe_share"] == 0.0
+    import pytest
+
+    with pytest.raises(SystemExit):
+        train_vlm.main(_args(tmp_path, "stage3", 2) + ["--init", str(tmp_path / "missing.safetensors")])
