@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vlm.add_argument("--question-offset", type=int, default=100_000,
                      help="first seed of the question set (default %(default)s; the trainer monitors seeds 0..)")
     vlm.add_argument("--timed", type=int, default=16, help="questions timed one by one per repeat (default %(default)s)")
+    vlm.add_argument("--timed-batch", type=int, default=1,
+                     help="questions per timed generate call (default 1: latency; larger: the compute-bound regime)")
     vlm.add_argument("--decode-tokens", type=int, default=16, help="forced new tokens for decode speed (default %(default)s)")
 
 

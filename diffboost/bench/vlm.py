@@ -90,13 +90,15 @@ def _time_generate(model: Any, enc: dict[str, torch.Tensor], new_tokens: int) ->
 
 def run(model_dir: Path, *, methods: tuple[str, ...] = METHOD_NAMES, budgets: tuple[float, ...] = BUDGETS,
         questions: int = 512, question_offset: int = 100_000, timed: int = 16, repeats: int = 3,
-        decode_tokens: int = 16, batch_size: int = 64, device: str = "cpu") -> tuple[list[VlmRow], dict[str, Any]]:
+        decode_tokens: int = 16, batch_size: int = 64, timed_batch: int = 1,
+        device: str = "cpu") -> tuple[list[VlmRow], dict[str, Any]]:
     """Run the bench; returns the rows (first the unpruned model) and the workload description."""
     import diffboost
     from diffboost_reference.data import vqa
     from diffboost_reference.evaluation import vqa as vqa_eval
 
-    for name, value in (("questions", questions), ("timed", timed), ("repeats", repeats), ("decode_tokens", decode_tokens)):
+    for name, value in (("questions", questions), ("timed", timed), ("repeats", repeats), ("decode_tokens", decode_tokens),
+                        ("timed_batch", timed_batch)):
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     unknown = [m for m in methods if m not in METHOD_NAMES]
@@ -107,7 +109,7 @@ def run(model_dir: Path, *, methods: tuple[str, ...] = METHOD_NAMES, budgets: tu
         raise ValueError(f"budgets must be shares in (0, 1], got {bad}")
     model, processor = load(model_dir, device)
     examples = vqa.held_out(questions, offset=question_offset)
-    timed_examples = examples[:timed]
+    timed_examples = vqa.held_out(timed * timed_batch, offset=question_offset)
     configs: list[tuple[str, str, float]] = [("none", "none", 1.0)]
     configs += [(f"{m} {b:.0%}", m, b) for b in budgets for m in methods]
 
@@ -138,7 +140,8 @@ def run(model_dir: Path, *, methods: tuple[str, ...] = METHOD_NAMES, budgets: tu
 
     ttft: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     total: dict[str, list[float]] = {name: [] for name, _, _ in configs}
-    encs = [{k: v.to(device) for k, v in vqa_eval.inputs(processor, [e]).items()} for e in timed_examples]
+    encs = [{k: v.to(device) for k, v in vqa_eval.inputs(processor, timed_examples[i : i + timed_batch]).items()}
+            for i in range(0, len(timed_examples), timed_batch)]
     for repeat in range(repeats):
         order = configs[repeat % len(configs):] + configs[: repeat % len(configs)]
         for name, method, keep in order:
@@ -159,11 +162,11 @@ def run(model_dir: Path, *, methods: tuple[str, ...] = METHOD_NAMES, budgets: tu
         rows.append(VlmRow(
             name=name, method=method, keep=keep, kept_tokens=kept[name], accuracy=acc[name],
             retained=acc[name]["all"] / base_acc if base_acc else math.nan, ttft_s=t1, ttft_speedup=base_ttft / t1,
-            decode_tok_s=(decode_tokens - 1) / max(tn - t1, 1e-9), prefill_tokens=prefill[name],
+            decode_tok_s=(decode_tokens - 1) * timed_batch / max(tn - t1, 1e-9), prefill_tokens=prefill[name],
             agreement=sum(a == b for a, b in zip(said[name], said["none"])) / len(examples),
         ))
     workload = {"model": str(model_dir), "questions": questions, "question_offset": question_offset, "timed": timed,
-                "repeats": repeats, "decode_tokens": decode_tokens, "device": device,
+                "repeats": repeats, "decode_tokens": decode_tokens, "device": device, "timed_batch": timed_batch,
                 "threads": torch.get_num_threads(), "visual_tokens_per_image": int(model.config.image_seq_length)}
     return rows, workload
 
@@ -178,8 +181,9 @@ def markdown(rows: list[VlmRow], workload: dict[str, Any]) -> str:
         f"questions (seeds from {w['question_offset']}), {w['device']}, {w['threads']} threads.",
         "",
         f"Accuracy: greedy one-word answers, batch 64. Time to first token (TTFT): `generate` with one new token, "
-        f"batch 1, median over {w['timed']} questions x {w['repeats']} repeats (configs interleaved). Decode: "
-        f"{w['decode_tokens']} forced new tokens, batch 1, tokens/s after the first. Prefill tokens: the prompt the "
+        f"batch {w['timed_batch']}, median over {w['timed']} calls x {w['repeats']} repeats (configs interleaved). Decode: "
+        f"{w['decode_tokens']} forced new tokens, batch {w['timed_batch']}, tokens/s after the first (all rows). "
+        "Prefill tokens: the prompt the "
         "language model sees (FastV: after its pruning layer). Same answer: share of questions answered exactly as "
         "the unpruned model answers them (its fidelity, right or wrong).",
         "",
@@ -254,7 +258,7 @@ def run_from_args(args: Any) -> int:
         rows, workload = run(
             Path(model), methods=methods, budgets=budgets[:1] if quick and not args.budgets else budgets,
             questions=args.questions or (16 if quick else 512), question_offset=args.question_offset,
-            timed=2 if quick else args.timed, repeats=args.repeats or (1 if quick else 3),
+            timed=2 if quick else args.timed, repeats=args.repeats or (1 if quick else 3), timed_batch=args.timed_batch,
             decode_tokens=4 if quick else args.decode_tokens, device=args.device or "cpu",
         )
     except (FileNotFoundError, ValueError) as exc:
