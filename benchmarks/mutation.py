@@ -79,12 +79,12 @@ MODULES: dict[str, list[str]] = {
                           "not (unet or bad_input or validated)"],
     "distill/dmd.py": ["tests/distill/test_dmd.py"],
     "samplers/onestep.py": ["tests/samplers/test_onestep.py"],
-    "vlm/hiprune.py": ["tests/vlm/test_hiprune.py", "tests/vlm/test_runtime.py", "-k", "hiprune or HiPrune"],
-    "vlm/hired.py": ["tests/vlm/test_hired.py", "tests/vlm/test_runtime.py", "-k", "hired or HiRED"],
-    "vlm/visionzip.py": ["tests/vlm/test_visionzip.py", "tests/vlm/test_runtime.py", "-k", "visionzip or VisionZip"],
+    "vlm/hiprune.py": ["tests/vlm/test_hiprune.py", "tests/vlm/test_vlm_runtime.py", "-k", "hiprune or HiPrune"],
+    "vlm/hired.py": ["tests/vlm/test_hired.py", "tests/vlm/test_vlm_runtime.py", "-k", "hired or HiRED"],
+    "vlm/visionzip.py": ["tests/vlm/test_visionzip.py", "tests/vlm/test_vlm_runtime.py", "-k", "visionzip or VisionZip"],
     "vlm/downsample.py": ["tests/vlm/test_downsample.py"],
-    "vlm/fastv.py": ["tests/vlm/test_fastv.py", "tests/vlm/test_runtime.py", "-k", "fastv or FastV"],
-    "vlm/runtime.py": ["tests/vlm/test_runtime.py", "tests/vlm/test_adapter.py"],
+    "vlm/fastv.py": ["tests/vlm/test_fastv.py", "tests/vlm/test_vlm_runtime.py", "-k", "fastv or FastV"],
+    "vlm/runtime.py": ["tests/vlm/test_vlm_runtime.py", "tests/vlm/test_adapter.py"],
 }
 
 STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "skipped", "segfault", "not checked", "caught by type check")
