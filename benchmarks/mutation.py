@@ -82,7 +82,7 @@ MODULES: dict[str, list[str]] = {
     "vlm/hiprune.py": ["tests/vlm/test_hiprune.py", "tests/vlm/test_vlm_runtime.py", "-k", "hiprune or HiPrune"],
     "vlm/hired.py": ["tests/vlm/test_hired.py", "tests/vlm/test_vlm_runtime.py", "-k", "hired or HiRED"],
     "vlm/visionzip.py": ["tests/vlm/test_visionzip.py", "tests/vlm/test_vlm_runtime.py", "-k", "visionzip or VisionZip"],
-    "vlm/downsample.py": ["tests/vlm/test_downsample.py"],
+    "vlm/downsample.py": ["tests/vlm/test_downsample.py", "tests/vlm/test_vlm_runtime.py", "-k", "downsample or Downsample"],
     "vlm/fastv.py": ["tests/vlm/test_fastv.py", "tests/vlm/test_vlm_runtime.py", "-k", "fastv or FastV"],
     "vlm/runtime.py": ["tests/vlm/test_vlm_runtime.py", "tests/vlm/test_adapter.py"],
 }

@@ -67,3 +67,54 @@ def test_layer_outside_the_language_model_is_refused_at_apply():
     assert "generate" not in vars(model)
     with pytest.raises(ValueError, match="FastV.layer=0"):
         FastV(layer=0)
+
+
+def test_direct_forward_on_a_batch_matches_rows_alone():
+    """A direct forward (positions (1, L) broadcast over the batch) with FastV: each row's last logits
+    equal that row's own call."""
+    model, processor = make_llava(seed=2)
+    inputs = llava_inputs(processor, n=2, seed=8, questions=["<image> what color is the star ?"] * 2)
+    diffboost.apply(model, FastV(keep=12))
+    try:
+        with torch.no_grad():
+            both = model(**inputs).logits[:, -1]
+            for row in range(2):
+                alone = model(**{k: v[row : row + 1] for k, v in inputs.items()}).logits[:, -1]
+                torch.testing.assert_close(alone[0], both[row], rtol=1e-5, atol=1e-5)
+        stats = diffboost.describe(model)["last_call"][0]
+        assert stats["plugin"] == "FastV(keep=12, layer=2)" and stats["layer"] == 2
+        assert stats["prompt_tokens"] == inputs["input_ids"].shape[1]
+    finally:
+        diffboost.remove(model)
+
+
+def test_rows_with_different_image_counts_are_refused():
+    model, processor = make_llava(seed=0)
+    from diffboost_reference.data import vqa
+
+    images = [vqa.make_example(i).pil(32) for i in range(3)]
+    inputs = processor(images=images, text=["<image> <image> what color is the star ?", "<image> describe ?"],
+                       return_tensors="pt", padding=True)
+    diffboost.apply(model, FastV(keep=8))
+    try:
+        with pytest.raises(ValueError, match="FastV needs the same number of images in every row"):
+            model.generate(**inputs, max_new_tokens=1)
+    finally:
+        diffboost.remove(model)
+
+
+def test_last_query_attention_equals_the_eager_map_with_padding():
+    from diffboost.vlm.attention import last_query_attention
+
+    eager, processor = make_llava(seed=3, attn="eager")
+    inputs = llava_inputs(processor, n=3, seed=1)  # left-padded rows
+    assert bool((inputs["attention_mask"] == 0).any())
+    lm = eager.model.language_model
+    captured = {}
+    hook = lm.layers[1].register_forward_pre_hook(lambda m, a, k: captured.update(h=a[0] if a else k["hidden_states"], **k),
+                                                  with_kwargs=True)
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True)
+        hook.remove()
+        got = last_query_attention(lm.layers[1], captured["h"], captured["position_embeddings"], captured["attention_mask"])
+    torch.testing.assert_close(got, out.attentions[1][:, :, -1, :], rtol=1e-5, atol=1e-6)

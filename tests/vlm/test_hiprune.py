@@ -46,3 +46,21 @@ def test_alpha_sets_the_number_of_anchors():
 def test_bad_settings_are_refused(bad):
     with pytest.raises((TypeError, ValueError), match="HiPrune"):
         HiPrune(**bad)
+
+
+def test_tiers_hold_whatever_the_scale_and_offset_of_the_maps():
+    grid = (4, 4)
+    obj = 5.0 + torch.zeros(1, 16)
+    obj[0, 5] = 6.0  # one anchor, offset maps (min 5, not 0)
+    deep = 100.0 + torch.arange(16.0)[None] * 10  # registers would outrank buffers if not scaled into [0, 1)
+    s = hiprune_scores(obj, deep, grid, budget=4, alpha=0.25)[0]
+    assert s[5] >= 2 > s[[1, 4, 6, 9]].min() >= 1 > s[[0, 15]].max()
+    assert hiprune_select(obj, deep, grid, budget=5, alpha=0.2)[0].tolist() == [1, 4, 5, 6, 9]
+
+
+def test_default_layers_follow_the_paper():
+    # CLIP-L (24 layers, features from layer -2): object layer 9 (index 8), registers from the feature layer
+    assert HiPrune().layers(24, 23) == (8, 22)
+    assert HiPrune().layers(4, 3) == (1, 2)
+    assert HiPrune(object_layer=-1, deep_layer=0).layers(4, 3) == (3, 0)
+    assert HiPrune().layers(2, 2) == (0, 1)

@@ -40,3 +40,9 @@ def test_select_takes_the_quota_of_each_partition_by_late_attention():
 def test_bad_settings_are_refused(bad):
     with pytest.raises((TypeError, ValueError), match="HiRED"):
         HiRED(**bad)
+
+
+def test_default_layers():
+    assert HiRED().layers(24, 23) == (5, 22)  # an early layer (first quarter), the feature layer
+    assert HiRED().layers(4, 3) == (0, 2)
+    assert HiRED(early_layer=2, late_layer=-1).layers(4, 3) == (2, 3)

@@ -30,3 +30,10 @@ def test_dominant_tokens_then_merged_context():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="VisionZip.dominant"):
         VisionZip(dominant=0.0)
+
+
+def test_default_layer_is_the_feature_layer():
+    from diffboost.vlm.base import resolve_layer
+
+    assert resolve_layer(VisionZip(), "layer", 24, 22) == 22
+    assert resolve_layer(VisionZip(layer=-1), "layer", 24, 22) == 23
