@@ -6,9 +6,12 @@ scratch, together) on :mod:`diffboost_reference.data.vqa` examples drawn on the 
 ``LlavaForConditionalGeneration`` folder (safetensors) with its processor, ``accuracy.json`` (held-out
 accuracy per question type) and ``train.json`` (the recipe and the measured time) into ``--out``.
 
-The language-model loss covers the answer word and ``</s>``. A second loss trains the vision tower's
-CLS output to name which shapes and colours the scene holds (as contrastive pre-training makes CLIP's
-CLS token summarise the image), so that methods reading CLS attention find a meaningful one.
+The language-model loss covers the answer word and ``</s>``; ``--describe-share`` of the rows ask
+"describe ?" and are answered with every object (LLaVA's captioning stage: many supervised tokens per
+image). Two losses on the vision tower stand in for CLIP's pre-training: its CLS output names which
+shapes and colours the scene holds (so that methods reading CLS attention find a meaningful one), and
+every patch of the feature layer names the shape and colour under it. ``--init`` starts a second
+stage from another run's checkpoint. benchmarks/TRAINING.md ("Reference VLM") has the shipped recipe.
 
 Resumable: the run checkpoints into ``--work`` every ``--save-every`` steps; rerunning the same
 command continues from the last checkpoint (examples, and the learning rate, are a function of the
