@@ -248,12 +248,28 @@ def _plot(rows: list[VlmRow], path: Path) -> Path | None:
     return path
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be written before any model work."""
+    import os
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the output folder ({exc.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: the output folder is not writable")
+
+
 def run_from_args(args: Any) -> int:
     """``diffboost bench --vlm``."""
     model = args.model or default_vlm_path()
     quick = bool(args.quick)
     try:
-        budgets = tuple(float(b) for b in args.budgets.split(",")) if args.budgets else BUDGETS
+        try:
+            budgets = tuple(float(b) for b in args.budgets.split(",")) if args.budgets else BUDGETS
+        except ValueError:
+            raise ValueError(f"--budgets {args.budgets!r}: give comma-separated shares in (0, 1], e.g. 0.33,0.25") from None
+        _check_writable(Path(args.out))
         methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHOD_NAMES
         rows, workload = run(
             Path(model), methods=methods, budgets=budgets[:1] if quick and not args.budgets else budgets,

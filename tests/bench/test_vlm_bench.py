@@ -44,3 +44,12 @@ def test_cli_refuses_bad_input_before_work(saved_llava, tmp_path, caplog):
     assert "unknown method(s) ['ToMe']" in caplog.text
     assert cli_main(["bench", "--vlm", "--model", str(saved_llava), "--budgets", "0,0.5", "--out", str(tmp_path / "o")]) == 2
     assert "budgets must be shares in (0, 1]" in caplog.text
+
+
+def test_cli_refuses_bad_budgets_and_unwritable_out(saved_llava, tmp_path, caplog):
+    assert cli_main(["bench", "--vlm", "--model", str(saved_llava), "--budgets", "abc", "--out", str(tmp_path / "o")]) == 2
+    assert "--budgets 'abc': give comma-separated shares" in caplog.text
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli_main(["bench", "--vlm", "--model", str(saved_llava), "--out", str(blocker / "sub")]) == 2
+    assert "cannot create the output folder" in caplog.text
