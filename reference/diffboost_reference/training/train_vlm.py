@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="share of each batch asked to describe the scene instead of a question (training only)")
     p.add_argument("--init", type=Path, default=None,
                    help="start from the model weights of another run's checkpoint.safetensors (a second stage)")
+    p.add_argument("--vision-layers", type=int, default=vlm_model.VISION["num_hidden_layers"],
+                   help="vision tower depth (default %(default)s)")
+    p.add_argument("--vision-width", type=int, default=vlm_model.VISION["hidden_size"],
+                   help="vision tower width (default %(default)s; 4 heads, MLP 4x)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-examples", type=int, default=256)
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "save_every", "eval_every", "eval_examples", "final_examples"):
+    for name in ("steps", "batch_size", "save_every", "eval_every", "eval_examples", "final_examples",
+                 "vision_layers", "vision_width"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -129,7 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
 
     processor = vlm_model.build_processor()
-    model = vlm_model.build_model(len(processor.tokenizer), seed=args.seed).to(device)
+    if args.vision_layers < 2 or args.vision_width % 4:
+        p.error("--vision-layers must be >= 2 (features come from layer -2) and --vision-width a multiple of 4")
+    vision = dict(vlm_model.VISION, num_hidden_layers=args.vision_layers, hidden_size=args.vision_width,
+                  intermediate_size=4 * args.vision_width)
+    model = vlm_model.build_model(len(processor.tokenizer), vision=vision, seed=args.seed).to(device)
     head = torch.nn.Linear(model.config.vision_config.hidden_size, len(scenes.SHAPES) + len(scenes.COLORS)).to(device)
     width = model.config.vision_config.hidden_size
     dense = torch.nn.Linear(width, 1 + len(scenes.SHAPES) + 1 + len(scenes.COLORS)).to(device)

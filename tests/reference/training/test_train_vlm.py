@@ -64,3 +64,14 @@ def test_second_stage_starts_from_another_runs_weights(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit):
         train_vlm.main(_args(tmp_path, "stage3", 2) + ["--init", str(tmp_path / "missing.safetensors")])
+
+
+def test_vision_tower_size_options(tmp_path: Path) -> None:
+    import pytest
+
+    train_vlm.main(_args(tmp_path, "small", 1) + ["--vision-layers", "3", "--vision-width", "32"])
+    config = json.loads((tmp_path / "small-out" / "config.json").read_text())["vision_config"]
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (3, 32, 128)
+    for bad in (["--vision-layers", "1"], ["--vision-width", "30"], ["--vision-width", "0"]):
+        with pytest.raises(SystemExit):
+            train_vlm.main(_args(tmp_path, "bad", 1) + bad)
