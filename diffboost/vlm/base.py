@@ -109,9 +109,9 @@ class VisualTokenPlugin(Plugin):
 
 
 def needs_cls(plugin: Any, adapter: "VlmAdapter") -> None:
-    """Refuse a vision tower without a CLS token for methods that read CLS attention."""
-    has_cls = getattr(getattr(adapter.vision_tower, "config", None), "model_type", "") in ("clip_vision_model", "clip")
-    if not has_cls and not hasattr(getattr(adapter.vision_tower, "vision_model", None), "pre_layrnorm"):
+    """Refuse a vision tower without a CLS token (CLIP's ``embeddings.class_embedding``; SigLIP has
+    none) for methods that read CLS attention."""
+    tower = getattr(adapter.vision_tower, "vision_model", adapter.vision_tower)
+    if getattr(getattr(tower, "embeddings", None), "class_embedding", None) is None:
         raise ValueError(f"{type(plugin).__name__} reads the CLS token's attention; the vision tower "
                          f"{type(adapter.vision_tower).__name__} has none (use HiPrune or Downsample)")
-

@@ -95,14 +95,14 @@ class FastVPruning(Installed):
 
         return forward
 
-    def _active(self, hidden: torch.Tensor) -> bool:
+    def _active(self) -> bool:
         s = self.state
         return bool(s) and s["kept_images"] < int(s["is_image"].sum(1)[0])
 
     def _score(self, module: Any, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         s = self.state
-        if not self._active(hidden) or hidden.shape[1] != s["length"]:
+        if not self._active() or hidden.shape[1] != s["length"]:
             return None
         probs = last_query_attention(module, hidden, kwargs["position_embeddings"], _tensor_mask(kwargs.get("attention_mask")))
         s["keep"] = fastv_keep_positions(probs.mean(1), s["is_image"].to(hidden.device), s["kept_images"])

@@ -55,7 +55,7 @@ def shrink_placeholders(
     keep = ~(is_img & (rank >= k))
     lengths = keep.sum(1)
     width = int(lengths.max())
-    tensors = [t for t in (input_ids, attention_mask, labels)]
+    tensors = (input_ids, attention_mask, labels)
     if bool((lengths == width).all()):
         out = [None if t is None else t[keep].view(t.shape[0], width) for t in tensors]
         return out[0], out[1], out[2]

@@ -82,3 +82,12 @@ def test_a_prompt_without_matching_placeholders_gets_a_clear_error():
             model.generate(**inputs, max_new_tokens=1)
     finally:
         diffboost.remove(model)
+
+
+def test_cls_methods_refuse_a_tower_without_cls():
+    model, _ = make_llava()
+    del model.model.vision_tower.embeddings.class_embedding  # a SigLIP-like tower
+    for plugin in (HiRED(), VisionZip()):
+        with pytest.raises(ValueError, match="reads the CLS token's attention; the vision tower CLIPVisionModel has none"):
+            diffboost.apply(model, plugin)
+    assert "generate" not in vars(model)
