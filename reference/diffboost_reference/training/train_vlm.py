@@ -10,8 +10,11 @@ The language-model loss covers the answer word and ``</s>``; ``--describe-share`
 "describe ?" and are answered with every object (LLaVA's captioning stage: many supervised tokens per
 image). Two losses on the vision tower stand in for CLIP's pre-training: its CLS output names which
 shapes and colours the scene holds (so that methods reading CLS attention find a meaningful one), and
-every patch of the feature layer names the shape and colour under it. ``--init`` starts a second
-stage from another run's checkpoint. benchmarks/TRAINING.md ("Reference VLM") has the shipped recipe.
+every patch of the feature layer names the shape and colour under it (the patches inside an object
+once more with the shape alone: most patches are background). The first ``--tower-steps`` steps train
+the vision tower alone on those two losses (cheap: no language model; CLIP's pre-training before
+LLaVA's), the next ``--steps`` the whole model. ``--init`` starts a second stage from another run's
+checkpoint. benchmarks/TRAINING.md ("Reference VLM") has the shipped recipe.
 
 Resumable: the run checkpoints into ``--work`` every ``--save-every`` steps; rerunning the same
 command continues from the last checkpoint (examples, and the learning rate, are a function of the
@@ -68,6 +71,18 @@ def patch_targets(examples: list[vqa.Example], grid: int) -> tuple[torch.Tensor,
     return shape_t, color_t
 
 
+@torch.no_grad()
+def patch_shape_accuracy(model, dense, processor, examples: list[vqa.Example], pooled: dict, grid: int) -> float:
+    """Share of the patches inside held-out objects whose feature the per-patch head names the right
+    shape from (the vision tower's own progress; the hooks fill ``pooled``)."""
+    pixels = processor.image_processor([e.pil() for e in examples], return_tensors="pt")["pixel_values"]
+    model.model.vision_tower(pixel_values=pixels.to(dense.weight.device))
+    shape_t, _ = patch_targets(examples, grid)
+    predicted = dense(pooled["patches"])[..., : 1 + len(scenes.SHAPES)].argmax(-1).cpu()
+    inside = shape_t > 0
+    return float((predicted[inside] == shape_t[inside]).float().mean())
+
+
 def train_batch(processor, step: int, batch_size: int, describe_share: float = 0.0
                 ) -> tuple[dict[str, torch.Tensor], list[vqa.Example]]:
     """The examples of ``step``: prompt + answer + ``</s>``, labels on the answer and ``</s>``. A
@@ -96,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("assets/llava-shapes"))
     p.add_argument("--work", type=Path, default=Path("runs/llava-shapes"))
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=3000, help="steps of the whole model (after the tower's)")
+    p.add_argument("--tower-steps", type=int, default=4000,
+                   help="steps that train the vision tower alone first (0 = none; default %(default)s)")
+    p.add_argument("--tower-lr", type=float, default=2e-3, help="peak learning rate of the tower steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
@@ -120,12 +138,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.tower_steps < 0:
+        p.error("--tower-steps must be >= 0")
     for name in ("steps", "batch_size", "save_every", "eval_every", "eval_examples", "final_examples",
                  "vision_layers", "vision_width"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        p.error("--lr must be a positive number")
+    for name in ("lr", "tower_lr"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} must be a positive number")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -174,21 +195,33 @@ def main(argv: list[str] | None = None) -> None:
                         {"step": step, "seconds": seconds, "history": history, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}})
 
     held = vqa.held_out(args.eval_examples)
+    total = args.tower_steps + args.steps
     t0 = time.monotonic()
     model.train()
-    while step < args.steps:
+    while step < total:
+        tower_only = step < args.tower_steps
         for g in opt.param_groups:
-            g["lr"] = args.lr * lr_factor(step, args.warmup, args.warmup, args.steps)
-        batch, examples = train_batch(processor, step, args.batch_size, args.describe_share)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
+            g["lr"] = (args.tower_lr * lr_factor(step, args.warmup, args.warmup, args.tower_steps) if tower_only else
+                       args.lr * lr_factor(step - args.tower_steps, args.warmup, args.warmup, args.steps))
+        if tower_only:  # the hooks collect CLS and the feature layer; the language model does not run
+            examples = [vqa.make_example(vqa.TRAIN_SEED_BASE + step * args.batch_size + i) for i in range(args.batch_size)]
+            pixels = processor.image_processor([e.pil() for e in examples], return_tensors="pt")["pixel_values"]
+            tower(pixel_values=pixels.to(device))
+            answer_loss = torch.zeros((), device=device)
+        else:
+            batch, examples = train_batch(processor, step, args.batch_size, args.describe_share)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            answer_loss = model(**batch).loss
         aux = F.binary_cross_entropy_with_logits(head(pooled["cls"]), presence_targets(examples).to(device))
         shape_t, color_t = patch_targets(examples, grid)
+        shape_t, color_t = shape_t.to(device), color_t.to(device)
         logits = dense(pooled["patches"])
         n_shape = 1 + len(scenes.SHAPES)
-        dense_loss = F.cross_entropy(logits[..., :n_shape].flatten(0, 1), shape_t.flatten().to(device)) + \
-            F.cross_entropy(logits[..., n_shape:].flatten(0, 1), color_t.flatten().to(device))
-        loss = out.loss + args.aux_weight * aux + args.dense_weight * dense_loss
+        inside = shape_t > 0
+        dense_loss = F.cross_entropy(logits[..., :n_shape].flatten(0, 1), shape_t.flatten()) + \
+            F.cross_entropy(logits[..., n_shape:].flatten(0, 1), color_t.flatten()) + \
+            (F.cross_entropy(logits[..., :n_shape][inside], shape_t[inside]) if inside.any() else 0.0)
+        loss = answer_loss + args.aux_weight * aux + (1.0 if tower_only else args.dense_weight) * dense_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -198,20 +231,27 @@ def main(argv: list[str] | None = None) -> None:
         seconds += now - t0
         t0 = now
         if step % 50 == 0:
-            history.append([step, round(out.loss.item(), 5), round(aux.item(), 5), round(dense_loss.item(), 5)])
-            logger.info("step %d answer loss %.4f presence loss %.4f patch loss %.4f (%.2f s/step)", step, out.loss.item(),
-                        aux.item(), dense_loss.item(), seconds / step if step else 0)
-        if step % args.eval_every == 0 or step == args.steps:
+            history.append([step, round(answer_loss.item(), 5), round(aux.item(), 5), round(dense_loss.item(), 5)])
+            logger.info("step %d%s answer loss %.4f presence loss %.4f patch loss %.4f (%.2f s/step)", step,
+                        " (tower)" if tower_only else "", answer_loss.item(), aux.item(), dense_loss.item(),
+                        seconds / step if step else 0)
+        if step == args.tower_steps and args.tower_steps:
+            model.eval()
+            logger.info("step %d tower: patch shape accuracy %.3f (held-out objects' inner patches)", step,
+                        patch_shape_accuracy(model, dense, processor, held, pooled, grid))
+            model.train()
+            t0 = time.monotonic()
+        if step > args.tower_steps and (step - args.tower_steps) % args.eval_every == 0 or step == total:
             model.eval()
             acc = vqa_eval.accuracy(vqa_eval.answers(model, processor, held), held)
             model.train()
             history.append([step, "eval", acc])
             logger.info("step %d held-out accuracy %s", step, {k: round(v, 3) for k, v in acc.items()})
             t0 = time.monotonic()
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == total:
             save()
             t0 = time.monotonic()
-        if args.max_minutes and (time.monotonic() - started) / 60 >= args.max_minutes and step < args.steps:
+        if args.max_minutes and (time.monotonic() - started) / 60 >= args.max_minutes and step < total:
             save()
             logger.info("stopped after %.1f minutes at step %d; rerun the same command to continue", args.max_minutes, step)
             return

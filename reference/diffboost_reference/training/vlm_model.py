@@ -61,10 +61,30 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None, image_size
     )
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes of a ``grid x grid`` patch grid, ``(grid * grid, dim)`` in
+    raster order (MAE's initialisation): a quarter of the channels each for sin/cos of x and of y, at
+    geometric frequencies. ``dim`` must be a multiple of 4."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position codes need a width divisible by 4, got {dim}")
+    coords = torch.arange(grid, dtype=torch.float32)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    parts = []
+    for axis in (xs, ys):
+        angle = axis.flatten()[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1)
+
+
 def build_model(vocab_size: int, vision: dict[str, Any] | None = None, text: dict[str, Any] | None = None,
                 seed: int = 0, image_size: int = vqa.IMAGE_SIZE, feature_strategy: str = "default",
-                attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
-    """A LLaVA-1.5-layout model at toy size (random weights, seeded)."""
+                attn_implementation: str = "sdpa", sincos_positions: bool = True) -> LlavaForConditionalGeneration:
+    """A LLaVA-1.5-layout model at toy size (random weights, seeded). ``sincos_positions`` starts the
+    vision tower's (learned) patch position embeddings at :func:`sincos_2d` codes and the CLS one at zero:
+    attention then finds neighbouring patches from the first step, which is what telling shapes apart
+    takes (benchmarks/TRAINING.md, "Reference VLM")."""
     torch.manual_seed(seed)
     vision_config = CLIPVisionConfig(
         image_size=image_size, patch_size=PATCH, projection_dim=64, **(vision or VISION)
@@ -81,6 +101,12 @@ def build_model(vocab_size: int, vision: dict[str, Any] | None = None, text: dic
     config.pad_token_id = 0
     config._attn_implementation = attn_implementation
     model = LlavaForConditionalGeneration(config)
+    if sincos_positions:
+        tower = model.model.vision_tower
+        table = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
+        with torch.no_grad():
+            table[0].zero_()
+            table[1:] = sincos_2d(image_size // PATCH, table.shape[1])
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 1
     model.generation_config.bos_token_id = None
