@@ -1,14 +1,19 @@
 """Batch generation that never loses finished work: ``diffboost batch PROMPTS --out DIR``.
 
-Every job (prompt, seed, steps, size, guidance, plugin stack, model folder and dtype) gets a stable
-id, a hash of those settings; its image goes to ``DIR/<index>_<id>.png`` through a temporary file
-and an atomic rename, and ``DIR/manifest.jsonl`` (rewritten atomically after each image) records what was made and how
-long it took. Re-running the same command skips every job whose image and manifest entry exist, so
+Every job (prompt, negative prompt, seed, steps, size, guidance, extra pipeline arguments, plugin
+stack, model folder and dtype) gets a stable id, a hash of those settings; its image goes to
+``DIR/<index>_<id>.png`` (videos: ``.mp4``, or animated ``.webp``/``.gif`` without ffmpeg, with a
+``.json`` sidecar) through a temporary file and an atomic rename, carrying its settings
+(:mod:`diffboost.media`), and ``DIR/manifest.jsonl`` (rewritten atomically after each output)
+records what was made, how long it took, and which prompt-file rows could not be made and why.
+Re-running the same command skips every job whose output and manifest entry exist and are intact, so
 an interrupted run resumes where it stopped; a job whose settings changed gets a new id and is made
-again, and the old image is left alone.
+again, and the old output is left alone.
 
-Prompt files: plain text, one prompt per line (blank lines and lines starting with ``#`` skipped),
-or JSON Lines (``.jsonl``) with a ``prompt`` key and optional ``seed`` / ``steps`` per line.
+Prompt files (:mod:`diffboost.prompt_files`): ``.txt``, ``.jsonl`` or ``.csv`` with per-row settings;
+a bad row is recorded in the manifest with its row number and the run goes on. Several runs on one
+folder (two commands, or the ranks of ``torchrun``, :mod:`diffboost.distributed`) share the work
+through file locks.
 """
 
 from __future__ import annotations
@@ -44,94 +49,116 @@ class BatchJob:
     plugins: str
     model: str = ""
     dtype: str = "float32"
+    negative_prompt: str | None = None
+    #: height and width of a non-square output (``size`` is None then)
+    height: int | None = None
+    width: int | None = None
+    #: the row's other pipeline arguments, as sorted JSON ("" for none)
+    extra: str = ""
+    #: the row of the prompt file the job comes from (0: not from a file)
+    row: int = 0
+    #: the output's file type: ``.png``, or a video type (:func:`diffboost.media.video_suffix`)
+    suffix: str = ".png"
 
     @property
     def job_id(self) -> str:
-        """Hash of the settings that decide the image (not of ``index``)."""
-        key = json.dumps([self.prompt, self.seed, self.steps, self.size, self.guidance, self.plugins, self.model,
-                          self.dtype])
-        return hashlib.sha256(key.encode()).hexdigest()[:10]
+        """Hash of the settings that decide the output (not of ``index``, ``row`` or ``suffix``). Jobs
+        without the newer settings hash as they always did, so older folders resume."""
+        key: list[Any] = [self.prompt, self.seed, self.steps, self.size, self.guidance, self.plugins, self.model,
+                          self.dtype]
+        newer = [self.negative_prompt, self.height, self.width, self.extra]
+        if newer != [None, None, None, ""]:
+            key += newer
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]
 
     @property
     def filename(self) -> str:
-        return f"{self.index:05d}_{self.job_id}.png"
+        return f"{self.index:05d}_{self.job_id}{self.suffix}"
+
+    @property
+    def group_key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys can share one pipeline call (``--batch-size``)."""
+        return (self.steps, self.size, self.height, self.width, self.guidance, self.extra,
+                self.negative_prompt is None)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """The pipeline arguments of the row beyond prompt, steps, seed and guidance."""
+        kwargs: dict[str, Any] = json.loads(self.extra) if self.extra else {}
+        if self.size:
+            kwargs["height"] = kwargs["width"] = self.size
+        elif self.height:
+            kwargs["height"], kwargs["width"] = self.height, self.width
+        if self.negative_prompt is not None:
+            kwargs["negative_prompt"] = self.negative_prompt
+        return kwargs
+
+    def settings(self) -> dict[str, Any]:
+        """What the output is stored with (PNG text chunks, a video's sidecar)."""
+        height = self.size or self.height
+        width = self.size or self.width
+        out: dict[str, Any] = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
+                               "steps": self.steps, "height": height, "width": width, "guidance": self.guidance,
+                               "model": self.model, "dtype": self.dtype, "plugins": self.plugins, "row": self.row}
+        if self.extra:
+            out["extra"] = json.loads(self.extra)
+        return out
 
 
-def _lines(path: Path) -> list[tuple[int, str]]:
-    """``(line number, text)`` of a UTF-8 file; a line that is not UTF-8 is an error naming it."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise InputError(f"prompt file {path}: cannot read it ({err.strerror or err})") from None
-    lines = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InputError(
-                f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                "save the prompt file as UTF-8"
-            ) from None
-        lines.append((number, text.lstrip("\ufeff") if number == 1 else text))
-    return lines
+def read_prompts(path: str | Path, call_args: Any = None, native: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a prompt file (:func:`diffboost.prompt_files.read_rows`) as settings dicts with
+    their ``row`` number; the first bad row raises :class:`InputError` (``path:row: what is wrong``).
+    ``diffboost batch`` reads the rows itself and records bad ones instead."""
+    from .prompt_files import read_rows
 
-
-def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Prompt entries of a text or ``.jsonl`` file: ``[{"prompt": ..., optional "seed"/"steps"}]``.
-
-    Every line is checked before any work (``path:line: what is wrong``): UTF-8, valid JSON, known
-    keys, ``0 <= seed < 2**63``, ``1 <= steps <= 1000``.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"prompt file {path} is a folder; give a .txt or .jsonl file")
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    entries: list[dict[str, Any]] = []
-    for number, line in _lines(path):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                entry = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
-                raise InputError(f"{path}:{number}: each JSON line needs a non-empty string 'prompt' key")
-            unknown = set(entry) - {"prompt", "seed", "steps"}
-            if unknown:
-                raise InputError(f"{path}:{number}: unknown keys {sorted(unknown)}; supported: prompt, seed, steps")
-            if "seed" in entry:
-                check_seed(entry["seed"], what=f"{path}:{number}: 'seed'")
-            if "steps" in entry:
-                check_steps(entry["steps"], what=f"{path}:{number}: 'steps'")
-            entries.append(entry)
-        else:
-            entries.append({"prompt": text})
-    if not entries:
-        raise InputError(f"prompt file {path} holds no prompts (one per line, or JSON Lines with a 'prompt' key)")
+    entries = []
+    for row in read_rows(path, call_args, native):
+        if row.error is not None:
+            raise InputError(row.error)
+        entries.append({**row.settings, "row": row.number})
     return entries
 
 
 def make_jobs(entries: list[dict[str, Any]], seeds: list[int], steps: int, **settings: Any) -> list[BatchJob]:
-    """One job per entry and seed (an entry's own ``seed`` / ``steps`` replace ``seeds`` / ``steps``);
-    ``settings``: the other :class:`BatchJob` fields, the same for every job (size, guidance, plugins,
-    model, dtype)."""
+    """One job per entry and seed. An entry is a prompt-file row's settings (``prompt``, optional
+    ``seed``, ``steps``, ``negative_prompt``, ``height``/``width``, ``guidance``, ``extra``, and ``row``,
+    its row number); its own values replace ``seeds`` / ``steps`` / the shared ``settings`` (the
+    other :class:`BatchJob` fields: size, guidance, plugins, model, dtype, suffix)."""
     jobs: list[BatchJob] = []
     for entry in entries:
+        fields = dict(settings)
+        if entry.get("guidance") is not None:
+            fields["guidance"] = entry["guidance"]
+        if entry.get("negative_prompt") is not None:
+            fields["negative_prompt"] = entry["negative_prompt"]
+        if "height" in entry:
+            if entry["height"] == entry["width"]:
+                fields.update(size=entry["height"], height=None, width=None)
+            else:
+                fields.update(size=None, height=entry["height"], width=entry["width"])
+        if entry.get("extra"):
+            fields["extra"] = json.dumps(entry["extra"], sort_keys=True)
+        fields["row"] = entry.get("row", 0)
         for seed in [entry["seed"]] if "seed" in entry else seeds:
-            jobs.append(BatchJob(len(jobs), entry["prompt"], seed, entry.get("steps", steps), **settings))
+            jobs.append(BatchJob(len(jobs), entry["prompt"], seed, entry.get("steps", steps), **fields))
     return jobs
 
 
-def save_image(image: Any, path: str | Path) -> dict[str, Any]:
-    """Write ``image`` atomically in the format its suffix names; returns its size and SHA-256."""
-    from .limits import image_format
+def save_image(image: Any, path: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``image`` atomically in the format its suffix names (PNGs carry ``settings`` in text
+    chunks); returns its size and SHA-256."""
+    from .media import save_image as write
 
-    path = Path(path)
-    fmt = image_format(path)
-    write_atomic(path, lambda tmp: image.save(tmp, format=fmt))
+    write(image, path, settings)
+    return file_digest(Path(path))
+
+
+def save_output(output: Any, path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """An image (PNG with its settings) or a video (with a sidecar JSON); returns size and SHA-256."""
+    from .media import save_video
+
+    if path.suffix.lower() == ".png":
+        return save_image(output, path, settings)
+    save_video(output, path, settings)
     return file_digest(path)
 
 
@@ -238,6 +265,7 @@ class ManifestCache:
         self.out_dir = out_dir
         self._stamp: tuple[int, int, int] | None = None  # None: never read
         self._records: dict[str, dict[str, Any]] = {}
+        self._by_id: dict[str, dict[str, Any]] | None = None
 
     def _current(self) -> tuple[int, int, int]:
         try:
@@ -249,12 +277,19 @@ class ManifestCache:
     def read(self) -> dict[str, dict[str, Any]]:
         stamp = self._current()
         if stamp != self._stamp:
-            self._records, self._stamp = load_manifest(self.out_dir), stamp
+            self._records, self._stamp, self._by_id = load_manifest(self.out_dir), stamp, None
         return self._records
+
+    def by_id(self) -> dict[str, dict[str, Any]]:
+        """:func:`done_by_id` of the current records (computed once per version of the file)."""
+        records = self.read()
+        if self._by_id is None:
+            self._by_id = done_by_id(records)
+        return self._by_id
 
     def write(self, records: dict[str, dict[str, Any]]) -> None:
         save_manifest(self.out_dir, records)
-        self._records, self._stamp = records, self._current()
+        self._records, self._stamp, self._by_id = records, self._current(), None
 
 
 def save_manifest(out_dir: Path, records: dict[str, dict[str, Any]]) -> None:
@@ -262,12 +297,26 @@ def save_manifest(out_dir: Path, records: dict[str, dict[str, Any]]) -> None:
     write_atomic(out_dir / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def is_done(job: BatchJob, out_dir: Path, records: dict[str, dict[str, Any]]) -> bool:
-    """The job's image exists, has a manifest entry and is intact: the size and SHA-256 the manifest
-    recorded, or, for entries written before they were recorded, an image PIL can decode."""
+def done_by_id(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Finished records by job id (the settings' hash), for jobs whose position in the prompt file moved."""
+    return {r["id"]: r for r in records.values() if r.get("status", "done") == "done" and "id" in r}
+
+
+def is_done(job: BatchJob, out_dir: Path, records: dict[str, dict[str, Any]],
+            by_id: dict[str, dict[str, Any]] | None = None) -> bool:
+    """The job's output exists, has a manifest entry and is intact: the size and SHA-256 the manifest
+    recorded, or, for entries written before they were recorded, an image PIL can decode. With
+    ``by_id`` (:func:`done_by_id`), an intact output of the same settings under another position's
+    file name counts too (rows added or removed above it do not make it again)."""
     record = records.get(job.filename)
-    path = out_dir / job.filename
-    if record is None or not path.is_file():
+    if (record is None or not (out_dir / job.filename).is_file()) and by_id is not None:
+        other = by_id.get(job.job_id)
+        if other is not None and Path(other["file"]).suffix == job.suffix:
+            record = other
+    if record is None:
+        return False
+    path = out_dir / record["file"]
+    if not path.is_file():
         return False
     if "sha256" in record:
         if path.stat().st_size != record.get("bytes"):
@@ -284,12 +333,13 @@ def is_done(job: BatchJob, out_dir: Path, records: dict[str, dict[str, Any]]) ->
 
 
 def pending_jobs(jobs: list[BatchJob], out_dir: Path, records: dict[str, dict[str, Any]]) -> list[BatchJob]:
-    """Jobs without an intact image and a manifest entry (see :func:`is_done`)."""
-    return [j for j in jobs if not is_done(j, out_dir, records)]
+    """Jobs without an intact output and a manifest entry (see :func:`is_done`)."""
+    by_id = done_by_id(records)
+    return [j for j in jobs if not is_done(j, out_dir, records, by_id)]
 
 
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
-_JOB_FILE = re.compile(r"^\d{5,}_(?P<id>[0-9a-f]{10})\.png$")
+_JOB_FILE = re.compile(r"^\d{5,}_(?P<id>[0-9a-f]{10})\.(png|mp4|webp|gif)(\.json)?$")
 
 
 def remove_partial_files(out_dir: Path, lock: FolderLock) -> int:
@@ -318,57 +368,170 @@ def remove_partial_files(out_dir: Path, lock: FolderLock) -> int:
     return removed
 
 
+ERROR_PREFIX = "error:"
+
+
+def error_records(source: str, errors: list[tuple[int, str]]) -> dict[str, dict[str, Any]]:
+    """Manifest records of prompt-file rows that cannot be made (``(row number, message)``)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return {f"{ERROR_PREFIX}{source}:{row:06d}": {"file": f"{ERROR_PREFIX}{source}:{row:06d}", "status": "error",
+                                                  "source": source, "row": row, "error": message, "finished": stamp}
+            for row, message in errors}
+
+
+def _many(generate: Callable[[BatchJob], tuple[Any, float]]) -> Callable[[list[BatchJob]], tuple[list[Any], float]]:
+    def many(group: list[BatchJob]) -> tuple[list[Any], float]:
+        outputs, seconds = [], 0.0
+        for job in group:
+            output, took = generate(job)
+            outputs.append(output)
+            seconds += took
+        return outputs, seconds
+
+    return many
+
+
+def _groups(jobs: list[BatchJob], size: int) -> Iterator[list[BatchJob]]:
+    """Consecutive runs of jobs that can share a pipeline call, at most ``size`` each."""
+    group: list[BatchJob] = []
+    for job in jobs:
+        if group and (len(group) == size or job.group_key != group[0].group_key):
+            yield group
+            group = []
+        group.append(job)
+    if group:
+        yield group
+
+
 def run_batch(
     jobs: list[BatchJob],
     out_dir: str | Path,
-    generate: Callable[[BatchJob], tuple[Any, float]],
+    generate: Callable[[BatchJob], tuple[Any, float]] | None = None,
     progress: bool = True,
+    *,
+    generate_many: Callable[[list[BatchJob]], tuple[list[Any], float]] | None = None,
+    batch_size: int = 1,
+    errors: list[tuple[int, str]] | None = None,
+    source: str = "",
+    metadata: dict[str, Any] | None = None,
+    ranks: Any = None,
 ) -> dict[str, Any]:
-    """Make every pending job with ``generate(job) -> (PIL image, seconds)``; returns a summary.
+    """Make every pending job; returns a summary (``made``, ``skipped``, ``busy``, ``failed``,
+    ``total``, ``seconds`` of generation, ``wall`` seconds, ``interrupted``).
 
-    The image is renamed into place before its manifest entry is written, so a crash between the two
-    only costs that image being made again. Safe with several runs on one folder (:class:`FolderLock`):
-    the manifest is merged under a lock, and a job another run is making is left to it (counted as
-    ``busy``).
+    ``generate(job) -> (output, seconds)``, or ``generate_many(jobs) -> (outputs, seconds)`` for up to
+    ``batch_size`` jobs that share steps, size, guidance and extra arguments (one pipeline call). An
+    output is a PIL image or a video's frames. A job the pipeline refuses (``ValueError`` or
+    ``TypeError``: a size it does not take, an argument value it rejects) is recorded in the manifest
+    as an error with its row, and the run goes on; so are the prompt-file ``errors`` (``(row,
+    message)`` of ``source``, written by rank 0). ``metadata`` is added to every output's settings
+    (the plugin stack as data, diffboost's version). ``ranks`` (:class:`diffboost.distributed.Ranks`):
+    this process makes only the jobs it owns. Ctrl-C stops after the output being written, keeping
+    everything finished (``interrupted`` is then True).
+
+    An output is renamed into place before its manifest entry is written, so a crash between the two
+    only costs that output being made again. Safe with several runs on one folder (:class:`FolderLock`):
+    the manifest is merged under a lock, and a job another run is making is left to it (``busy``).
     """
     from tqdm.auto import tqdm
 
+    if generate_many is None:
+        if generate is None:
+            raise TypeError("run_batch needs generate or generate_many")
+        generate_many = _many(generate)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rank0 = ranks is None or ranks.rank == 0
+    mine = [j for j in jobs if ranks is None or ranks.owns(j.index)]
     lock = FolderLock(out_dir)
     manifest = ManifestCache(out_dir)
-    try:
-        remove_partial_files(out_dir, lock)
+    seconds, made, busy, failed, skipped, interrupted = 0.0, 0, 0, 0, 0, False
+
+    def record(job: BatchJob, extra: dict[str, Any]) -> None:
         with lock.manifest():
-            todo = pending_jobs(jobs, out_dir, manifest.read())
-        skipped = len(jobs) - len(todo)
-        if skipped:
-            logger.info("resuming: %d of %d images already in %s", skipped, len(jobs), out_dir)
-        seconds, made, busy = 0.0, 0, 0
-        for job in tqdm(todo, desc="batch", disable=not progress):
-            if not lock.claim(job.job_id):
-                busy += 1
-                continue
-            try:
+            records = dict(manifest.read())
+            records[extra.get("file", job.filename)] = {**asdict(job), "id": job.job_id, **extra,
+                                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if extra.get("status") == "done":  # an earlier failure of the same job is over
+                records.pop(ERROR_PREFIX + job.filename, None)
+            manifest.write(records)
+
+    try:
+        if rank0:
+            remove_partial_files(out_dir, lock)
+            if errors is not None and source:
                 with lock.manifest():
-                    finished = is_done(job, out_dir, manifest.read())
-                if finished:  # another run made it since we looked
-                    skipped += 1
-                    continue
-                image, took = generate(job)
-                digest = save_image(image, out_dir / job.filename)
-                record = {**asdict(job), "file": job.filename, "id": job.job_id, "seconds": round(took, 4),
-                          **digest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                with lock.manifest():
-                    records = dict(manifest.read())
-                    records[job.filename] = record
+                    records = {k: v for k, v in manifest.read().items()  # this file's old errors are replaced
+                               if not (v.get("status") == "error" and v.get("source") == source)}
+                    records.update(error_records(source, errors))
                     manifest.write(records)
-                seconds += took
-                made += 1
-            finally:
-                lock.release(job.job_id)
+        with lock.manifest():
+            todo = pending_jobs(mine, out_dir, manifest.read())
+        skipped = len(mine) - len(todo)
+        if skipped:
+            logger.info("resuming: %d of %d outputs already in %s", skipped, len(mine), out_dir)
+        bar = tqdm(total=len(todo), desc="batch", disable=not (progress and rank0))
+        try:
+            for candidates in _groups(todo, batch_size):
+                group: list[BatchJob] = []
+                for job in candidates:
+                    if not lock.claim(job.job_id):
+                        busy += 1
+                        bar.update(1)
+                        continue
+                    with lock.manifest():
+                        finished = is_done(job, out_dir, manifest.read(), manifest.by_id())
+                    if finished:  # another run made it since we looked
+                        lock.release(job.job_id)
+                        skipped += 1
+                        bar.update(1)
+                        continue
+                    group.append(job)
+                try:
+                    if not group:
+                        continue
+                    try:
+                        outputs, took = generate_many(group)
+                        results = list(zip(group, outputs, [took / len(group)] * len(group)))
+                    except (ValueError, TypeError) as err:
+                        if len(group) == 1:
+                            failed += 1
+                            logger.warning("row %d (%s): %s", group[0].row, group[0].filename, err)
+                            record(group[0], {"file": f"{ERROR_PREFIX}{group[0].filename}", "status": "error", "source": source,
+                                              "error": f"{source or 'job'}:{group[0].row}: {err}"})
+                            bar.update(1)
+                            continue
+                        results = []  # one call per job, to find the one the pipeline refuses
+                        for job in group:
+                            try:
+                                (output,), took = generate_many([job])
+                                results.append((job, output, took))
+                            except (ValueError, TypeError) as job_err:
+                                failed += 1
+                                logger.warning("row %d (%s): %s", job.row, job.filename, job_err)
+                                record(job, {"file": f"{ERROR_PREFIX}{job.filename}", "status": "error", "source": source,
+                                             "error": f"{source or 'job'}:{job.row}: {job_err}"})
+                                bar.update(1)
+                    for job, output, took in results:
+                        digest = save_output(output, out_dir / job.filename, {**job.settings(), **(metadata or {})})
+                        record(job, {"file": job.filename, "status": "done", "seconds": round(took, 4), **digest})
+                        seconds += took
+                        made += 1
+                        bar.update(1)
+                finally:
+                    for job in group:
+                        lock.release(job.job_id)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
     finally:
         lock.close()
     if busy:
-        logger.info("%d image(s) were being made by another run on %s and were left to it", busy, out_dir)
-    return {"made": made, "skipped": skipped, "busy": busy, "total": len(jobs), "seconds": seconds}
+        logger.info("%d output(s) were being made by another run on %s and were left to it", busy, out_dir)
+    return {"made": made, "skipped": skipped, "busy": busy, "failed": failed, "total": len(mine),
+            "seconds": seconds, "wall": time.perf_counter() - start, "interrupted": interrupted,
+            "rank": 0 if ranks is None else ranks.rank}

@@ -1,7 +1,8 @@
 """The ``diffboost`` command line.
 
     diffboost generate ["PROMPT"] [--model PATH] [--preset NAME|none | --plugins FILE] [--steps N] [--seed S] [--out FILE] [--compare]
-    diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none | --plugins FILE] [--seeds N] [--steps N] ...
+    diffboost batch PROMPTS [--out DIR] [--model PATH] [--preset NAME|none | --plugins FILE] [--seeds N] [--steps N] [--batch-size N] ...
+    torchrun --nproc-per-node N -m diffboost batch PROMPTS ...   (the rows shared across N processes)
     diffboost calibrate [--model PATH] [--preset NAME | --plugins FILE] [--also FILE] [--target DB] [--prompts FILE] [--out FILE.toml]
     diffboost distill [--teacher PATH] [--out PATH] [--method reflow|dmd] [--steps N] [--resume] [--device cpu|cuda]
     diffboost bench [--model PATH] [--quick] ...
@@ -185,44 +186,100 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack_metadata(stack: list[Any] | None, label: str) -> dict[str, Any]:
+    """What every output records about how it was made beyond its row: the plugin stack as data
+    (the format of ``diffboost.save``) and diffboost's version."""
+    from . import __version__
+    from .plugins.stacks import to_data
+
+    data: Any = None
+    if stack is not None:
+        try:
+            data = to_data(stack)
+        except (TypeError, ValueError):  # a stack without a data form (a student folder) keeps its label
+            data = None
+    return {"plugin_stack": data, "plugins": label, "diffboost_version": __version__}
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     import diffboost
 
-    from .batch import make_jobs, read_prompts, run_batch
+    from . import distributed
+    from .batch import make_jobs, run_batch
+    from .limits import InputError
+    from .media import video_suffix
+    from .prompt_files import pipeline_call_args, read_rows
 
+    ranks = distributed.from_env()
     # everything that can be wrong is checked before the model is loaded
-    entries = read_prompts(args.prompts)
     model = check_model_folder(args.model) if args.model else default_model_path()
-    stack, label = stack_from_args(args, model)
     defaults = model_defaults(model)
+    native = defaults.get("height") if isinstance(defaults.get("height"), int) else None
+    rows = read_rows(args.prompts, pipeline_call_args(model), native)
+    good = [{**r.settings, "row": r.number} for r in rows if r.error is None]
+    errors = [(r.number, r.error) for r in rows if r.error is not None]
+    if not good:
+        shown = "; ".join(e for _, e in errors[:3]) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else "")
+        raise InputError(f"no row of {args.prompts} can be made: {shown}")
+    stack, label = stack_from_args(args, model)
     check_settings(args, defaults)
     check_seed_range(args.seed, args.seeds)
     check_output_dir(args.out)
-    pipe = load_pipeline(model, args.dtype)
-    pipe.set_progress_bar_config(disable=True)  # one bar for the batch instead
-    extra = default_call_kwargs(pipe, defaults)
-    steps = args.steps or int(defaults.get("steps", 28))
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    jobs = make_jobs(entries, seeds, steps, size=args.size, guidance=args.guidance, plugins=label,
-                     model=str(model.resolve()), dtype=args.dtype)
-    if stack is not None:
-        diffboost.apply(pipe, stack)
+    device = distributed.device_for(ranks)
+    distributed.init(ranks, device)
     try:
-        summary = run_batch(
-            jobs, args.out,
-            lambda job: _generate_once(pipe, job.prompt, job.steps, job.seed, job.size, job.guidance, extra),
-            progress=not args.quiet,
-        )
-    finally:
+        pipe = load_pipeline(model, args.dtype, device=device)
+        pipe.set_progress_bar_config(disable=True)  # one bar for the batch instead
+        extra = default_call_kwargs(pipe, defaults)
+        steps = args.steps or int(defaults.get("steps", 28))
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        from .generation import generate_jobs, is_video_pipeline
+
+        suffix = video_suffix() if is_video_pipeline(pipe) else ".png"
+        jobs = make_jobs(good, seeds, steps, size=args.size, guidance=args.guidance, plugins=label,
+                         model=str(model.resolve()), dtype=args.dtype, suffix=suffix)
+        for row, message in errors:
+            logger.warning("%s", message)
         if stack is not None:
-            diffboost.remove(pipe)
-    made, skipped = summary["made"], summary["skipped"]
-    per_image = f", {summary['seconds'] / made:.3f} s per image" if made else ""
-    busy = f", {summary['busy']} being made by another run" if summary.get("busy") else ""
+            diffboost.apply(pipe, stack)
+        try:
+            summary = run_batch(
+                jobs, args.out, progress=not args.quiet,
+                generate_many=lambda group: generate_jobs(pipe, group, extra), batch_size=args.batch_size,
+                errors=errors, source=str(Path(args.prompts).resolve()), metadata=_stack_metadata(stack, label),
+                ranks=ranks,
+            )
+        finally:
+            if stack is not None:
+                diffboost.remove(pipe)
+        if summary["interrupted"]:
+            print(f"interrupted on rank {ranks.rank}: {summary['made']} outputs made and kept; run the same command "
+                  "again to resume", file=sys.stderr)
+            return 130
+        summaries = distributed.gather(ranks, summary)
+    finally:
+        distributed.finish(ranks)
+    if ranks.rank != 0:
+        return 1 if errors or summary["failed"] else 0
+    made = sum(s["made"] for s in summaries)
+    skipped = sum(s["skipped"] for s in summaries)
+    busy = sum(s["busy"] for s in summaries)
+    failed = sum(s["failed"] for s in summaries)
+    wall = max(s["wall"] for s in summaries)
+    kind = "videos" if suffix != ".png" else "images"
     print(f"model: {model}; plugins: {label}")
-    print(f"made {made} images, {skipped} already done{busy}, {summary['total']} in all -> {args.out}{per_image}")
+    if ranks.distributed:
+        for s in summaries:
+            rate = f", {s['made'] / s['wall']:.3f} {kind}/s" if s["made"] else ""
+            print(f"rank {s['rank']}: made {s['made']}, {s['skipped']} already done, {s['failed']} failed{rate}")
+    per_image = f", {sum(s['seconds'] for s in summaries) / made:.3f} s per {kind[:-1]}" if made else ""
+    rate = f", {made / wall:.3f} {kind}/s in all" if made and wall > 0 else ""
+    busy_text = f", {busy} being made by another run" if busy else ""
+    print(f"made {made} {kind}, {skipped} already done{busy_text}, {len(jobs)} in all -> {args.out}{per_image}{rate}")
+    if errors or failed:
+        print(f"{len(errors) + failed} row(s) could not be made; the manifest lists each with its row number and why")
     print(f"manifest: {Path(args.out) / 'manifest.jsonl'}")
-    return 0
+    return 1 if errors or failed else 0
 
 
 #: calibration prompts when ``--prompts`` is not given (the reference models' vocabulary)
@@ -397,7 +454,8 @@ def _add_batch(sub: Any) -> None:
         description="Generate one image per prompt and seed. Images and manifest.jsonl are written atomically; "
         "re-running the same command skips finished images, so an interrupted batch resumes.",
     )
-    p.add_argument("prompts", help="text file (one prompt per line, # comments) or .jsonl (prompt, optional seed/steps)")
+    p.add_argument("prompts", help="prompt file: .txt (one prompt per line, # comments), .jsonl or .csv with per-row "
+                   "prompt, negative_prompt, seed, steps, size or height/width, guidance and other pipeline arguments")
     p.add_argument("--out", default="out/batch", help="output folder (default: out/batch)")
     _add_model_args(p)
     _add_stack_args(p)
@@ -406,6 +464,9 @@ def _add_batch(sub: Any) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
     p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
+    p.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="rows with the same size, steps and settings made in one pipeline call, each with its own "
+                   "seeded generator (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_batch)
 

@@ -191,6 +191,71 @@ def generate_once(
     return image, time.perf_counter() - start
 
 
+def is_video_pipeline(pipe: Any) -> bool:
+    """Whether the pipeline makes videos (its call takes ``num_frames``)."""
+    import inspect
+
+    return "num_frames" in inspect.signature(type(pipe).__call__).parameters
+
+
+def size_multiple(pipe: Any) -> int:
+    """The number of pixels an image side must be a multiple of for this pipeline to take it as it is
+    (Flux-style pipelines resize other sizes with only a warning): the VAE's downsampling times the
+    transformer's patch (and the 2 x 2 packing of Flux-style latents)."""
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None) or 8
+    patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", 1) or 1
+    if isinstance(patch, (tuple, list)):
+        patch = patch[-1]
+    if hasattr(pipe, "_pack_latents"):
+        patch *= 2
+    return int(factor) * int(patch)
+
+
+def generate_jobs(pipe: Any, jobs: list[Any], extra: dict[str, Any]) -> tuple[list[Any], float]:
+    """One pipeline call for ``jobs`` (:class:`diffboost.batch.BatchJob` with equal steps, size,
+    guidance and extra arguments): a prompt and a seeded generator per job, so that an output does
+    not depend on its batch neighbours' seeds. Returns the outputs (PIL images, or each video's
+    frames) and the seconds the call took. A size the pipeline does not take is a ``ValueError``."""
+    import torch
+
+    first = jobs[0]
+    kwargs: dict[str, Any] = {**extra, **first.call_kwargs()}
+    multiple = size_multiple(pipe)
+    for key in ("height", "width"):
+        if key in kwargs and kwargs[key] % multiple:
+            raise ValueError(f"{key} {kwargs[key]} px is not a multiple of {multiple}, which {type(pipe).__name__} "
+                             f"needs; use {kwargs[key] // multiple * multiple or multiple}")
+    kwargs["prompt"] = [j.prompt for j in jobs] if len(jobs) > 1 else first.prompt
+    kwargs["num_inference_steps"] = first.steps
+    knob = guidance_kwargs(pipe, first.guidance)
+    if "negative_prompt" in kwargs:  # a negative prompt the row or the model gives wins
+        knob.pop("negative_prompt", None)
+    kwargs.update(knob)
+    if len(jobs) > 1:
+        negatives = [j.negative_prompt for j in jobs]
+        if any(n is not None for n in negatives):
+            kwargs["negative_prompt"] = [n or "" for n in negatives]
+        elif isinstance(kwargs.get("negative_prompt"), str):
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(jobs)
+    generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
+    kwargs["generator"] = generators if len(jobs) > 1 else generators[0]
+    video = is_video_pipeline(pipe)
+    if video:
+        kwargs["output_type"] = "np"
+    device = getattr(pipe, "device", torch.device("cpu"))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = pipe(**kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    took = time.perf_counter() - start
+    outputs = list(result.frames) if video else list(result.images)
+    if len(outputs) != len(jobs):
+        raise RuntimeError(f"{type(pipe).__name__} returned {len(outputs)} outputs for {len(jobs)} prompts")
+    return outputs, took
+
+
 def save_image_atomic(image: Any, path: str | Path) -> None:
     """Write an image so that a crash never leaves a truncated file behind (format from the suffix)."""
     from .batch import save_image

@@ -188,7 +188,7 @@ def test_non_utf8_prompt_file_names_file_and_line(tmp_path):
 
 
 def test_prompt_file_that_is_a_folder(tmp_path):
-    with pytest.raises(InputError, match="is a folder; give a .txt or .jsonl file"):
+    with pytest.raises(InputError, match="is a folder; give a .txt, .jsonl or .csv file"):
         read_prompts(tmp_path)
 
 

@@ -149,14 +149,14 @@ def test_batch_jsonl_and_bad_input(flux_folder, tmp_path, capsys):
 
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["seed"], r["steps"]) for r in records] == [(7, 3), (0, 2)]
-    for text, needle in [("", "holds no prompts"), ('{"text": "x"}', "needs a non-empty string 'prompt'"),
+    for text, needle in [("", "holds no prompts"), ('{"text": "x"}', "bad.jsonl:1: the row needs a non-empty 'prompt'"),
                          ('{"prompt": "x", "seed": -1}', "bad.jsonl:1: 'seed' -1 is out of range; allowed: 0 <="),
-                         ('{"prompt": "x"}\n{"prompt": "y", "seed": 18446744073709551616}',
+                         ('{"prompt": ""}\n{"prompt": "y", "seed": 18446744073709551616}',
                           "bad.jsonl:2: 'seed' 18446744073709551616 is out of range"),
                          ('{"prompt": "x", "seed": 1.5}', "bad.jsonl:1: 'seed' must be an integer"),
                          ('{"prompt": "x", "steps": true}', "bad.jsonl:1: 'steps' must be an integer"),
                          ('{"prompt": "x", "steps": 5000}', "'steps' 5000 is out of range; allowed: 1 to 1000"),
-                         ('{"prompt": "x", "cfg": 2}', "unknown keys ['cfg']"), ("{oops", "not valid JSON")]:
+                         ('{"prompt": "x", "cfg": 2}', "unknown key 'cfg'; allowed: prompt, negative_prompt, seed"), ("{oops", "not valid JSON")]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(text)
         assert main(["batch", str(bad), "--model", str(flux_folder), "--out", str(out)]) == 2
@@ -252,3 +252,121 @@ def test_calibrate_refuses_before_loading(flux_folder, tmp_path, monkeypatch, ca
             code = exit_.code
         assert code == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def _manifest(out):
+    import json
+
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_batch_rich_prompt_files_record_bad_rows_and_go_on(flux_folder, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from diffboost.media import read_settings
+
+    rows = tmp_path / "rows.csv"
+    rows.write_bytes(
+        b"prompt,seed,steps,height,width,negative_prompt,guidance,max_sequence_length\n"  # row 1: the header
+        b"a red circle,3,2,64,32,blurry,,\n"                # 2: good, not square, a negative prompt
+        b",1,2,,,,,\n"                                      # 3: empty prompt
+        b"a blue square,one,2,,,,,\n"                       # 4: seed not an integer
+        b"a green star,5,2,72,72,,,\n"                      # 5: 72 px passes the limits, the pipeline wants 16s
+        b"caf\xe9 au lait,1,2,,,,,\n"                       # 6: not UTF-8
+        b'"a circle, yellow",9,2,,,,2.5,16\n'              # 7: good: a quoted comma, guidance, an extra argument
+    )
+    out = tmp_path / "out"
+    args = ["batch", str(rows), "--model", str(flux_folder), "--size", "64", "--preset", "none", "--out", str(out),
+            "--quiet"]
+    assert main(args) == 1  # some rows could not be made: the exit code says so, the good ones are made
+    printed = capsys.readouterr()
+    assert "made 2 images, 0 already done, 3 in all" in printed.out and "4 row(s) could not be made" in printed.out
+    records = _manifest(out)
+    done = [r for r in records if r["status"] == "done"]
+    errors = {r["row"]: r["error"] for r in records if r["status"] == "error"}
+    assert sorted(errors) == [3, 4, 5, 6]
+    assert "rows.csv:3: the row needs a non-empty 'prompt'" in errors[3]
+    assert "rows.csv:4: 'seed' must be an integer, got 'one'" in errors[4]
+    assert "height 72 px is not a multiple of 16" in errors[5]
+    assert "rows.csv:6: not UTF-8 text" in errors[6]
+    by_row = {r["row"]: r for r in done}
+    assert sorted(by_row) == [2, 7]
+    assert (by_row[2]["height"], by_row[2]["width"], by_row[2]["negative_prompt"]) == (64, 32, "blurry")
+    assert json.loads(by_row[7]["extra"]) == {"max_sequence_length": 16} and by_row[7]["guidance"] == 2.5
+    assert Image.open(out / by_row[2]["file"]).size == (32, 64)
+    settings = read_settings(out / by_row[7]["file"])
+    assert settings["prompt"] == "a circle, yellow" and settings["seed"] == 9 and settings["guidance"] == 2.5
+    assert settings["extra"] == {"max_sequence_length": 16} and settings["model"] == str(flux_folder.resolve())
+    assert settings["diffboost_version"] and settings["plugins"] == "none"
+    assert Image.open(out / by_row[2]["file"]).text["negative_prompt"] == "blurry"
+    first = {r["file"]: np.asarray(Image.open(out / r["file"])) for r in done}
+
+    # the file fixed: the bad rows' errors go, the fixed rows are made, the good ones are kept
+    rows.write_text("prompt,seed,steps,height,width,negative_prompt,guidance,max_sequence_length\n"
+                    "a red circle,3,2,64,32,blurry,,\n"
+                    '"a circle, yellow",9,2,,,,2.5,16\n'
+                    "a green star,5,2,80,80,,,\n")
+    assert main(args) == 0
+    assert "made 1 images, 2 already done, 3 in all" in capsys.readouterr().out  # moved rows are not made again
+    records = _manifest(out)
+    assert not [r for r in records if r["status"] == "error"]
+    for name, pixels in first.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), pixels)
+
+
+def test_batch_unknown_extra_arguments_and_reserved_ones_are_row_errors(flux_folder, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a red circle", "steps": 2}\n'
+                    '{"prompt": "x", "cfg_rescale": 0.7}\n'
+                    '{"prompt": "x", "latents": [1]}\n'
+                    '{"prompt": "x", "num_inference_steps": 3}\n'
+                    '{"prompt": "x", "max_sequence_length": {"a": 1}}\n'
+                    '["not", "an", "object"]\n')
+    out = tmp_path / "out"
+    assert main(["batch", str(rows), "--model", str(flux_folder), "--size", "64", "--preset", "none", "--out",
+                 str(out), "--quiet"]) == 1
+    errors = {r["row"]: r["error"] for r in _manifest(out) if r["status"] == "error"}
+    assert "unknown key 'cfg_rescale'" in errors[2] and "max_sequence_length" in errors[2]  # names what is allowed
+    assert "'latents' is set by diffboost" in errors[3]
+    assert "set 'steps' instead of 'num_inference_steps'" in errors[4]
+    assert "'max_sequence_length' must be a number, text" in errors[5]
+    assert "must be an object with a 'prompt' key" in errors[6]
+
+
+def test_batch_size_groups_rows_and_keeps_each_image(flux_folder, tmp_path, capsys):
+    """--batch-size 4: one call per 4 rows of equal settings, a generator per row. The images equal
+    the one-by-one images up to float rounding (batched matrix products may round differently):
+    at most one level of 255 on a few pixels."""
+    import numpy as np
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"prompt": "shape {i}", "seed": {i}, "steps": 2}}\n' for i in range(5))
+                    + '{"prompt": "wide", "seed": 1, "steps": 2, "height": 32, "width": 64}\n')
+    outs = {}
+    for n in ("1", "4"):
+        out = tmp_path / f"out{n}"
+        calls = []
+        import diffusers
+
+        original = diffusers.FluxPipeline.__call__
+
+        def counting(self, *a, **k):
+            calls.append(k["prompt"])
+            return original(self, *a, **k)
+
+        diffusers.FluxPipeline.__call__ = counting
+        try:
+            assert main(["batch", str(rows), "--model", str(flux_folder), "--size", "64", "--preset", "none",
+                         "--out", str(out), "--quiet", "--batch-size", n]) == 0
+        finally:
+            diffusers.FluxPipeline.__call__ = original
+        outs[n] = {p.name: np.asarray(Image.open(p)).astype(int) for p in out.glob("*.png")}
+        if n == "4":  # rows 0-3 together, row 4 alone (the group is full), the wide row alone (another size)
+            assert [len(c) if isinstance(c, list) else 1 for c in calls] == [4, 1, 1]
+        else:
+            assert len(calls) == 6
+    assert outs["1"].keys() == outs["4"].keys() and len(outs["1"]) == 6
+    for name in outs["1"]:
+        assert np.abs(outs["1"][name] - outs["4"][name]).max() <= 1, name
