@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .limits import (
+    InputError,
     check_guidance,
     check_output_dir,
     check_output_file,
@@ -49,6 +50,7 @@ from .generation import (  # noqa: F401  (re-exported: the command line's helper
     save_image_atomic,
     student_of,
 )
+from .media import save_image
 from .generation import generate_once as _generate_once
 
 
@@ -136,9 +138,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # everything that can be wrong is checked before the model is loaded
     model = check_model_folder(args.model) if args.model else default_model_path()
-    stack, _ = stack_from_args(args, model)
+    stack, label = stack_from_args(args, model)
     defaults = model_defaults(model)
     check_settings(args, defaults)
+    from .prompt_files import pipeline_call_args
+
+    call_args = pipeline_call_args(model) or set()
+    if "num_frames" in call_args:
+        return _generate_video(args, model, stack, label, defaults)
+    if args.frames is not None:
+        raise InputError(f"--frames: {model} makes images, not videos")
     out = check_output_file(args.out)
     if args.compare:
         check_output_file(_side_file(out))
@@ -164,7 +173,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         if stack is not None:
             diffboost.remove(pipe)
-    save_image_atomic(image, out)
+    from .batch import BatchJob
+
+    job = BatchJob(0, args.prompt, args.seed, args.steps, size, args.guidance, label, str(model.resolve()), args.dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(image, out, {**job.settings(), **_stack_metadata(stack, label)})
     print(f"model: {model} ({type(pipe).__name__})")
     print(f"plugins: {', '.join(info.get('plugins', [])) or 'none (plain pipeline)'}")
     counts = call_counts(info)
@@ -183,6 +196,59 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"speedup:     {t_base / t_fast:.2f}x")
         print(f"PSNR vs baseline: {value:.2f} dB")
         print(f"side by side (baseline | {'accelerated' if stack else 'plain'}): {side}")
+    return 0
+
+
+VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")
+
+
+def _generate_video(args: argparse.Namespace, model: Path, stack: list[Any] | None, label: str,
+                    defaults: dict[str, Any]) -> int:
+    """``generate`` on a video pipeline: an MP4 (animated WebP/GIF without ffmpeg) and its sidecar JSON."""
+    import diffboost
+
+    from .batch import BatchJob
+    from .generation import generate_jobs
+    from .media import read_video, save_video, video_suffix
+
+    out = Path(args.out)
+    want = video_suffix()
+    if out.suffix.lower() not in VIDEO_SUFFIXES or (out.suffix.lower() == ".mp4" and want != ".mp4"):
+        new = out.with_suffix(want)
+        logger.info("%s makes videos: writing %s instead of %s", model.name, new, out)
+        out = new
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a file name such as {out / ('video' + want)}")
+    check_output_dir(out.parent if str(out.parent) else Path("."), f"--out {out}")
+    if args.compare:
+        raise InputError("--compare is for images; compare videos with diffboost bench")
+    frames = args.frames if args.frames is not None else defaults.get("num_frames")
+    if frames is not None:
+        from .limits import check_frames
+
+        frames = check_frames(frames, "--frames")
+    pipe = load_pipeline(model, args.dtype)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    extra = default_call_kwargs(pipe, defaults)
+    if frames is not None:
+        extra["num_frames"] = frames
+    steps = args.steps or int(defaults.get("steps", 28))
+    job = BatchJob(0, args.prompt, args.seed, steps, args.size, args.guidance, label, str(model.resolve()),
+                   args.dtype, suffix=out.suffix.lower())
+    if stack is not None:
+        diffboost.apply(pipe, stack)
+    try:
+        (video,), took = generate_jobs(pipe, [job], extra)
+    finally:
+        if stack is not None:
+            diffboost.remove(pipe)
+    settings = {**job.settings(), **_stack_metadata(stack, label)}
+    if frames is not None:
+        settings["num_frames"] = frames
+    save_video(video, out, settings)
+    print(f"model: {model} ({type(pipe).__name__})")
+    print(f"plugins: {label if stack is not None else 'none (plain pipeline)'}")
+    print(f"{'accelerated' if stack else 'plain'}: {took:.3f} s -> {out} ({len(read_video(out))} frames)")
     return 0
 
 
@@ -236,6 +302,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         from .generation import generate_jobs, is_video_pipeline
 
         suffix = video_suffix() if is_video_pipeline(pipe) else ".png"
+        if args.frames is not None:  # a default for rows without their own num_frames (part of each job's id)
+            if suffix == ".png":
+                raise InputError(f"--frames: {model} makes images, not videos")
+            good = [{**e, "extra": {"num_frames": args.frames, **e.get("extra", {})}} for e in good]
         jobs = make_jobs(good, seeds, steps, size=args.size, guidance=args.guidance, plugins=label,
                          model=str(model.resolve()), dtype=args.dtype, suffix=suffix)
         for row, message in errors:
@@ -253,8 +323,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
             if stack is not None:
                 diffboost.remove(pipe)
         if summary["interrupted"]:
-            print(f"interrupted on rank {ranks.rank}: {summary['made']} outputs made and kept; run the same command "
-                  "again to resume", file=sys.stderr)
+            where = f" (rank {ranks.rank})" if ranks.distributed else ""
+            print(f"\ndiffboost batch{where}: interrupted; finished files are kept ({summary['made']} made in this run); "
+                  "run the same command again to resume", file=sys.stderr)
             return 130
         summaries = distributed.gather(ranks, summary)
     finally:
@@ -436,7 +507,10 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
-    p.add_argument("--out", default="out/diffboost.png", help="output image path (default: out/diffboost.png)")
+    p.add_argument("--frames", type=_positive_int, default=None,
+                   help="video pipelines: frames per clip (default: the model's)")
+    p.add_argument("--out", default="out/diffboost.png", help="output image path (default: out/diffboost.png); video "
+                   "pipelines write .mp4 (animated .webp/.gif without imageio-ffmpeg) and a .json sidecar")
     p.add_argument(
         "--compare",
         action="store_true",
@@ -464,6 +538,8 @@ def _add_batch(sub: Any) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's, else 28)")
     p.add_argument("--size", type=_positive_int, default=None, help="image height and width in pixels (default: model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
+    p.add_argument("--frames", type=_positive_int, default=None,
+                   help="video pipelines: frames per clip for rows without num_frames (default: the model's)")
     p.add_argument("--batch-size", type=_positive_int, default=1,
                    help="rows with the same size, steps and settings made in one pipeline call, each with its own "
                    "seeded generator (default: 1)")

@@ -141,3 +141,16 @@ def check_output_dir(path: str | Path, what: str = "--out") -> Path:
         raise InputError(f"{what} {path} is a file; give a folder")
     _check_writable_folder(path, f"{what} {path}")
     return path
+
+
+#: frames per generated clip
+MAX_FRAMES = 1024
+
+
+def check_frames(frames: object, what: str = "frames") -> int:
+    """Frames per video clip: 1 to :data:`MAX_FRAMES` (the pipeline rounds to what its VAE needs)."""
+    if isinstance(frames, bool) or not isinstance(frames, int):
+        raise InputError(f"{what} must be an integer, got {frames!r}")
+    if not 1 <= frames <= MAX_FRAMES:
+        raise InputError(f"{what} {frames} is out of range; allowed: 1 to {MAX_FRAMES}")
+    return frames

@@ -1,6 +1,7 @@
 """The ``diffboost`` command line on a tiny pipeline saved to disk."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -370,3 +371,65 @@ def test_batch_size_groups_rows_and_keeps_each_image(flux_folder, tmp_path, caps
     assert outs["1"].keys() == outs["4"].keys() and len(outs["1"]) == 6
     for name in outs["1"]:
         assert np.abs(outs["1"][name] - outs["4"][name]).max() <= 1, name
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    from factories import make_wan
+
+    path = tmp_path_factory.mktemp("wan")
+    make_wan().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("ffmpeg", [True, False], ids=["mp4", "no-ffmpeg"])
+def test_video_generate_and_batch_write_readable_clips(wan_folder, tmp_path, capsys, monkeypatch, ffmpeg):
+    from diffboost import media
+
+    if not ffmpeg:
+        monkeypatch.setattr(media, "ffmpeg_available", lambda: False)
+    elif not media.ffmpeg_available():
+        pytest.skip("imageio-ffmpeg is not installed (pip install 'diffboost[video]')")
+    suffix = ".mp4" if ffmpeg else media.video_suffix()
+    assert main(["generate", "a red circle", "--model", str(wan_folder), "--steps", "2", "--size", "32", "--frames",
+                 "5", "--preset", "none", "--out", str(tmp_path / "clip.png"), "--quiet"]) == 0
+    clip = tmp_path / f"clip{suffix}"
+    assert "(5 frames)" in capsys.readouterr().out
+    frames = media.read_video(clip)
+    assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
+    settings = media.read_settings(clip)
+    assert (settings["prompt"], settings["seed"], settings["num_frames"], settings["plugins"]) == (
+        "a red circle", 0, 5, "none")
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a red circle", "seed": 1}\n{"prompt": "a blue square", "num_frames": 9}\n')
+    out = tmp_path / "clips"
+    args = ["batch", str(rows), "--model", str(wan_folder), "--steps", "2", "--size", "32", "--frames", "5",
+            "--preset", "none", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert "made 2 videos" in capsys.readouterr().out
+    records = [r for r in _manifest(out) if r["status"] == "done"]
+    assert [Path(r["file"]).suffix for r in records] == [suffix, suffix]
+    assert [len(media.read_video(out / r["file"])) for r in records] == [5, 9]
+    assert [media.read_settings(out / r["file"])["extra"]["num_frames"] for r in records] == [5, 9]
+    assert main(args) == 0
+    assert "made 0 videos, 2 already done" in capsys.readouterr().out
+
+
+def test_frames_on_an_image_model_is_refused(flux_folder, tmp_path, capsys):
+    assert main(["generate", "--model", str(flux_folder), "--frames", "5", "--out", str(tmp_path / "a.png")]) == 2
+    assert "--frames" in capsys.readouterr().err
+
+
+def test_generate_png_carries_its_settings(flux_folder, tmp_path, capsys):
+    from diffboost.media import read_settings
+
+    out = tmp_path / "img.png"
+    assert main(["generate", "a blue square", "--model", str(flux_folder), "--steps", "2", "--size", "64",
+                 "--seed", "5", "--guidance", "2.0", "--preset", "fast", "--out", str(out), "--quiet"]) == 0
+    settings = read_settings(out)
+    assert (settings["prompt"], settings["seed"], settings["steps"], settings["height"], settings["guidance"]) == (
+        "a blue square", 5, 2, 64, 2.0)
+    assert settings["plugins"] == "fast" and settings["plugin_stack"]["plugins"]
+    text = Image.open(out).text
+    assert text["prompt"] == "a blue square" and text["seed"] == "5"
