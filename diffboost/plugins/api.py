@@ -9,7 +9,7 @@ from .adapters import PipelineAdapter
 from .base import CallStats, Installed, Plugin
 from .presets import resolve
 from .runtime import CallStarted, CallTracker, DenoiserCalls, HookSet, StageSwitched
-from .stacking import check_stack
+from .stacking import IncompatiblePluginsError, check_stack
 
 _HANDLE_ATTR = "_diffboost_handle"
 
@@ -148,11 +148,30 @@ def apply(pipe: Any, *plugins: Any) -> Acceleration:
         adapter: Any = VlmAdapter.of(pipe)
     else:
         stack = check_stack(requested)
+        _refuse_context_parallel(pipe, stack)
         adapter = PipelineAdapter(pipe)
     handle = Acceleration(pipe, adapter, stack)
     handle._install()
     setattr(pipe, _HANDLE_ATTR, handle)
     return handle
+
+
+def _refuse_context_parallel(pipe: Any, stack: list[Any]) -> None:
+    """diffusers' context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``) splits
+    every sequence across ranks. diffboost's plugins are not built for that yet: a cache decides from
+    the residuals this rank holds, so ranks would decide differently and wait on each other's
+    collectives for ever; token merging and sparse/quantized attention change the shards' attention.
+    Refused with a clear error rather than a hang."""
+    for name in ("transformer", "transformer_2", "unet"):
+        model = getattr(pipe, name, None)
+        if getattr(model, "_parallel_config", None) is not None:
+            names = ", ".join(type(p).__name__ for p in stack)
+            raise IncompatiblePluginsError(
+                f"{type(pipe).__name__}.{name} runs with diffusers' context parallelism; diffboost's plugins ({names}) "
+                "do not support it yet (ranks would make different skip decisions from their own shards and stall "
+                "in the collectives). Run the plugins without enable_parallelism, or shard the prompts instead: "
+                "torchrun -m diffboost batch (one pipeline per rank)"
+            )
 
 
 def remove(pipe: Any) -> None:

@@ -485,3 +485,22 @@ def test_a_call_sends_its_events_in_order_and_skip_decisions_match_the_statistic
             skipped = [e.step for e in mine if not e.computed]
             assert skipped and len(skipped) == stats.reused[branch]
     diffboost.remove(flux)
+
+
+def test_context_parallel_pipelines_are_refused_with_a_clear_error():
+    """diffusers' context parallelism needs an accelerator (it cannot be enabled on this CPU machine),
+    so the model is marked as enable_parallelism marks it; the refusal names the reason and the way out."""
+    import pytest
+
+    import diffboost
+    from diffboost.plugins.stacking import IncompatiblePluginsError
+    from factories import make_flux
+
+    pipe = make_flux()
+    pipe.transformer._parallel_config = object()
+    with pytest.raises(IncompatiblePluginsError, match="context parallelism.*torchrun -m diffboost batch"):
+        diffboost.apply(pipe, "fast")
+    assert getattr(pipe, "_diffboost_handle", None) is None  # nothing was installed
+    pipe.transformer._parallel_config = None
+    diffboost.apply(pipe, "fast")
+    diffboost.remove(pipe)
