@@ -1,0 +1,67 @@
+"""diffboost.prompt_files: every row checked on its own, whole-file problems raised."""
+
+import pytest
+
+from diffboost.limits import InputError
+from diffboost.prompt_files import check_row, pipeline_call_args, read_rows
+
+CALL = {"prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "generator",
+        "max_sequence_length", "num_frames", "latents"}
+
+
+def test_csv_rows_with_types_extras_and_errors(tmp_path):
+    f = tmp_path / "r.csv"
+    f.write_text('prompt,seed,size,guidance,num_frames,negative_prompt\n'
+                 'a red circle,1,64,2.5,9,\n'
+                 '"a, b",,,,"[1, 2]",ugly\n'
+                 'x,1.5,,,,\n'
+                 'y,1,64,,,,extra cell\n'
+                 '\n'
+                 'z,,,nan,,\n')
+    rows = read_rows(f, CALL)
+    assert [r.number for r in rows] == [2, 3, 4, 5, 7]
+    assert rows[0].settings == {"prompt": "a red circle", "seed": 1, "height": 64, "width": 64, "guidance": 2.5,
+                                "extra": {"num_frames": 9}}
+    assert rows[1].settings == {"prompt": "a, b", "negative_prompt": "ugly", "extra": {"num_frames": [1, 2]}}
+    assert "r.csv:4: 'seed' must be an integer, got '1.5'" in rows[2].error
+    assert "r.csv:5: 7 cells but 6 columns" in rows[3].error
+    assert "r.csv:7: 'guidance' must be a finite number" in rows[4].error
+
+
+def test_row_checks_name_the_row_and_what_is_allowed():
+    with pytest.raises(InputError, match="f:3: give both 'height' and 'width'"):
+        check_row({"prompt": "x", "height": 64}, "f:3", CALL)
+    with pytest.raises(InputError, match="give 'size' or 'height'/'width', not both"):
+        check_row({"prompt": "x", "size": 64, "height": 64, "width": 64}, "f:3", CALL)
+    with pytest.raises(InputError, match="unknown key 'cfg'; allowed: prompt, .*max_sequence_length, num_frames"):
+        check_row({"prompt": "x", "cfg": 1}, "f:3", CALL)
+    with pytest.raises(InputError, match="'latents' is set by diffboost"):
+        check_row({"prompt": "x", "latents": [0]}, "f:3", CALL)
+    with pytest.raises(InputError, match="'negative_prompt' must be text"):
+        check_row({"prompt": "x", "negative_prompt": 3}, "f:3", CALL)
+    with pytest.raises(InputError, match="'size' 20 px is not a multiple of 8"):
+        check_row({"prompt": "x", "size": 20}, "f:3", CALL)
+    # without the pipeline's arguments, extra keys are kept unchecked
+    assert check_row({"prompt": " x ", "whatever": 1}, "f:1")["extra"] == {"whatever": 1}
+
+
+def test_whole_file_problems_raise(tmp_path):
+    with pytest.raises(InputError, match="unknown type '.yaml'"):
+        (tmp_path / "p.yaml").write_text("a")
+        read_rows(tmp_path / "p.yaml")
+    (tmp_path / "h.csv").write_text("text,seed\nx,1\n")
+    with pytest.raises(InputError, match="h.csv:1: the first row must name the columns, one of them 'prompt'"):
+        read_rows(tmp_path / "h.csv")
+    (tmp_path / "e.txt").write_text("# only a comment\n\n")
+    with pytest.raises(InputError, match="holds no prompts"):
+        read_rows(tmp_path / "e.txt")
+    with pytest.raises(FileNotFoundError):
+        read_rows(tmp_path / "missing.txt")
+
+
+def test_pipeline_arguments_come_from_the_folder_without_loading(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    args = pipeline_call_args(tmp_path)
+    assert {"prompt", "max_sequence_length", "true_cfg_scale"} <= args
+    (tmp_path / "model_index.json").write_text('{"_class_name": "NoSuchPipeline"}')
+    assert pipeline_call_args(tmp_path) is None
