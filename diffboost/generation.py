@@ -102,7 +102,7 @@ def load_pipeline(path: str | Path, dtype: str = "float32", device: str | None =
 
 
 #: ``diffboost.json`` keys passed to the pipeline call as they are (when the pipeline accepts them)
-CALL_DEFAULTS = ("guidance_scale", "true_cfg_scale", "negative_prompt")
+CALL_DEFAULTS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "num_frames")
 
 
 def model_defaults(path: Path) -> dict[str, Any]:

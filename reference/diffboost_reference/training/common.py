@@ -35,8 +35,9 @@ def setup_logging(log_file: Path | None = None) -> None:
     )
 
 
-def build_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the caption vocabulary; appends ``</s>`` to every text.
+def build_tokenizer(max_length: int = 16, words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the caption vocabulary (``words``, default the scenes'); appends
+    ``</s>`` to every text.
 
     Ids: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then the caption words.
     """
@@ -44,8 +45,8 @@ def build_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
     from tokenizers.models import WordLevel
 
     vocab = {PAD: 0, EOS: 1, UNK: 2}
-    for word in scenes.vocabulary():
-        vocab[word] = len(vocab)
+    for word in scenes.vocabulary() if words is None else words:
+        vocab.setdefault(word, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
