@@ -203,6 +203,19 @@ class EMA:
             s.copy_(b)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, modules: dict[str, torch.nn.Module],
+                   emas: dict[str, "EMA"], step: int, max_norm: float = 1.0) -> None:
+    """Backward, clip each module's gradient norm to ``max_norm`` separately, step, update each
+    module's EMA (``emas`` and ``modules`` share their names)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for module in modules.values():
+        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    opt.step()
+    for name, module in modules.items():
+        emas[name].update(module, step)
+
+
 class Timer:
     """Wall-clock helper for periodic actions."""
 

@@ -31,6 +31,7 @@ from diffboost_reference.training.common import (
     load_checkpoint,
     lr_factor,
     object_share,
+    optimizer_step,
     save_checkpoint,
     scene_draw_weights,
     setup_logging,
@@ -235,13 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         pred = unet(xt, t, encoder_hidden_states=text_encoder(tok).last_hidden_state).sample
         target = noise if args.prediction == "epsilon" else noise_sched.get_velocity(x0, noise, t)
         loss = weighted_mse(pred, target, pixel_w[idx] if pixel_w is not None else None, dim=1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
-        opt.step()
-        emas["unet"].update(unet, step)
-        emas["text"].update(text_encoder, step)
+        optimizer_step(opt, loss, {"unet": unet, "text": text_encoder}, emas, step)
         loss_now = loss.item()
         loss_avg = loss_now if loss_avg is None else 0.98 * loss_avg + 0.02 * loss_now
         done = step + 1

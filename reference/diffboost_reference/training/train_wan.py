@@ -41,6 +41,7 @@ from diffboost_reference.training.common import (
     build_tokenizer,
     load_checkpoint,
     lr_factor,
+    optimizer_step,
     resolve_device,
     save_checkpoint,
     setup_logging,
@@ -318,13 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         text = text_encoder(ids).last_hidden_state
         pred = transformer(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=text, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
-        opt.step()
-        emas["transformer"].update(transformer, step)
-        emas["text"].update(text_encoder, step)
+        optimizer_step(opt, loss, {"transformer": transformer, "text": text_encoder}, emas, step)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         done = step + 1
         if done % 50 == 0:
