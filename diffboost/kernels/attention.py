@@ -63,6 +63,10 @@ class _KernelPlugin(Plugin):
         check_int(self, "dense_steps", 0, 100_000)
         check_choice(self, "backend", backend_choices())
 
+    def takes_key_padding(self) -> bool:
+        """Whether the kernel applies key-padding masks itself (else masked calls run exactly)."""
+        return False
+
     def kernel(self) -> Callable[..., Any]:
         """The attention product on ``(batch, heads, tokens, head_dim)`` tensors: this plugin's kernel,
         or the diffusers backend named by ``backend``."""
@@ -113,6 +117,10 @@ class QuantizedAttention(_KernelPlugin):
         quant_math.check_formats(self.qk_format, self.pv_format)
         check_int(self, "block_q", 1, 4096)
         check_int(self, "block_k", 1, 4096)
+
+    def takes_key_padding(self) -> bool:
+        """This kernel applies key-padding masks itself (a diffusers backend gets them as they are)."""
+        return self.backend == "diffboost"
 
     def _own_kernel(self) -> Callable[..., Any]:
         return functools.partial(quant_math.quantized_attention, qk_format=self.qk_format, pv_format=self.pv_format,
@@ -218,9 +226,11 @@ class _Gate(ModelHook):
         return args, kwargs
 
 
-def _run_kernel(owner: "InstalledKernel", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None):
-    """The kernel on (batch, heads, tokens, dim) tensors; counts what it did."""
-    out = owner.kernel(q, k, v, scale=scale)
+def _run_kernel(owner: "InstalledKernel", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                attn_mask: torch.Tensor | None = None):
+    """The kernel on (batch, heads, tokens, dim) tensors (with a key-padding mask where it takes one);
+    counts what it did."""
+    out = owner.kernel(q, k, v, scale=scale) if attn_mask is None else owner.kernel(q, k, v, attn_mask, scale=scale)
     c = owner.counters
     c.kernel_calls += 1
     if isinstance(out, tuple):  # the sparse kernel returns its kept blocks
@@ -238,9 +248,17 @@ def _wants(owner: "InstalledKernel", q_tokens: int, k_tokens: int, mask: Any, ca
     """Whether the kernel answers this attention call (else the previous attention runs unchanged:
     a dense step, a mask, causal, dropout, cross-attention unless asked, a configuration that keeps
     everything)."""
-    if not owner.active or owner.exact or mask is not None or causal or dropout:
+    if not owner.active or owner.exact or causal or dropout:
+        return False
+    if mask is not None and not (owner.key_padding and _padding_shaped(mask)):
         return False
     return q_tokens == k_tokens or owner.cfg.cross_attention
+
+
+def _padding_shaped(mask: Any) -> bool:
+    """A mask that can be a key-padding mask by its shape (one row for all queries); the kernel
+    checks its values and answers exactly when it is not one."""
+    return isinstance(mask, torch.Tensor) and mask.dim() <= 4 and (mask.dim() < 2 or mask.shape[-2] == 1)
 
 
 # --- the dispatcher route -----------------------------------------------------------------------
@@ -285,7 +303,7 @@ def _dispatcher_backend(owner: "InstalledKernel", previous: Any) -> Callable[...
             if enable_gqa and k.shape[1] != q.shape[1]:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-            return _run_kernel(owner, q, k, v, scale).transpose(1, 2)
+            return _run_kernel(owner, q, k, v, scale, attn_mask).transpose(1, 2)
         owner.counters.exact_calls += 1
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                      scale=scale, enable_gqa=enable_gqa, backend=previous,
@@ -312,7 +330,8 @@ class KernelAttnProcessor:
         context_tokens = (hidden_states if encoder_hidden_states is None else encoder_hidden_states)
         q_tokens = hidden_states.shape[-1] * hidden_states.shape[-2] if hidden_states.ndim == 4 else hidden_states.shape[1]
         k_tokens = q_tokens if encoder_hidden_states is None else context_tokens.shape[1]
-        if args or kwargs or not _wants(self.owner, q_tokens, k_tokens, attention_mask, False, 0.0):
+        # masks are left to the original processor here (they are not in SDPA's layout yet)
+        if args or kwargs or attention_mask is not None or not _wants(self.owner, q_tokens, k_tokens, None, False, 0.0):
             self.owner.counters.exact_calls += 1
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
@@ -369,7 +388,7 @@ def _redirected_sdpa(owner: "InstalledKernel", sdpa: Callable[..., Any], query: 
         if enable_gqa and key.shape[1] != query.shape[1]:
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
             value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-        return _run_kernel(owner, query, key, value, scale)
+        return _run_kernel(owner, query, key, value, scale, attn_mask)
     owner.counters.exact_calls += 1
     return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                 enable_gqa=enable_gqa)
@@ -417,6 +436,7 @@ class InstalledKernel(Installed):
         self.cfg, self.denoiser, self.tracker = cfg, d, tracker
         self.kernel = cfg.kernel()
         self.exact = cfg.never_skips()  # keeps every block: the previous attention, bit for bit
+        self.key_padding = cfg.takes_key_padding()
         self.counters = _Counters()
         self.active = cfg.dense_steps == 0
         modules = _attention_modules(d.module)

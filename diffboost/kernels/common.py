@@ -73,6 +73,35 @@ def unsupported_reason(attn_mask: torch.Tensor | None, is_causal: bool, dropout_
     return None
 
 
+#: additive mask values at or below this hide a key (diffusers builds masks with -10000 or finfo.min)
+HIDDEN = -1e4
+
+
+def key_padding(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The keys a key-padding mask keeps, as a bool ``(batch or 1, heads or 1, 1, keys)`` tensor; None
+    when ``attn_mask`` is not one (it differs between queries, or an additive mask holds values other
+    than 0 and "hidden", such as position biases).
+
+    A bool mask keeps True; an additive float mask keeps 0 and hides values <= :data:`HIDDEN`. Checking
+    a float mask's values reads one number back from the device."""
+    m = attn_mask
+    if m.dim() > 4:
+        return None
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    b, h, n, keys = m.shape
+    if keys != k.shape[-2] or n != 1 or b not in (1, q.shape[0]) or h not in (1, q.shape[1]):
+        return None
+    if m.dtype == torch.bool:
+        return m
+    if not m.is_floating_point():
+        return None
+    keep = m > HIDDEN
+    if torch.where(keep, m, torch.zeros((), dtype=m.dtype, device=m.device)).abs().amax().item() != 0:
+        return None
+    return keep
+
+
 def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
           dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,

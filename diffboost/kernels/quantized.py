@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import enter, pad_tokens, query_chunks
+from .common import enter, key_padding, pad_tokens, query_chunks
 
 #: the largest code of each Q/K format: INT8 +-127, FP8 e4m3 +-448
 QK_FORMATS = {"int8": 127.0, "fp8_e4m3": 448.0}
@@ -111,8 +111,10 @@ def quantized_attention(
 
     Args:
         q, k, v: (batch, heads, tokens, head_dim), float32/bfloat16/float16, one dtype.
-        attn_mask, dropout_p, is_causal: SDPA's; the kernel takes none of them and answers with
-            exact attention instead (logged once per reason).
+        attn_mask: a key-padding mask (the same for every query: bool ``(batch, 1, 1, keys)``, True
+            keeps, or additive 0 / -inf, any broadcastable shape) is applied inside the kernel:
+            hidden keys get no weight and do not widen the quantization scales. Any other mask, and
+            ``dropout_p``/``is_causal`` (SDPA's), get exact attention instead (logged once per reason).
         scale: softmax scale (default 1/sqrt(head_dim)).
         qk_format: ``"int8"`` (default) or ``"fp8_e4m3"``: the codes of Q and K.
         pv_format: ``"fp16"`` (default), ``"fp8_e4m3"`` or ``"fp32"``: P and V in the product P·V.
@@ -126,12 +128,26 @@ def quantized_attention(
         the attention output (batch, heads, tokens, head_dim of v) in the input dtype.
     """
     check_formats(qk_format, pv_format, impl)
+    keep = None
+    if attn_mask is not None and q.ndim == 4 and k.ndim == 4:
+        keep = key_padding(attn_mask, q, k)
+        if keep is not None:
+            attn_mask = None
     sm, fallback = enter("quantized_attention", q, k, v, block_q, block_k, scale, attn_mask, dropout_p, is_causal)
     if fallback is not None:
         return fallback
     qf, kf, vf = q.float(), k.float(), v.float()
+    tokens = None
+    if keep is not None:  # hidden keys and values become zero: no weight, no say in the block scales
+        tokens = keep.transpose(-2, -1)  # (b|1, h|1, keys, 1)
+        zero = torch.zeros((), dtype=kf.dtype, device=kf.device)
+        kf, vf = torch.where(tokens, kf, zero), torch.where(tokens, vf, zero)
     if smooth_k:
-        kf = kf - kf.mean(dim=-2, keepdim=True)
+        if tokens is None:
+            kf = kf - kf.mean(dim=-2, keepdim=True)
+        else:  # the mean of the kept keys; hidden ones stay zero
+            mean = kf.sum(dim=-2, keepdim=True) / tokens.sum(dim=-2, keepdim=True).clamp(min=1)
+            kf = torch.where(tokens, kf - mean, zero)
     qc, dq = quantize_blocks(qf, block_q, qk_format)
     kc, dk = quantize_blocks(kf, block_k, qk_format)
     dk_t = dk.transpose(-2, -1) * sm
@@ -143,6 +159,8 @@ def quantized_attention(
     for rows in query_chunks(n, chunk):
         raw = _int8_scores(qc[:, :, rows], kc) if use_int8 else qc[:, :, rows] @ kc_t
         s = raw * dq[:, :, rows] * dk_t
+        if keep is not None:
+            s = s.masked_fill(~keep, float("-inf"))
         p = torch.exp(s - s.amax(dim=-1, keepdim=True))
         out[:, :, rows] = _pv(p, vf, pv_format) / p.sum(dim=-1, keepdim=True)
     return out.to(q.dtype)

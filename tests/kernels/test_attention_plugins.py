@@ -262,6 +262,7 @@ def test_the_redirect_hands_masked_and_grouped_query_calls_on_correctly():
 
     class Owner:
         active, exact, cfg = True, False, QuantizedAttention(pv_format="fp32")
+        key_padding = True  # a (16, 16) causal mask is not a key-padding mask: still exact
         counters = _Counters()
         kernel = staticmethod(QuantizedAttention(pv_format="fp32").kernel())
 
@@ -299,3 +300,38 @@ def test_another_dispatcher_backend_computes_the_routed_calls(flux, sd):
         with pytest.raises(UnsupportedPipelineError, match=r"backend='xformers'\) cannot run here: .*xformers"):
             diffboost.apply(flux[0], QuantizedAttention(backend="xformers"))
         assert not hasattr(flux[0], "_diffboost_handle")
+
+
+def test_key_padding_masks_reach_the_quantized_kernel_and_other_masks_stay_exact():
+    """The routes that see SDPA-layout masks (the dispatcher backend, the SDPA redirect) hand a
+    key-padding mask to QuantizedAttention's kernel; a query-dependent mask, SparseAttention, and
+    the classic processor route keep exact attention for masked calls."""
+    import types
+
+    import torch.nn.functional as F
+
+    from diffboost.kernels import QuantizedAttention, SparseAttention
+    from diffboost.kernels import attention as att
+
+    def owner(cfg):
+        return types.SimpleNamespace(active=True, exact=False, key_padding=cfg.takes_key_padding(), cfg=cfg,
+                                     kernel=cfg.kernel(), counters=att._Counters())
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 24, 16) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+    keep[1, ..., 17:] = False
+    quant = owner(QuantizedAttention(block_k=8))
+    out = att._redirected_sdpa(quant, F.scaled_dot_product_attention, q, k, v, attn_mask=keep)
+    assert quant.counters.kernel_calls == 1 and quant.counters.exact_calls == 0
+    assert torch.equal(out, QuantizedAttention(block_k=8).kernel()(q, k, v, keep))
+    assert not torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=keep))  # quantized, not exact
+    per_query = torch.rand(2, 1, 24, 24) > 0.2
+    exact = att._redirected_sdpa(quant, F.scaled_dot_product_attention, q, k, v, attn_mask=per_query)
+    assert quant.counters.exact_calls == 1 and torch.equal(exact, F.scaled_dot_product_attention(q, k, v, attn_mask=per_query))
+    sparse = owner(SparseAttention())
+    assert not SparseAttention().takes_key_padding() and QuantizedAttention().takes_key_padding()
+    att._redirected_sdpa(sparse, F.scaled_dot_product_attention, q, k, v, attn_mask=keep)
+    assert sparse.counters.exact_calls == 1 and sparse.counters.kernel_calls == 0
+    assert not att._padding_shaped(per_query) and att._padding_shaped(keep) and att._padding_shaped(keep[0, 0, 0])
+    assert not att._padding_shaped(keep[:, 0, 0])  # (2, 24) is (queries, keys) to SDPA

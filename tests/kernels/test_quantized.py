@@ -191,3 +191,42 @@ def test_refusals(args, kwargs, message):
     assert message in str(err.value)
     if "4-D" in message:
         assert isinstance(err.value, KernelInputError)
+
+
+def test_key_padding_masks_are_applied_inside_the_kernel(caplog):
+    """A key-padding mask (bool or additive, any broadcastable shape) hides keys inside the kernel: the
+    result equals the kernel run on the kept keys alone (per batch row) and stays close to exact masked
+    attention; garbage in hidden keys changes nothing; other masks still fall back to exact attention."""
+    import logging
+
+    from diffboost.kernels import quantized_attention
+
+    torch.manual_seed(0)
+    b, h, n, m, d = 2, 2, 40, 48, 16
+    q, k, v = torch.randn(b, h, n, d), torch.randn(b, h, m, d), torch.randn(b, h, m, d)
+    lengths = [48, 30]
+    keep = torch.zeros(b, 1, 1, m, dtype=torch.bool)
+    for i, length in enumerate(lengths):
+        keep[i, ..., :length] = True
+    out = quantized_attention(q, k, v, attn_mask=keep, block_k=16)
+    for i, length in enumerate(lengths):  # the same as the kernel on the kept keys only
+        alone = quantized_attention(q[i:i + 1], k[i:i + 1, :, :length], v[i:i + 1, :, :length], block_k=16)
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=0, atol=1e-6)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.995
+    garbage_k, garbage_v = k.clone(), v.clone()
+    garbage_k[1, :, 30:] = 1e4
+    garbage_v[1, :, 30:] = float("nan")
+    assert torch.equal(quantized_attention(q, garbage_k, garbage_v, attn_mask=keep, block_k=16), out)
+    additive = torch.zeros(b, m).masked_fill(~keep[:, 0, 0], float("-inf"))[:, None, None, :]
+    assert torch.equal(quantized_attention(q, k, v, attn_mask=additive, block_k=16), out)
+    finfo_min = torch.zeros(b, 1, 1, m).masked_fill(~keep, torch.finfo(torch.float32).min)
+    assert torch.equal(quantized_attention(q, k, v, attn_mask=finfo_min, block_k=16), out)
+    # a mask that differs between queries, or a bias, is not a key-padding mask: exact attention
+    bias = torch.randn(b, 1, n, m)
+    with caplog.at_level(logging.WARNING):
+        torch.testing.assert_close(quantized_attention(q, k, v, attn_mask=bias),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    small_bias = torch.full((b, 1, 1, m), 0.5)
+    torch.testing.assert_close(quantized_attention(q, k, v, attn_mask=small_bias),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=small_bias))

@@ -29,7 +29,9 @@ from factories import FAMILIES, run
 STEPS = 8
 #: the methods that do not run on every family, and where they run
 #: "attention_masked": the attention kernels install, but every softmax attention call of the family
-#: passes a mask (text padding), which the kernels leave to exact attention
+#: passes a mask (text padding), which the kernels leave to exact attention;
+#: "attention_padded": those masks are key-padding masks: QuantizedAttention applies them inside its
+#: kernel, SparseAttention leaves the masked calls to exact attention
 METHODS = ("sada", "bottleneck", "tokens", "sada_tokens", "attention")
 SUPPORT: dict[str, set[str]] = {
     "flux": {"sada", "bottleneck", "attention"},
@@ -38,7 +40,7 @@ SUPPORT: dict[str, set[str]] = {
     "sana": {"sada", "attention_masked"},  # linear self-attention; masked cross-attention
     "wan": {"sada", "bottleneck", "attention"},
     "cogvideox": {"attention"},  # no SADA: CogVideoXDDIMScheduler: SADA reads Euler, DPM++, DDIM and flow Euler
-    "hunyuan_video": {"sada", "bottleneck", "attention_masked"},
+    "hunyuan_video": {"sada", "bottleneck", "attention_padded"},
     "sd": {"sada", "tokens", "sada_tokens", "attention"},
     "sdxl": {"sada", "tokens", "sada_tokens", "attention"},
     "chroma": {"sada", "attention_masked"},
@@ -54,7 +56,7 @@ SUPPORT: dict[str, set[str]] = {
     "allegro": {"attention"},  # no SADA: EulerAncestralDiscreteScheduler (stochastic)
     "skyreels_v2": {"attention"},  # no SADA: UniPCMultistepScheduler
     "flux2": {"sada", "attention"},
-    "hunyuan_image": {"sada", "attention_masked"},
+    "hunyuan_image": {"sada", "attention_padded"},
 }
 #: README rows: family -> (what users know it as, the pipeline tested)
 NAMES: dict[str, tuple[str, str]] = {
@@ -92,6 +94,8 @@ def support_table() -> str:
         cells = ["✓"] + ["✓" if m in SUPPORT[family] else "–" for m in METHODS]
         if "attention_masked" in SUPPORT[family]:
             cells[-1] = "exact (masked)"
+        if "attention_padded" in SUPPORT[family]:
+            cells[-1] = "quantized; sparse exact (masked)"
         rows.append(f"| {name} | `{pipeline}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -179,6 +183,10 @@ def test_attention_kernels(family_pipe):
         _runs(pipe, family, base, SparseAttention(cdf_threshold=1.0), QuantizedAttention(), count)
         _runs(pipe, family, base, SparseAttention(cdf_threshold=1.0),
               SparseAttention(cdf_threshold=0.3, sim_threshold=-1.0, block_q=4, block_k=4), count)
+    elif "attention_padded" in SUPPORT[family]:
+        count = lambda stats: sum(s.get("kernel_calls", 0) for s in stats)  # noqa: E731
+        _runs(pipe, family, base, SparseAttention(cdf_threshold=0.3, sim_threshold=-1.0, block_q=4, block_k=4),
+              QuantizedAttention(), count)
     elif "attention_masked" in SUPPORT[family]:
         with diffboost.accelerated(pipe, QuantizedAttention()):
             assert torch.equal(run(pipe, family, num_inference_steps=STEPS), base)
