@@ -459,6 +459,15 @@ def run_batch(
                 records.pop(ERROR_PREFIX + job.filename, None)
             manifest.write(records)
 
+    def fail(job: BatchJob, err: Exception) -> None:
+        """The pipeline refused the job: recorded with its row, the run goes on."""
+        nonlocal failed
+        failed += 1
+        logger.warning("row %d (%s): %s", job.row, job.filename, err)
+        record(job, {"file": f"{ERROR_PREFIX}{job.filename}", "status": "error", "source": source,
+                     "error": f"{source or 'job'}:{job.row}: {err}"})
+        bar.update(1)
+
     try:
         if rank0:
             remove_partial_files(out_dir, lock)
@@ -498,11 +507,7 @@ def run_batch(
                         results = list(zip(group, outputs, [took / len(group)] * len(group)))
                     except (ValueError, TypeError) as err:
                         if len(group) == 1:
-                            failed += 1
-                            logger.warning("row %d (%s): %s", group[0].row, group[0].filename, err)
-                            record(group[0], {"file": f"{ERROR_PREFIX}{group[0].filename}", "status": "error", "source": source,
-                                              "error": f"{source or 'job'}:{group[0].row}: {err}"})
-                            bar.update(1)
+                            fail(group[0], err)
                             continue
                         results = []  # one call per job, to find the one the pipeline refuses
                         for job in group:
@@ -510,11 +515,7 @@ def run_batch(
                                 (output,), took = generate_many([job])
                                 results.append((job, output, took))
                             except (ValueError, TypeError) as job_err:
-                                failed += 1
-                                logger.warning("row %d (%s): %s", job.row, job.filename, job_err)
-                                record(job, {"file": f"{ERROR_PREFIX}{job.filename}", "status": "error", "source": source,
-                                             "error": f"{source or 'job'}:{job.row}: {job_err}"})
-                                bar.update(1)
+                                fail(job, job_err)
                     for job, output, took in results:
                         digest = save_output(output, out_dir / job.filename, {**job.settings(), **(metadata or {})})
                         record(job, {"file": job.filename, "status": "done", "seconds": round(took, 4), **digest})
