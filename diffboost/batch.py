@@ -154,10 +154,15 @@ def save_image(image: Any, path: str | Path, settings: dict[str, Any] | None = N
 
 def save_output(output: Any, path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """An image (PNG with its settings) or a video (with a sidecar JSON); returns size and SHA-256."""
-    from .media import save_video
+    from .media import save_video, video_frames
 
     if path.suffix.lower() == ".png":
+        if settings.get("height") is None:  # the model's own size: record what was made
+            settings = {**settings, "height": output.height, "width": output.width}
         return save_image(output, path, settings)
+    if settings.get("height") is None:
+        first = video_frames(output[:1])[0]
+        settings = {**settings, "height": first.shape[0], "width": first.shape[1]}
     save_video(output, path, settings)
     return file_digest(path)
 

@@ -177,7 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     job = BatchJob(0, args.prompt, args.seed, args.steps, size, args.guidance, label, str(model.resolve()), args.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(image, out, {**job.settings(), **_stack_metadata(stack, label)})
+    settings = {**job.settings(), **_stack_metadata(stack, label), "height": image.height, "width": image.width}
+    save_image(image, out, settings)
     print(f"model: {model} ({type(pipe).__name__})")
     print(f"plugins: {', '.join(info.get('plugins', [])) or 'none (plain pipeline)'}")
     counts = call_counts(info)
@@ -209,7 +210,7 @@ def _generate_video(args: argparse.Namespace, model: Path, stack: list[Any] | No
 
     from .batch import BatchJob
     from .generation import generate_jobs
-    from .media import read_video, save_video, video_suffix
+    from .media import read_video, save_video, video_frames, video_suffix
 
     out = Path(args.out)
     want = video_suffix()
@@ -245,6 +246,8 @@ def _generate_video(args: argparse.Namespace, model: Path, stack: list[Any] | No
     settings = {**job.settings(), **_stack_metadata(stack, label)}
     if frames is not None:
         settings["num_frames"] = frames
+    first = video_frames(video[:1])[0]
+    settings["height"], settings["width"] = first.shape[0], first.shape[1]
     save_video(video, out, settings)
     print(f"model: {model} ({type(pipe).__name__})")
     print(f"plugins: {label if stack is not None else 'none (plain pipeline)'}")

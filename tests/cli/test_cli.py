@@ -433,3 +433,16 @@ def test_generate_png_carries_its_settings(flux_folder, tmp_path, capsys):
     assert settings["plugins"] == "fast" and settings["plugin_stack"]["plugins"]
     text = Image.open(out).text
     assert text["prompt"] == "a blue square" and text["seed"] == "5"
+
+
+def test_outputs_record_the_size_made_when_the_model_chose_it(flux_folder, tmp_path, capsys):
+    from diffboost.media import read_settings
+
+    rows = tmp_path / "rows.txt"
+    rows.write_text("a red circle\n")
+    out = tmp_path / "o"
+    assert main(["batch", str(rows), "--model", str(flux_folder), "--steps", "2", "--preset", "none",
+                 "--out", str(out), "--quiet"]) == 0
+    (png,) = out.glob("*.png")
+    settings = read_settings(png)
+    assert (settings["height"], settings["width"]) == Image.open(png).size[::-1] and settings["height"] > 0
