@@ -203,11 +203,11 @@ def size_multiple(pipe: Any) -> int:
     (Flux-style pipelines resize other sizes with only a warning): the VAE's downsampling times the
     transformer's patch (and the 2 x 2 packing of Flux-style latents)."""
     factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None) or 8
+    if hasattr(pipe, "_pack_latents"):  # the 2 x 2 packing is the patch of these pipelines
+        return int(factor) * 2
     patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", 1) or 1
     if isinstance(patch, (tuple, list)):
         patch = patch[-1]
-    if hasattr(pipe, "_pack_latents"):
-        patch *= 2
     return int(factor) * int(patch)
 
 

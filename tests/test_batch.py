@@ -211,3 +211,14 @@ def test_the_manifest_is_parsed_again_only_when_it_changed(tmp_path, monkeypatch
     first = cache.read()
     (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in list(first.values())[:3]))  # another run
     assert len(cache.read()) == 3 and len(parses) == 3
+
+
+def test_size_multiple_follows_each_family():
+    from diffboost.generation import size_multiple
+    from factories import make_flux, make_sd, make_sd3, make_wan
+
+    flux, sd, sd3, wan = make_flux(), make_sd(), make_sd3(), make_wan()
+    assert size_multiple(flux) == flux.vae_scale_factor * 2  # 2 x 2 packing
+    assert size_multiple(sd) == sd.vae_scale_factor  # a UNet takes every latent size
+    assert size_multiple(sd3) == sd3.vae_scale_factor * sd3.transformer.config.patch_size
+    assert size_multiple(wan) == wan.vae_scale_factor_spatial * 2  # patch (1, 2, 2)
