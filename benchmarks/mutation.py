@@ -67,6 +67,7 @@ MODULES: dict[str, list[str]] = {
         " or stacks_with or pixart)",
     ],
     "plugins/runtime.py": ["tests/plugins/test_runtime.py"],
+    "prompt_files.py": ["tests/test_prompt_files.py"],
     "plugins/calibrate.py": ["tests/plugins/test_calibrate.py"],
     "kernels/quantized.py": ["tests/kernels/test_quantized.py"],
     "kernels/sparse.py": ["tests/kernels/test_sparse.py", "-k", "not flex"],

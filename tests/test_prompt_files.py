@@ -65,3 +65,50 @@ def test_pipeline_arguments_come_from_the_folder_without_loading(tmp_path):
     assert {"prompt", "max_sequence_length", "true_cfg_scale"} <= args
     (tmp_path / "model_index.json").write_text('{"_class_name": "NoSuchPipeline"}')
     assert pipeline_call_args(tmp_path) is None
+
+
+def test_text_and_jsonl_lines(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffa red circle\r\n# a comment\n\n  a blue square  \nun cercle \xe9\n".encode("utf-8")[:-3]
+                  + b"\xe9\n")
+    rows = read_rows(f)
+    assert [(r.number, r.settings.get("prompt"), r.error is None) for r in rows] == [
+        (1, "a red circle", True), (4, "a blue square", True), (5, None, False)]
+    assert "p.txt:5: not UTF-8 text (byte 0xe9 at column 11)" in rows[2].error
+    f.write_text("only one line")  # no final newline
+    assert [r.settings["prompt"] for r in read_rows(f)] == ["only one line"]
+    j = tmp_path / "p.JSONL"  # the suffix in any case
+    j.write_text('{"prompt": "x", "seed": 3}\n{oops\n[1]\n\n# comments are skipped here too\n{"prompt": "y"}\n')
+    rows = read_rows(j)
+    assert [r.number for r in rows] == [1, 2, 3, 6]
+    assert rows[0].settings == {"prompt": "x", "seed": 3} and rows[3].settings == {"prompt": "y"}
+    assert "p.JSONL:2: not valid JSON" in rows[1].error
+    assert "p.JSONL:3: each JSON line must be an object" in rows[2].error
+
+
+def test_csv_cells_keep_their_kinds(tmp_path):
+    f = tmp_path / "r.csv"
+    f.write_text("prompt,negative_prompt,steps,height,width,guidance,max_sequence_length,num_frames\n"
+                 " 7 ,0,12,64,32,3,16,text value\n")
+    (row,) = read_rows(f, CALL)
+    assert row.settings == {"prompt": "7", "negative_prompt": "0", "steps": 12, "height": 64, "width": 32,
+                            "guidance": 3.0, "extra": {"max_sequence_length": 16, "num_frames": "text value"}}
+    for header in ("prompt,prompt\n", "prompt,\n"):
+        f.write_text(header + "x,y\n")
+        with pytest.raises(InputError, match="r.csv:1: column names must be unique and not empty"):
+            read_rows(f)
+    f.write_text("prompt,size\nx,big\ny,64\n")
+    rows = read_rows(f)
+    assert "'size' must be an integer number of pixels, got 'big'" in rows[0].error
+    assert rows[1].settings["height"] == rows[1].settings["width"] == 64
+    f.write_text("prompt\n")  # a header and no row
+    with pytest.raises(InputError, match="holds no prompts"):
+        read_rows(f)
+
+
+def test_extra_values_must_be_scalars_or_lists_of_them():
+    for good in (1, 2.5, "x", True, None, [1, "a", False], []):
+        assert check_row({"prompt": "p", "num_frames": good}, "f:1", CALL)["extra"] == {"num_frames": good}
+    for bad in ({"a": 1}, [[1]], [None], [{"a": 1}]):
+        with pytest.raises(InputError, match="'num_frames' must be a number, text, true/false or a list of them"):
+            check_row({"prompt": "p", "num_frames": bad}, "f:1", CALL)
