@@ -168,6 +168,29 @@ def guidance_kwargs(pipe: Any, guidance: float | None) -> dict[str, Any]:
     return kwargs
 
 
+def _add_guidance(pipe: Any, kwargs: dict[str, Any], guidance: float | None) -> None:
+    """``guidance`` into the call arguments (:func:`guidance_kwargs`); a negative prompt already there
+    (the row's or the model's) wins over the empty one true CFG needs."""
+    knob = guidance_kwargs(pipe, guidance)
+    if "negative_prompt" in kwargs:
+        knob.pop("negative_prompt", None)
+    kwargs.update(knob)
+
+
+def _timed_call(pipe: Any, kwargs: dict[str, Any]) -> tuple[Any, float]:
+    """The pipeline's output and the seconds it took (CUDA synchronised on both ends)."""
+    import torch
+
+    cuda = getattr(pipe, "device", torch.device("cpu")).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = pipe(**kwargs)
+    if cuda:
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
 def generate_once(
     pipe: Any, prompt: str, steps: int, seed: int, size: int | None, guidance: float | None, extra: dict[str, Any]
 ) -> tuple[Any, float]:
@@ -176,19 +199,10 @@ def generate_once(
     kwargs: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps, **extra}
     if size:
         kwargs["height"] = kwargs["width"] = size
-    knob = guidance_kwargs(pipe, guidance)
-    if "negative_prompt" in kwargs:  # a negative prompt the model ships with wins
-        knob.pop("negative_prompt", None)
-    kwargs.update(knob)
-    device = getattr(pipe, "device", torch.device("cpu"))
+    _add_guidance(pipe, kwargs, guidance)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    image = pipe(**kwargs).images[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return image, time.perf_counter() - start
+    result, took = _timed_call(pipe, kwargs)
+    return result.images[0], took
 
 
 def is_video_pipeline(pipe: Any) -> bool:
@@ -227,10 +241,7 @@ def generate_jobs(pipe: Any, jobs: list[Any], extra: dict[str, Any]) -> tuple[li
                              f"needs; use {kwargs[key] // multiple * multiple or multiple}")
     kwargs["prompt"] = [j.prompt for j in jobs] if len(jobs) > 1 else first.prompt
     kwargs["num_inference_steps"] = first.steps
-    knob = guidance_kwargs(pipe, first.guidance)
-    if "negative_prompt" in kwargs:  # a negative prompt the row or the model gives wins
-        knob.pop("negative_prompt", None)
-    kwargs.update(knob)
+    _add_guidance(pipe, kwargs, first.guidance)
     if len(jobs) > 1:
         negatives = [j.negative_prompt for j in jobs]
         if any(n is not None for n in negatives):
@@ -242,14 +253,7 @@ def generate_jobs(pipe: Any, jobs: list[Any], extra: dict[str, Any]) -> tuple[li
     video = is_video_pipeline(pipe)
     if video:
         kwargs["output_type"] = "np"
-    device = getattr(pipe, "device", torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = pipe(**kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    took = time.perf_counter() - start
+    result, took = _timed_call(pipe, kwargs)
     outputs = list(result.frames) if video else list(result.images)
     if len(outputs) != len(jobs):
         raise RuntimeError(f"{type(pipe).__name__} returned {len(outputs)} outputs for {len(jobs)} prompts")

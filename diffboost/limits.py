@@ -49,12 +49,17 @@ def check_seed_range(first: int, count: int) -> None:
         raise InputError(f"seeds {first}..{first + count - 1} go past the largest seed 2**63 - 1; lower --seed")
 
 
+def _check_count(value: object, what: str, most: int) -> int:
+    """An integer from 1 to ``most`` (bools are not integers here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{what} must be an integer, got {value!r}")
+    if not 1 <= value <= most:
+        raise InputError(f"{what} {value} is out of range; allowed: 1 to {most}")
+    return value
+
+
 def check_steps(steps: object, what: str = "steps") -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise InputError(f"{what} must be an integer, got {steps!r}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise InputError(f"{what} {steps} is out of range; allowed: 1 to {MAX_STEPS}")
-    return steps
+    return _check_count(steps, what, MAX_STEPS)
 
 
 def size_limit(native: int | None) -> int:
@@ -149,8 +154,4 @@ MAX_FRAMES = 1024
 
 def check_frames(frames: object, what: str = "frames") -> int:
     """Frames per video clip: 1 to :data:`MAX_FRAMES` (the pipeline rounds to what its VAE needs)."""
-    if isinstance(frames, bool) or not isinstance(frames, int):
-        raise InputError(f"{what} must be an integer, got {frames!r}")
-    if not 1 <= frames <= MAX_FRAMES:
-        raise InputError(f"{what} {frames} is out of range; allowed: 1 to {MAX_FRAMES}")
-    return frames
+    return _check_count(frames, what, MAX_FRAMES)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .files import write_atomic
 
@@ -187,13 +187,3 @@ def read_settings(path: str | Path) -> dict[str, Any]:
         if "diffboost" not in text:
             raise ValueError(f"{path} carries no diffboost settings")
         return json.loads(text["diffboost"])
-
-
-def is_video(output: Any) -> bool:
-    """Whether a pipeline output item is a video (frames) rather than one image."""
-    if hasattr(output, "convert"):
-        return False
-    shape = getattr(output, "shape", None)
-    if shape is not None:
-        return len(shape) == 4
-    return isinstance(output, Sequence) and not isinstance(output, (str, bytes))

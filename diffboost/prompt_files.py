@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .limits import InputError, check_guidance, check_seed, check_size, check_steps
+from .limits import InputError, check_frames, check_guidance, check_seed, check_size, check_steps
 
 #: keys every pipeline gets, whatever its arguments (diffboost maps them onto the call)
 ROW_KEYS = ("prompt", "negative_prompt", "seed", "steps", "size", "height", "width", "guidance")
@@ -105,6 +105,8 @@ def check_row(raw: dict[str, Any], where: str, call_args: Iterable[str] | None =
             )
         if not _scalar_or_list(value):
             raise InputError(f"{where}: '{key}' must be a number, text, true/false or a list of them, got {value!r}")
+        if key == "num_frames":  # as --frames: an absurd clip length is refused before any work
+            check_frames(value, what=f"{where}: 'num_frames'")
     if extra:
         out["extra"] = dict(sorted(extra.items()))
     return out

@@ -13,7 +13,7 @@ def test_csv_rows_with_types_extras_and_errors(tmp_path):
     f = tmp_path / "r.csv"
     f.write_text('prompt,seed,size,guidance,num_frames,negative_prompt\n'
                  'a red circle,1,64,2.5,9,\n'
-                 '"a, b",,,,"[1, 2]",ugly\n'
+                 '"a, b",,,,5,ugly\n'
                  'x,1.5,,,,\n'
                  'y,1,64,,,,extra cell\n'
                  '\n'
@@ -22,7 +22,7 @@ def test_csv_rows_with_types_extras_and_errors(tmp_path):
     assert [r.number for r in rows] == [2, 3, 4, 5, 7]
     assert rows[0].settings == {"prompt": "a red circle", "seed": 1, "height": 64, "width": 64, "guidance": 2.5,
                                 "extra": {"num_frames": 9}}
-    assert rows[1].settings == {"prompt": "a, b", "negative_prompt": "ugly", "extra": {"num_frames": [1, 2]}}
+    assert rows[1].settings == {"prompt": "a, b", "negative_prompt": "ugly", "extra": {"num_frames": 5}}
     assert "r.csv:4: 'seed' must be an integer, got '1.5'" in rows[2].error
     assert "r.csv:5: 7 cells but 6 columns" in rows[3].error
     assert "r.csv:7: 'guidance' must be a finite number" in rows[4].error
@@ -88,11 +88,11 @@ def test_text_and_jsonl_lines(tmp_path):
 
 def test_csv_cells_keep_their_kinds(tmp_path):
     f = tmp_path / "r.csv"
-    f.write_text("prompt,negative_prompt,steps,height,width,guidance,max_sequence_length,num_frames\n"
+    f.write_text("prompt,negative_prompt,steps,height,width,guidance,max_sequence_length,latents_note\n"
                  " 7 ,0,12,64,32,3,16,text value\n")
-    (row,) = read_rows(f, CALL)
+    (row,) = read_rows(f, CALL | {"latents_note"})
     assert row.settings == {"prompt": "7", "negative_prompt": "0", "steps": 12, "height": 64, "width": 32,
-                            "guidance": 3.0, "extra": {"max_sequence_length": 16, "num_frames": "text value"}}
+                            "guidance": 3.0, "extra": {"latents_note": "text value", "max_sequence_length": 16}}
     for header in ("prompt,prompt\n", "prompt,\n"):
         f.write_text(header + "x,y\n")
         with pytest.raises(InputError, match="r.csv:1: column names must be unique and not empty"):
@@ -108,7 +108,12 @@ def test_csv_cells_keep_their_kinds(tmp_path):
 
 def test_extra_values_must_be_scalars_or_lists_of_them():
     for good in (1, 2.5, "x", True, None, [1, "a", False], []):
-        assert check_row({"prompt": "p", "num_frames": good}, "f:1", CALL)["extra"] == {"num_frames": good}
+        assert check_row({"prompt": "p", "max_sequence_length": good}, "f:1", CALL)["extra"] == {
+            "max_sequence_length": good}
     for bad in ({"a": 1}, [[1]], [None], [{"a": 1}]):
-        with pytest.raises(InputError, match="'num_frames' must be a number, text, true/false or a list of them"):
+        with pytest.raises(InputError, match="'max_sequence_length' must be a number, text, true/false or a list"):
+            check_row({"prompt": "p", "max_sequence_length": bad}, "f:1", CALL)
+    assert check_row({"prompt": "p", "num_frames": 9}, "f:1", CALL)["extra"] == {"num_frames": 9}
+    for bad, why in ((100_000, "out of range; allowed: 1 to 1024"), (0, "out of range"), (2.5, "must be an integer")):
+        with pytest.raises(InputError, match=f"f:1: 'num_frames' .*{why}"):
             check_row({"prompt": "p", "num_frames": bad}, "f:1", CALL)
